@@ -1,0 +1,1 @@
+"""Shards, decoding, sampling, tokenisation and the streaming loader."""

@@ -1,0 +1,1 @@
+"""Retrieval and classification metrics, evaluation runners and reports."""

@@ -1,0 +1,32 @@
+"""Retrieval metrics from a similarity matrix and a relevance matrix.
+
+The rank of a query is the rank of its best relevant item, counted pessimistically: every
+non-relevant item scoring at least as high comes first, so a collapsed model (all scores
+equal) gets the worst rank, never a flattering one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def query_ranks(similarity: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    """similarity (Q, N), relevant (Q, N) bool with at least one True per row -> ranks (Q,), 1-based."""
+    if similarity.shape != relevant.shape:
+        raise ValueError(f"similarity {tuple(similarity.shape)} and relevance {tuple(relevant.shape)} differ in shape")
+    if not bool(relevant.any(dim=1).all()):
+        raise ValueError("every query needs at least one relevant item")
+    best = similarity.masked_fill(~relevant, float("-inf")).max(dim=1).values  # (Q,)
+    ahead = ((similarity >= best[:, None]) & ~relevant).sum(dim=1)  # non-relevant at or above
+    return ahead + 1
+
+
+def retrieval_metrics(similarity: torch.Tensor, relevant: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict:
+    """R@K (percent), median and mean rank, and the chance R@1 (percent) for these relevance sets."""
+    ranks = query_ranks(similarity.float(), relevant.bool()).float()
+    out = {f"R@{k}": 100.0 * (ranks <= k).float().mean().item() for k in ks}
+    out["MedR"] = torch.quantile(ranks, 0.5).item()  # as numpy.median: mean of the middle two
+    out["MeanR"] = ranks.mean().item()
+    out["chance_R@1"] = 100.0 * (relevant.float().sum(dim=1) / relevant.shape[1]).mean().item()
+    out["num_queries"] = int(relevant.shape[0])
+    return out

@@ -1,0 +1,1 @@
+"""Contrastive losses, distributed gathering and the objective built from config."""

@@ -1,0 +1,67 @@
+"""Presets are data: one YAML per architecture in models/. Builders turn them into modules."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import yaml
+
+from ..errors import ConfigError
+from ..resources import data_path
+from .multimodal import MultimodalModel
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in data_path("models").glob("*.yaml"))
+
+
+def load_preset(name_or_path: str | os.PathLike) -> dict:
+    """A preset name (models/<name>.yaml) or a path to a YAML file -> the preset dict."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = data_path("models", f"{name_or_path}.yaml")
+        if not path.is_file():
+            raise ConfigError(f"unknown model preset '{name_or_path}' (available: {', '.join(list_presets())})")
+    try:
+        preset = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(preset, dict):
+        raise ConfigError(f"{path}: a preset must be a mapping")
+    preset.setdefault("name", path.stem)
+    return preset
+
+
+def apply_overrides(preset: dict, overrides: dict) -> dict:
+    """Dotted overrides ({'video.depth': 4} or nested dicts) onto a copy of the preset."""
+    out = copy.deepcopy(preset)
+
+    def put(d: dict, dotted: str, value):
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            if not isinstance(d.get(p), dict):
+                raise ConfigError(f"model override '{dotted}': preset '{preset.get('name')}' has no section '{p}'")
+            d = d[p]
+        d[leaf] = value
+
+    def walk(prefix: str, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            put(out, prefix, value)
+
+    walk("", dict(overrides or {}))
+    return out
+
+
+def create_model(name_or_yaml: str | os.PathLike = "vatt-tiny", **overrides) -> MultimodalModel:
+    """Build a preset (a name in models/ or a YAML path), optionally with dotted overrides."""
+    return MultimodalModel(apply_overrides(load_preset(name_or_yaml), overrides))
+
+
+def load_model(folder: str | os.PathLike, map_location: str = "cpu") -> MultimodalModel:
+    """Load a folder written by `save_pretrained` (config.json + model.safetensors)."""
+    return MultimodalModel.from_pretrained(folder, map_location=map_location)
