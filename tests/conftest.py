@@ -74,3 +74,18 @@ def demo_shards(demo_data, tmp_path_factory) -> dict:
 
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_shards, tmp_path_factory) -> Path:
+    """A few steps of pretraining on the demo shards (run folder with model/ and checkpoints/)."""
+    from mmvssl.config import load_config
+    from mmvssl.resources import data_path
+    from mmvssl.train.engine import pretrain
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config(data_path("configs", "demo", "tiny.yaml"), [
+        f"data.shards={demo_shards['train']}", "data.batch_size=4", "data.num_workers=0",
+        "train.max_steps=4", "train.save_every=2", "train.log_every=1", "train.warmup_steps=1",
+        f"train.output_dir={out}"])
+    pretrain(cfg)
+    return out

@@ -132,7 +132,6 @@ def decode_window(source: bytes | str | os.PathLike, start: float, num_frames: i
         if not container.streams.video:
             raise DecodeError("no video stream")
         vs = container.streams.video[0]
-        vs.thread_type = "AUTO"
         frames = _decode_video(container, vs, times, out_h, out_w)
         audio = None
         if audio_rate and container.streams.audio:
@@ -145,27 +144,35 @@ def _decode_video(container, vs, times: np.ndarray, out_h, out_w) -> np.ndarray:
     first_pts = vs.start_time or 0
     container.seek(max(0, int(times[0] / tb) + first_pts), stream=vs, backward=True, any_frame=False)
     picked: list[np.ndarray | None] = [None] * len(times)
-    last = None
+    last, last_array = None, None  # the newest decoded frame; converted only if a time picks it
+
+    def convert(frame) -> np.ndarray:
+        if out_h is None:
+            return frame.to_ndarray(format="rgb24")
+        w, h = _cover_size(frame.width, frame.height, out_h, out_w)  # resize inside the conversion
+        return _center_crop(frame.to_ndarray(width=w, height=h, format="rgb24"), out_h, out_w)
+
     i = 0
     try:
         for frame in container.decode(vs):
             if frame.pts is None:
                 continue
             t = float((frame.pts - first_pts) * tb)
-            # frames strictly before the window only matter as "the frame shown at times[0]"
+            # the frame shown at times[i] is the newest frame that starts at or before it
             while i < len(times) and t > times[i] + 1e-6:
-                picked[i] = last
+                if last is not None and last_array is None:
+                    last_array = convert(last)
+                picked[i] = last_array
                 i += 1
             if i >= len(times):
                 break
-            if out_h is not None:
-                w, h = _cover_size(frame.width, frame.height, out_h, out_w)
-                last = _center_crop(frame.to_ndarray(width=w, height=h, format="rgb24"), out_h, out_w)
-            else:
-                last = frame.to_ndarray(format="rgb24")
+            last, last_array = frame, None
     except (av.error.FFmpegError, ValueError) as e:
         if last is None:
             raise DecodeError(f"corrupt video stream ({_short(e)})") from None
+    if last is not None and last_array is None:
+        last_array = convert(last)
+    last = last_array
     for j in range(i, len(times)):  # past the end of the stream: hold the last frame
         picked[j] = last
     if last is None:
