@@ -89,3 +89,15 @@ def test_list_shards_errors_name_the_path(tmp_path):
         list_shards(str(tmp_path / "nope.tar"))
     with pytest.raises(MmvsslError, match="no .tar shards in folder"):
         list_shards(str(tmp_path))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_stream_continues_with_the_same_batches(demo_shards, workers):
+    spec = SampleSpec(**SPEC, train=True, seed=5)
+    full = iter(build_loader(str(demo_shards["train"]), spec, batch_size=3, num_workers=workers))
+    batches = [next(full) for _ in range(5)]
+    resumed = iter(build_loader(str(demo_shards["train"]), spec, batch_size=3, num_workers=workers, start_batch=3))
+    for expected in batches[3:]:
+        got = next(resumed)
+        assert got["key"] == expected["key"]
+        assert torch.equal(got["video"], expected["video"]) and torch.equal(got["audio"], expected["audio"])

@@ -81,19 +81,23 @@ def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
 class DecodeSamples:
     """Pipeline stage: raw tar samples -> decoded samples; failures are skipped and counted."""
 
-    def __init__(self, spec: SampleSpec, max_error_rate: float = 1.0, min_samples_for_rate: int = 50):
+    def __init__(self, spec: SampleSpec, max_error_rate: float = 1.0, position: "StreamPosition | None" = None,
+                 min_samples_for_rate: int = 50):
         self.spec = spec
+        self.position = position or StreamPosition()
         self.tokenizer = build_tokenizer("clip-bpe", spec.context_length)
         self.max_error_rate = max_error_rate
         self.min_samples_for_rate = min_samples_for_rate
 
     def __call__(self, src):
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(self.spec.seed * 100003 + rank * 1009 + worker)
+        rank, slot = self.position.slot()
         seen = failed = pending = 0
         bad_shards: dict[str, int] = {}
-        for raw in src:
+        for index, raw in enumerate(src):
             seen += 1
+            # one generator per sample, derived from its place in this worker's stream, so a
+            # resumed stream that skips samples draws the same windows as an uninterrupted one
+            rng = random.Random(f"{self.spec.seed}/{rank}/{slot}/{raw.get('__index__', index)}")
             try:
                 sample = self.decode(raw, rng)
             except (DecodeError, ValueError, KeyError, json.JSONDecodeError) as e:
@@ -155,22 +159,59 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
+class StreamPosition:
+    """Where this worker's stream stands, so that a resumed run sees the same batches.
+
+    DataLoader takes batch i from worker i % W. A loader resumed after N batches takes its batch
+    k from worker k % W, which must produce original batch N + k: so worker w plays the `slot`
+    (w + N) % W of the original run (its shard seed, its window draws) and skips, undecoded,
+    the raw samples that slot had already turned into batches. Exact when none of those failed.
+    """
+
+    def __init__(self, start_batch: int = 0, batch_size: int = 1, num_workers: int = 0):
+        self.start_batch, self.batch_size, self.num_workers = start_batch, batch_size, max(1, num_workers)
+
+    def slot(self) -> tuple[int, int]:
+        """(rank, slot) of the calling worker."""
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        return rank, (worker + self.start_batch) % self.num_workers
+
+    def shard_seed(self) -> int:
+        rank, slot = self.slot()
+        return rank * 1000 + slot
+
+    def __call__(self, src):
+        """Pipeline stage: number the raw samples of the stream and drop the consumed ones."""
+        _, slot = self.slot()
+        to_skip = len(range(slot, self.start_batch, self.num_workers)) * self.batch_size
+        for index, raw in enumerate(src):
+            if index >= to_skip:
+                raw["__index__"] = index
+                yield raw
+
+
 def build_dataset(shards: str, spec: SampleSpec, batch_size: int, shuffle_buffer: int = 256,
-                  max_error_rate: float = 0.1) -> wds.DataPipeline:
+                  max_error_rate: float = 0.1, start_batch: int = 0, num_workers: int = 0) -> wds.DataPipeline:
     urls = list_shards(shards)
+    position = StreamPosition(start_batch, batch_size, num_workers)
     if spec.train:
-        stages = [wds.ResampledShards(urls, seed=spec.seed, deterministic=True),
+        stages = [wds.ResampledShards(urls, seed=spec.seed, deterministic=True, worker_seed=position.shard_seed),
                   wds.tarfile_to_samples(handler=wds.warn_and_continue),
-                  wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=spec.seed)]
+                  wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=spec.seed),
+                  position]
     else:
         stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
                   wds.tarfile_to_samples(handler=wds.warn_and_continue)]
-    stages += [DecodeSamples(spec, max_error_rate), wds.batched(batch_size, collation_fn=collate, partial=not spec.train)]
+    stages += [DecodeSamples(spec, max_error_rate, position),
+               wds.batched(batch_size, collation_fn=collate, partial=not spec.train)]
     return wds.DataPipeline(*stages)
 
 
 def build_loader(shards: str, spec: SampleSpec, batch_size: int, num_workers: int = 0,
-                 shuffle_buffer: int = 256, max_error_rate: float = 0.1) -> torch.utils.data.DataLoader:
-    dataset = build_dataset(shards, spec, batch_size, shuffle_buffer, max_error_rate)
+                 shuffle_buffer: int = 256, max_error_rate: float = 0.1,
+                 start_batch: int = 0) -> torch.utils.data.DataLoader:
+    """Batches per the Batch contract. Training: an endless seeded stream; `start_batch=N` resumes
+    it after N consumed batches. Evaluation: every sample once, split over processes and workers."""
+    dataset = build_dataset(shards, spec, batch_size, shuffle_buffer, max_error_rate, start_batch, num_workers)
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                        persistent_workers=False, prefetch_factor=2 if num_workers else None)

@@ -82,18 +82,18 @@ def pretrain(cfg: DictConfig) -> Path:
     optimizer = build_optimizer(model, t.lr, t.weight_decay)
     scheduler = warmup_cosine(optimizer, t.warmup_steps, t.max_steps)
 
-    step = 0
+    step = batches_consumed = 0
     resume_from = resolve_resume(t.resume, ckpt_dir)
     if resume_from is not None:
-        step = int(load_checkpoint(resume_from, model, optimizer, scheduler)["step"])
+        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        step, batches_consumed = int(state["step"]), int(state.get("batches_consumed", state["step"]))
         accelerator.print(f"resumed from {resume_from} at step {step}")
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    # each process streams its own resampled shards; the seed moves on with the step on resume
-    loader = build_loader(cfg.data.shards, sample_spec(cfg, train=True, seed_offset=step
-                                                       + 7919 * accelerator.process_index),
+    # each process streams its own resampled shards; a resumed run skips the consumed batches
+    loader = build_loader(cfg.data.shards, sample_spec(cfg, train=True, seed_offset=7919 * accelerator.process_index),
                           cfg.data.batch_size, cfg.data.num_workers, cfg.data.shuffle_buffer,
-                          cfg.data.max_error_rate)
+                          cfg.data.max_error_rate, start_batch=batches_consumed)
     modalities = objective.modalities
     metrics_file = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
     progress = None
@@ -108,6 +108,7 @@ def pretrain(cfg: DictConfig) -> Path:
     while step < t.max_steps:
         tic = time.perf_counter()
         batch = next(data_iter)
+        batches_consumed += 1
         data_wait += time.perf_counter() - tic
         failed_total += int(batch["failed"])
         batch = _to_device(batch, accelerator.device, modalities)
@@ -146,7 +147,8 @@ def pretrain(cfg: DictConfig) -> Path:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_checkpoint(ckpt_dir, step, accelerator.unwrap_model(model), optimizer, scheduler,
-                                {"failed_samples": failed_total}, keep_last=t.keep_last)
+                                {"failed_samples": failed_total, "batches_consumed": batches_consumed},
+                                keep_last=t.keep_last)
 
     accelerator.wait_for_everyone()
     final = out / "model"
@@ -154,8 +156,8 @@ def pretrain(cfg: DictConfig) -> Path:
         progress.close()
         metrics_file.close()
         unwrapped = accelerator.unwrap_model(model)
-        save_checkpoint(ckpt_dir, step, unwrapped, optimizer, scheduler, {"failed_samples": failed_total},
-                        keep_last=t.keep_last)
+        save_checkpoint(ckpt_dir, step, unwrapped, optimizer, scheduler,
+                        {"failed_samples": failed_total, "batches_consumed": batches_consumed}, keep_last=t.keep_last)
         unwrapped.save_pretrained(final)
         accelerator.print(f"saved the model to {final}")
     accelerator.end_training()
