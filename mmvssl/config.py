@@ -16,63 +16,15 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .data.options import DataConfig
 from .errors import ConfigError
-
-
-@dataclass
-class DataConfig:
-    shards: str = ""  # a folder of .tar shards, a brace pattern, or several joined by ','
-    batch_size: int = 16  # per process
-    num_workers: int = 2
-    num_frames: int = 8
-    fps: float = 4.0  # frames per second of the sampled clip: the window is num_frames / fps long
-    size: int = 64  # frames are resized (aspect kept, centre/random crop) to size x size
-    audio_rate: int = 16000
-    context_length: int = 32  # text tokens
-    num_candidates: int = 2  # MIL-NCE: the overlapping narration + nearest ones in time
-    shuffle_buffer: int = 256
-    max_error_rate: float = 0.1  # stop when more than this share of samples fail to decode
-    seed: int | None = None  # defaults to train.seed
+from .train.options import ObjectiveConfig, TrainConfig
 
 
 @dataclass
 class ModelConfig:
     preset: str = "vatt-tiny"  # a name in models/ or a path to a preset YAML
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted preset keys, e.g. video.depth: 4
-
-
-@dataclass
-class TermConfig:
-    name: str = ""
-    loss: str = "nce"  # nce | mil_nce
-    inputs: list[str] = field(default_factory=list)  # two embedding names from model.forward
-    weight: float = 1.0
-
-
-@dataclass
-class ObjectiveConfig:
-    temperature: float = 0.07
-    terms: list[TermConfig] = field(default_factory=lambda: [
-        TermConfig(name="va_nce", loss="nce", inputs=["video_va", "audio_va"]),
-        TermConfig(name="vt_milnce", loss="mil_nce", inputs=["video_vat", "text_vat"]),
-    ])
-
-
-@dataclass
-class TrainConfig:
-    output_dir: str = "runs/pretrain"
-    max_steps: int = 1000
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 50
-    grad_clip: float = 1.0
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 500
-    keep_last: int = 2
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    resume: str = ""  # "" | latest | a checkpoint folder
-    cpu: bool = False  # force CPU even when a GPU is present
 
 
 @dataclass
