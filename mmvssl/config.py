@@ -18,11 +18,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .data.options import DataConfig
 from .errors import ConfigError
+from .narrator.options import NarratorConfig
 from .train.options import ObjectiveConfig, TrainConfig
 
 
 @dataclass
 class ModelConfig:
+    kind: str = "multimodal"  # multimodal (dual/tri-modal encoders) | narrator (see the narrator section)
     preset: str = "vatt-tiny"  # a name in models/ or a path to a preset YAML
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted preset keys, e.g. video.depth: 4
 
@@ -33,6 +35,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    narrator: NarratorConfig = field(default_factory=NarratorConfig)
 
 
 def _describe(e: OmegaConfBaseException) -> str:

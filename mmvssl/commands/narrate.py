@@ -1,0 +1,48 @@
+"""`mmvssl narrate ...` and `mmvssl tokenizer train ...`: the narrator's commands."""
+
+import json
+
+
+def _narrate(args) -> None:
+    from ..narrate import narrate
+    from ..narrator.generate import GenerationConfig
+    gen = GenerationConfig(num_candidates=args.num_candidates, max_length=args.max_length, top_p=args.top_p,
+                           temperature=args.temperature, strategy=args.strategy, num_beams=args.num_beams,
+                           seed=args.seed)
+    counts = narrate(args.model, args.input, args.out, window_seconds=args.window_seconds, stride=args.stride,
+                     shards_out=args.shards_out, gen=gen, batch_size=args.batch_size)
+    print(f"narrated {counts['windows']} windows of {counts['videos']} videos "
+          f"({counts['skipped_done']} already done, {len(counts['failed'])} videos skipped) -> {args.out}")
+
+
+def _tokenizer_train(args) -> None:
+    from ..narrator.tokenizer import SentencePieceTokenizer, texts_from_shards, train_sentencepiece
+    texts = texts_from_shards(args.shards)
+    path = train_sentencepiece(texts, args.out, args.vocab_size)
+    print(json.dumps({"model": str(path), "texts": len(texts), "vocab_size": SentencePieceTokenizer(path).vocab_size}))
+
+
+def register(sub) -> None:
+    n = sub.add_parser("narrate", help="write pseudo-narrations for every window of videos or shards")
+    n.add_argument("model", help="a trained narrator folder")
+    n.add_argument("--input", required=True, help="a folder of videos, or shards (folder of .tar, pattern)")
+    n.add_argument("--out", required=True, help="narrations.jsonl (appended; re-running resumes)")
+    n.add_argument("--window-seconds", type=float, default=None, help="default: the narrator's training window")
+    n.add_argument("--stride", type=float, default=None, help="seconds between window starts (default: the window)")
+    n.add_argument("--shards-out", default=None, help="also write shards with the narrations in each sample's metadata")
+    n.add_argument("--strategy", choices=["sample", "greedy", "beam"], default="sample")
+    n.add_argument("--num-candidates", type=int, default=10)
+    n.add_argument("--num-beams", type=int, default=5)
+    n.add_argument("--top-p", type=float, default=0.95)
+    n.add_argument("--temperature", type=float, default=0.7)
+    n.add_argument("--max-length", type=int, default=77)
+    n.add_argument("--batch-size", type=int, default=8)
+    n.add_argument("--seed", type=int, default=0)
+    n.set_defaults(func=_narrate)
+
+    tok = sub.add_parser("tokenizer", help="narrator tokenizers").add_subparsers(dest="action", required=True)
+    t = tok.add_parser("train", help="fit a sentencepiece model on the captions and narrations of a shard set")
+    t.add_argument("--shards", required=True)
+    t.add_argument("--out", required=True, help="the .model file to write")
+    t.add_argument("--vocab-size", type=int, default=1000)
+    t.set_defaults(func=_tokenizer_train)

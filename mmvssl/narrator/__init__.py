@@ -1,0 +1,1 @@
+"""The LaViLa-style narrator: model, tokenizers, generation, training batches."""

@@ -1,0 +1,72 @@
+"""Narrator tokenizers: a sentencepiece model fitted on a shard set's captions and narrations
+(`mmvssl tokenizer train`), or a Hugging Face GPT-2 tokenizer from a local folder."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import MmvsslError
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+
+
+class SentencePieceTokenizer:
+    """ids: pad 0, unk 1, bos 2, eos 3, then the learned pieces."""
+
+    def __init__(self, model_file: str | os.PathLike):
+        import sentencepiece as spm
+        if not Path(model_file).is_file():
+            raise MmvsslError(f"tokenizer model not found: {model_file}")
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        self.pad_id, self.bos_id, self.eos_id = self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, texts: list[str], max_length: int) -> torch.Tensor:
+        """(N, max_length): bos, pieces..., eos, pad...; truncated to fit (eos kept)."""
+        out = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)
+        for i, ids in enumerate(self.sp.encode([t.lower().strip() for t in texts])):
+            ids = [self.bos_id] + ids[: max_length - 2] + [self.eos_id]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        ids = [i for i in ids if i not in (self.pad_id, self.bos_id)]
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.sp.decode(ids)
+
+
+def train_sentencepiece(texts: list[str], out_file: str | os.PathLike, vocab_size: int = 1000) -> Path:
+    """Fit a unigram sentencepiece model on `texts`; writes `out_file` (a .model file)."""
+    import sentencepiece as spm
+    texts = [t.lower().strip() for t in texts if t and t.strip()]
+    if not texts:
+        raise MmvsslError("no captions or narrations to train a tokenizer on")
+    buffer = io.BytesIO()
+    # hard_vocab_limit=False: a small corpus may support fewer pieces than asked for
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buffer, vocab_size=vocab_size,
+                                   model_type="unigram", pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
+                                   hard_vocab_limit=False, character_coverage=1.0, num_threads=1,
+                                   minloglevel=2)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_bytes(buffer.getvalue())
+    return out_file
+
+
+def texts_from_shards(shards: str) -> list[str]:
+    """Every caption and narration text in a shard set (metadata members only; videos skipped)."""
+    import webdataset as wds
+    from ..data.loader import list_shards
+    texts = []
+    for sample in wds.WebDataset(list_shards(shards), shardshuffle=False, empty_check=False).select(
+            lambda s: "json" in s or "txt" in s):
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+        caption = meta.get("caption") or (sample["txt"].decode("utf-8", "replace") if "txt" in sample else "")
+        texts += [caption] + [n.get("text", "") for n in meta.get("narrations") or [] if isinstance(n, dict)]
+    return [t for t in texts if t]

@@ -1,0 +1,178 @@
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mmvssl.errors import ConfigError
+from mmvssl.models.presets import load_preset
+from mmvssl.narrator.build import build_narrator, narration_for_window
+from mmvssl.narrator.generate import GenerationConfig, generate, sequence_logprob
+from mmvssl.narrator.model import Narrator
+from mmvssl.narrator.tokenizer import SentencePieceTokenizer, texts_from_shards, train_sentencepiece
+
+VIDEO = torch.randn(2, 3, 8, 64, 64)
+
+
+def tiny_config(vocab=120, every=1):
+    from transformers import GPT2Config
+    lm = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=64, n_layer=2, n_head=4).to_dict()
+    return {"video": load_preset("vatt-tiny")["video"], "lm": lm, "num_queries": 8, "cross_every": every,
+            "pad_id": 0, "bos_id": 2, "eos_id": 3}
+
+
+def open_gates(model, value=0.7):
+    for block in model.gated_blocks:
+        torch.nn.init.constant_(block.gated.attn_gate, value)
+        torch.nn.init.constant_(block.gated.ffn_gate, value)
+
+
+def test_with_closed_gates_the_narrator_is_exactly_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = tiny_config(every=2)
+    model = Narrator(cfg).eval()
+    assert len(model.gated_blocks) == 1  # every 2nd of 2 blocks
+    gpt2 = GPT2LMHeadModel(GPT2Config(**{k: v for k, v in cfg["lm"].items() if k != "architectures"})).eval()
+    plain = {k[len("lm."):].replace(".block.", ".", 1): v for k, v in model.state_dict().items()
+             if k.startswith("lm.") and ".gated." not in k}
+    gpt2.load_state_dict(plain)
+    ids = torch.randint(4, 120, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(model(VIDEO, ids)["logits"], gpt2(input_ids=ids).logits, atol=1e-5)
+        open_gates(model)
+        assert not torch.allclose(model(VIDEO, ids)["logits"], gpt2(input_ids=ids).logits, atol=1e-3)
+
+
+def test_loss_ignores_padding():
+    torch.manual_seed(0)
+    model = Narrator(tiny_config()).eval()
+    ids = torch.tensor([[2, 10, 11, 3, 0, 0], [2, 12, 13, 14, 15, 3]])
+    short = torch.tensor([[2, 10, 11, 3]])
+    with torch.no_grad():
+        logits = model(VIDEO[:1], short)["logits"]
+        expected = torch.nn.functional.cross_entropy(logits[0, :-1], short[0, 1:])
+        padded = model(VIDEO[:1], ids[:1])["caption_loss"]
+    assert padded.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_generation_with_the_cache_equals_generation_without(strategy):
+    torch.manual_seed(0)
+    model = Narrator(tiny_config()).eval()
+    open_gates(model)
+    cfg = dict(strategy=strategy, max_length=12, num_beams=3)
+    with_cache = generate(model, VIDEO, GenerationConfig(use_cache=True, **cfg))
+    without = generate(model, VIDEO, GenerationConfig(use_cache=False, **cfg))
+    assert [[c["tokens"] for c in clip] for clip in with_cache] == [[c["tokens"] for c in clip] for clip in without]
+    for a, b in zip(with_cache, without):
+        assert a[0]["score"] == pytest.approx(b[0]["score"], abs=1e-4)
+
+
+def test_sampling_gives_scored_candidates_best_first_and_scores_are_mean_logprobs():
+    torch.manual_seed(0)
+    model = Narrator(tiny_config()).eval()
+    open_gates(model)
+    out = generate(model, VIDEO, GenerationConfig(num_candidates=4, max_length=10, seed=1))
+    assert len(out) == 2 and all(len(c) == 4 for c in out)
+    scores = [c["score"] for c in out[0]]
+    assert scores == sorted(scores, reverse=True)
+    greedy = generate(model, VIDEO[:1], GenerationConfig(strategy="greedy", max_length=10))[0][0]
+    ids = torch.tensor([greedy["tokens"]])
+    if model.eos_id in greedy["tokens"]:  # score counts tokens up to and including the end token
+        ids = ids[:, :greedy["tokens"].index(model.eos_id) + 1]
+    # sequence_logprob uses teacher forcing (attention mask over non-pad tokens): same numbers
+    assert sequence_logprob(model, VIDEO[:1], ids).item() == pytest.approx(greedy["score"], abs=1e-4)
+    again = generate(model, VIDEO, GenerationConfig(num_candidates=4, max_length=10, seed=1))
+    assert [[c["tokens"] for c in clip] for clip in again] == [[c["tokens"] for c in clip] for clip in out]
+
+
+def test_save_and_load_identical(tmp_path):
+    torch.manual_seed(0)
+    model = Narrator(tiny_config()).eval()
+    open_gates(model, 0.3)
+    model.save_pretrained(tmp_path / "n")
+    loaded = Narrator.from_pretrained(tmp_path / "n").eval()
+    ids = torch.randint(4, 120, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(VIDEO, ids)["logits"], loaded(VIDEO, ids)["logits"])
+    with pytest.raises(ConfigError, match="not a saved narrator"):
+        Narrator.from_pretrained(tmp_path)
+
+
+def test_freezing_leaves_only_new_layers_trainable():
+    model = Narrator({**tiny_config(), "freeze_lm": True, "freeze_visual": True})
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("pooler.") or ".gated." in n for n in trainable)
+
+
+def test_tokenizer_trained_on_shards_round_trips(demo_shards, tmp_path):
+    texts = texts_from_shards(str(demo_shards["train"]))
+    assert len(texts) > 24  # captions and narrations
+    tok = SentencePieceTokenizer(train_sentencepiece(texts, tmp_path / "t.model", vocab_size=200))
+    ids = tok.encode(["the red circle moves from left to right"], 20)
+    assert ids[0, 0] == tok.bos_id and tok.eos_id in ids[0].tolist()
+    assert tok.decode(ids[0].tolist()) == "the red circle moves from left to right"
+
+
+def test_a_local_gpt2_folder_loads_into_the_narrator(tmp_path, demo_shards):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    tok = SentencePieceTokenizer(train_sentencepiece(texts_from_shards(str(demo_shards["train"])),
+                                                     tmp_path / "t.model", 200))
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=4)).eval()
+    gpt2.save_pretrained(tmp_path / "gpt2-local")
+    ncfg = SimpleNamespace(visual="vatt-tiny", lm=str(tmp_path / "gpt2-local"), num_queries=4, cross_every=1,
+                           freeze_lm=False, freeze_visual=True, max_length=16)
+    narrator = build_narrator(ncfg, tok).eval()
+    ids = tok.encode(["a blue ring"], 8)
+    with torch.no_grad():
+        assert torch.allclose(narrator(VIDEO[:1], ids)["logits"], gpt2(input_ids=ids).logits, atol=1e-5)
+
+
+def test_narration_for_window_picks_the_most_overlapping():
+    meta = {"caption": "c", "window": [1.0, 3.0],
+            "narrations": [{"start": 0, "end": 1.5, "text": "a"}, {"start": 1.5, "end": 4, "text": "b"}]}
+    assert narration_for_window(meta) == "b"
+    assert narration_for_window({"caption": "c", "window": [0, 1]}) == "c"
+
+
+def test_narrate_writes_resumes_and_merges_into_shards(tmp_path, demo_shards):
+    from mmvssl.narrate import narrate
+    tok_file = train_sentencepiece(texts_from_shards(str(demo_shards["val"])), tmp_path / "t.model", 150)
+    tok = SentencePieceTokenizer(tok_file)
+    cfg = tiny_config(vocab=tok.vocab_size)
+    cfg.update(pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
+               sampling={"num_frames": 8, "fps": 4.0, "size": 64})
+    torch.manual_seed(0)
+    Narrator(cfg).save_pretrained(tmp_path / "narrator", tokenizer_file=tok_file)
+    gen = GenerationConfig(num_candidates=2, max_length=8)
+    out = tmp_path / "narrations.jsonl"
+    counts = narrate(str(tmp_path / "narrator"), str(demo_shards["val"]), str(out), stride=1.0,
+                     shards_out=str(tmp_path / "pseudo"), gen=gen, progress=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert counts["videos"] == 12 and len(rows) == counts["windows"] == 12 * 2  # 3 s videos, 2 s windows, stride 1
+    assert {"source", "key", "start", "end", "candidates"} <= set(rows[0])
+    assert len(rows[0]["candidates"]) == 2 and rows[0]["end"] - rows[0]["start"] == pytest.approx(2.0)
+    again = narrate(str(tmp_path / "narrator"), str(demo_shards["val"]), str(out), stride=1.0, gen=gen, progress=False)
+    assert again["windows"] == 0 and again["skipped_done"] == 24
+    import webdataset as wds
+    samples = list(wds.WebDataset(sorted(map(str, (tmp_path / "pseudo").glob("*.tar"))), shardshuffle=False))
+    assert len(samples) == 12
+    assert len(json.loads(samples[0]["json"])["pseudo_narrations"]) == 2
+
+
+def test_narrate_reports_and_skips_unreadable_videos(tmp_path, video_factory):
+    from mmvssl.narrate import narrate
+    tok_file = train_sentencepiece(["a red circle", "a blue ring moves"] * 20, tmp_path / "t.model", 40)
+    tok = SentencePieceTokenizer(tok_file)
+    cfg = tiny_config(vocab=tok.vocab_size)
+    cfg.update(pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id, sampling={"num_frames": 4, "fps": 2.0, "size": 32})
+    cfg["video"] = {**cfg["video"], "image_size": 32}
+    Narrator(cfg).save_pretrained(tmp_path / "narrator", tokenizer_file=tok_file)
+    video_factory(tmp_path / "videos" / "good.mp4", seconds=2.0)
+    (tmp_path / "videos" / "broken.mp4").write_bytes(b"not a video")
+    counts = narrate(str(tmp_path / "narrator"), str(tmp_path / "videos"), str(tmp_path / "n.jsonl"),
+                     gen=GenerationConfig(num_candidates=1, max_length=6), progress=False)
+    assert counts["videos"] == 1 and counts["windows"] == 1
+    assert [f["source"] for f in counts["failed"]] == ["broken.mp4"]
