@@ -3,31 +3,54 @@ import torch
 
 import mmvssl
 from mmvssl.errors import ConfigError
+from mmvssl.models.accounting import build_on_meta, example_inputs
 from mmvssl.models.encoders import _drop_tokens
+from mmvssl.models.presets import load_preset
+from mmvssl.models.transformer import set_attention_impl
 
 PRESETS = mmvssl.list_presets()
+TINY = [p for p in PRESETS if "tiny" in p]  # CPU-sized: built for real; the others only on meta
 
 
 def tiny_batch(model, b=3, k=2):
-    v, a, t = model.config["video"], model.config["audio"], model.config["text"]
-    return {"video": torch.randn(b, 3, v["num_frames"], v["image_size"], v["image_size"]),
-            "audio": torch.randn(b, a["num_samples"]) * 0.1,
-            "text": torch.randint(1, 1000, (b, k, t["context_length"]))}
+    return example_inputs(model.config, batch=b, candidates=k)
 
 
-@pytest.mark.parametrize("name", PRESETS)
-def test_every_preset_runs_forward_and_backward_with_gradients_everywhere(name):
+@pytest.mark.parametrize("name", TINY)
+def test_every_tiny_preset_trains_and_saves(name, tmp_path):
+    """Forward + backward reach every parameter; save_pretrained / load_model give identical outputs."""
     torch.manual_seed(0)
     model = mmvssl.create_model(name)
-    out = model(tiny_batch(model))
-    assert out["video_va"].shape[0] == 3 and out["text_vat"].shape[:2] == (3, 2)
+    batch = tiny_batch(model, b=2)
+    out = model(batch)
+    assert all(e.shape[0] == 2 for e in out.values())
+    assert [e.shape[:2] for k, e in out.items() if k.startswith("text_")] == [(2, 2)]
     for emb in out.values():
         assert torch.allclose(emb.norm(dim=-1), torch.ones(emb.shape[:-1]), atol=1e-5)
     loss = sum(e.sum() * (i + 1) for i, e in enumerate(out.values())) + sum(
         (e * torch.randn_like(e)).sum() for e in out.values())
     loss.backward()
-    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None and p.requires_grad]
     assert not no_grad, f"parameters without gradient: {no_grad[:5]}"
+    model.eval()
+    with torch.no_grad():
+        before = model(batch)
+    model.save_pretrained(tmp_path / "m")
+    loaded = mmvssl.load_model(tmp_path / "m").eval()
+    with torch.no_grad():
+        after = loaded(batch)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+@pytest.mark.parametrize("name", [p for p in PRESETS if p not in TINY])
+def test_every_full_size_preset_wires_up_on_the_meta_device(name):
+    """Full-size presets build (no memory) and run forward on meta tensors at their input sizes."""
+    model = build_on_meta(load_preset(name)).eval()
+    out = model(example_inputs(model.config, batch=2, candidates=3, device="meta"))
+    assert {k.split("_")[0] for k in out} == {"video", "audio", "text"}
+    assert all(e.shape[0] == 2 for e in out.values())
 
 
 def test_save_and_load_give_identical_outputs(tmp_path):
@@ -75,6 +98,44 @@ def test_wrong_input_shape_names_the_expected_shape():
         model.encode_video(torch.randn(2, 8, 64, 64))
     with pytest.raises(ValueError, match="not divisible by the tubelet"):
         model.encode_video(torch.randn(2, 3, 8, 60, 64))
+    with pytest.raises(ValueError, match=r"expects a waveform \(B, S\)"):
+        model.encode_audio(torch.randn(2, 1, 32000))
+    with pytest.raises(ValueError, match=r"expects token ids \(B, L\)"):
+        model.encode_text(torch.randn(2, 32))
+    with pytest.raises(ValueError, match=r"expects \(B, 3, H, W\)"):
+        model.encode_image(torch.randn(2, 3, 8, 64, 64))
+    with pytest.raises(ValueError, match="text embeds only in space.*'vat'.*not 'va'"):
+        model.encode_text(torch.randint(1, 9, (2, 5)), space="va")
+
+
+def test_misspelt_or_misplaced_keys_are_named():
+    with pytest.raises(ConfigError, match="unknown key 'mmv-tiny.video.arhc'"):
+        mmvssl.create_model("mmv-tiny", **{"video.arhc": "s3d"})
+    with pytest.raises(ConfigError, match="unknown audio.type 'wave'.*waveform, spectrogram, resnet"):
+        mmvssl.create_model("vatt-tiny", **{"audio.type": "wave"})
+    with pytest.raises(ConfigError, match="unknown heads.type 'fca'"):
+        mmvssl.create_model("vatt-tiny", **{"heads.type": "fca"})
+    with pytest.raises(ConfigError, match="unknown key 'vatt-tiny.heads.va_dims'"):
+        mmvssl.create_model("vatt-tiny", **{"heads.va_dims": 3})
+    with pytest.raises(ConfigError, match="'vatt-tiny-ma.video.width' is set by 'vatt-tiny-ma.backbone'"):
+        mmvssl.create_model("vatt-tiny-ma", **{"video.width": 64})
+    with pytest.raises(ConfigError, match="unknown key 'vatt-tiny-ma.backbone.widht'"):
+        mmvssl.create_model("vatt-tiny-ma", **{"backbone.widht": 64})
+    with pytest.raises(ConfigError, match="mmv-tiny.video: unknown torchvision video backbone 'r3d_50'"):
+        mmvssl.create_model("mmv-tiny", **{"video.arch": "r3d_50"})
+
+
+def test_sdpa_and_plain_attention_agree():
+    torch.manual_seed(0)
+    model = mmvssl.create_model("vatt-tiny-logmel").eval()  # includes a relative position bias
+    batch = tiny_batch(model, b=2)
+    batch["text"][:, :, 20:] = 0  # padding
+    with torch.no_grad():
+        fused = model(batch)
+        set_attention_impl(model, "math")
+        plain = model(batch)
+    for k in fused:
+        assert torch.allclose(fused[k], plain[k], atol=1e-5), k
 
 
 def test_other_input_sizes_interpolate_positions():
@@ -107,3 +168,34 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     enc(video)["pooled"].sum().backward()
     for n, p in enc.named_parameters():
         assert torch.allclose(p.grad, plain[n], atol=1e-6), n
+
+
+@pytest.mark.parametrize("name", ["vatt-tiny-logmel", "vatt-tiny-ma"])
+def test_gradient_checkpointing_gives_the_same_gradients_for_every_encoder(name):
+    """Log-mel audio, T5-style text (relative bias), and the shared modality-agnostic backbone."""
+    torch.manual_seed(0)
+    model = mmvssl.create_model(name, **{"video.drop_token": 0.0, "audio.drop_token": 0.0,
+                                         "text.vocab_size": 1000}).train()
+    batch = tiny_batch(model, b=2)
+
+    def grads():
+        model.zero_grad()
+        out = model(batch)
+        sum((e * torch.linspace(-1, 1, e.shape[-1])).sum() for e in out.values()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.set_grad_checkpointing(True)
+    checkpointed = grads()
+    for n in plain:
+        assert torch.allclose(checkpointed[n], plain[n], atol=1e-5), n
+
+
+def test_misspelt_key_in_a_yaml_file_is_named(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\nvidoe:\n  width: 8\ntext:\n  width: 8\n  depth: 1\n  heads: 2\n")
+    with pytest.raises(ConfigError, match="preset 'mine': unknown key 'vidoe'"):
+        mmvssl.create_model(str(path))
+    path.write_text("name: mine\nvideo:\n  width: 8\n  depth: 1\n  heads: 2\n  num_frame: 8\n")
+    with pytest.raises(ConfigError, match="unknown key 'mine.video.num_frame'"):
+        mmvssl.create_model(str(path))

@@ -1,7 +1,13 @@
 """VATT-style modality encoders: tokenise, add positions, prepend an aggregation token, transform.
 
 Every encoder returns {"pooled": (B, D), "tokens": (B, N, D)}: the aggregation token's output and
-the output of the other tokens (the narrator and per-frame distillation use the tokens).
+the output of the other tokens (the narrator and per-frame distillation use the tokens), and has
+a `.width` (D).
+
+Modality-agnostic models (VATT-MA) pass one `shared` Transformer to every encoder: each encoder
+then keeps its own tokeniser, positions and aggregation token, plus an input projection
+(Linear + GELU before the backbone) and an output projection (Linear + GELU after it), as in
+VATT's universal transformer. The shared backbone is owned (registered) by the model, not here.
 """
 
 from __future__ import annotations
@@ -28,23 +34,46 @@ def _resize_positions(pos: torch.Tensor, n: int) -> torch.Tensor:
     return F.interpolate(pos.transpose(1, 2), size=n, mode="linear", align_corners=False).transpose(1, 2)
 
 
-class VideoEncoder(nn.Module):
+class TokenEncoder(nn.Module):
+    """The part every transformer encoder shares: [agg] + tokens -> (shared or own) transformer."""
+
+    def _init_backbone(self, width: int, depth: int, heads: int, mlp_ratio: float,
+                       shared: Transformer | None, **transformer_kwargs) -> None:
+        self.width = width
+        self.agg_token = nn.Parameter(torch.zeros(1, 1, width))
+        if shared is None:
+            self.transformer = Transformer(width, depth, heads, mlp_ratio, **transformer_kwargs)
+            self.in_proj = self.out_proj = None
+        else:  # not registered here: the model owns the one shared backbone
+            object.__setattr__(self, "transformer", shared)
+            self.in_proj = nn.Sequential(nn.Linear(width, width), nn.GELU())
+            self.out_proj = nn.Sequential(nn.Linear(width, width), nn.GELU())
+
+    def _transform(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """x (B, N, D) positioned tokens -> {"pooled": (B, D), "tokens": (B, N, D)}."""
+        x = torch.cat([self.agg_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
+        x = self.transformer(x, key_padding_mask=keep)
+        if self.out_proj is not None:
+            x = self.out_proj(x)
+        return {"pooled": x[:, 0], "tokens": x[:, 1:]}
+
+
+class VideoEncoder(TokenEncoder):
     """Tubelet embedding (Conv3d, kernel = stride = t x p x p) + factorised time/height/width positions."""
 
     def __init__(self, width: int, depth: int, heads: int, patch: tuple[int, int, int] = (4, 16, 16),
                  num_frames: int = 32, image_size: int = 224, mlp_ratio: float = 4.0,
-                 drop_token: float = 0.0, in_channels: int = 3):
+                 drop_token: float = 0.0, in_channels: int = 3, shared: Transformer | None = None):
         super().__init__()
         self.patch = tuple(patch)
         self.drop_token = drop_token
-        self.width = width
+        self.num_frames, self.image_size = num_frames, image_size
         t, p = num_frames // self.patch[0], image_size // self.patch[1]
         self.patch_embed = nn.Conv3d(in_channels, width, kernel_size=self.patch, stride=self.patch)
         self.pos_t = nn.Parameter(torch.randn(1, t, width) * 0.02)
         self.pos_h = nn.Parameter(torch.randn(1, p, width) * 0.02)
         self.pos_w = nn.Parameter(torch.randn(1, image_size // self.patch[2], width) * 0.02)
-        self.agg_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.transformer = Transformer(width, depth, heads, mlp_ratio)
+        self._init_backbone(width, depth, heads, mlp_ratio, shared)
 
     def forward(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
         if video.ndim != 5 or video.shape[1] != self.patch_embed.in_channels:
@@ -55,68 +84,86 @@ class VideoEncoder(nn.Module):
             raise ValueError(f"video of T x H x W = {T}x{H}x{W} is not divisible by the tubelet {self.patch}")
         x = self.patch_embed(video)  # (B, D, t, h, w)
         B, D, t, h, w = x.shape
+        x = x.permute(0, 2, 3, 4, 1)  # (B, t, h, w, D)
+        if self.in_proj is not None:
+            x = self.in_proj(x)
         pos = (_resize_positions(self.pos_t, t)[:, :, None, None]
                + _resize_positions(self.pos_h, h)[:, None, :, None]
                + _resize_positions(self.pos_w, w)[:, None, None, :])  # (1, t, h, w, D)
-        x = x.permute(0, 2, 3, 4, 1) + pos  # (B, t, h, w, D)
-        x = x.reshape(B, t * h * w, D)
+        x = (x + pos).reshape(B, t * h * w, D)
         if self.training and self.drop_token > 0:
             x = _drop_tokens(x, self.drop_token)
-        x = torch.cat([self.agg_token.expand(B, -1, -1), x], dim=1)
-        x = self.transformer(x)
-        return {"pooled": x[:, 0], "tokens": x[:, 1:]}
+        return self._transform(x)
+
+    def forward_image(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Deflation for transformers: (B, C, H, W) stills -> the output of the static clip that
+        repeats each image over the `num_frames` the encoder was built for."""
+        if images.ndim != 4:
+            raise ValueError(f"image encoder expects (B, {self.patch_embed.in_channels}, H, W), "
+                             f"got {tuple(images.shape)}")
+        return self(images[:, :, None].expand(-1, -1, self.num_frames, -1, -1))  # (B, C, T, H, W)
 
 
-class AudioEncoder(nn.Module):
+class AudioEncoder(TokenEncoder):
     """Raw waveform patches (Conv1d, kernel = stride = patch samples) + learnable 1-D positions."""
 
     def __init__(self, width: int, depth: int, heads: int, patch: int = 128, num_samples: int = 153600,
-                 mlp_ratio: float = 4.0, drop_token: float = 0.0):
+                 mlp_ratio: float = 4.0, drop_token: float = 0.0, shared: Transformer | None = None):
         super().__init__()
         self.patch = patch
         self.drop_token = drop_token
-        self.width = width
         self.patch_embed = nn.Conv1d(1, width, kernel_size=patch, stride=patch)
         self.pos = nn.Parameter(torch.randn(1, num_samples // patch, width) * 0.02)
-        self.agg_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.transformer = Transformer(width, depth, heads, mlp_ratio)
+        self._init_backbone(width, depth, heads, mlp_ratio, shared)
 
     def forward(self, audio: torch.Tensor) -> dict[str, torch.Tensor]:
         if audio.ndim != 2 or audio.shape[1] < self.patch:
             raise ValueError(f"audio encoder expects a waveform (B, S) with S >= {self.patch}, "
                              f"got {tuple(audio.shape)}")
         x = self.patch_embed(audio[:, None, :]).transpose(1, 2)  # (B, N, D)
+        if self.in_proj is not None:
+            x = self.in_proj(x)
         x = x + _resize_positions(self.pos, x.shape[1])
         if self.training and self.drop_token > 0:
             x = _drop_tokens(x, self.drop_token)
-        x = torch.cat([self.agg_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.transformer(x)
-        return {"pooled": x[:, 0], "tokens": x[:, 1:]}
+        return self._transform(x)
 
 
-class TextEncoder(nn.Module):
-    """Token embeddings (open_clip BPE vocabulary by default) + positions, bidirectional
-    attention that ignores padding (id `pad_id`), an aggregation token."""
+class TextEncoder(TokenEncoder):
+    """Token embeddings (open_clip BPE vocabulary by default, or a sentencepiece vocabulary's
+    size) + positions, bidirectional attention that ignores padding (id `pad_id`), an aggregation
+    token. `relative_buckets > 0` makes it T5-style (VATT's text transformer): no absolute
+    positions, a bucketed relative position bias in the attention instead."""
 
     def __init__(self, width: int, depth: int, heads: int, vocab_size: int = 49408,
-                 context_length: int = 77, mlp_ratio: float = 4.0, pad_id: int = 0):
+                 context_length: int = 77, mlp_ratio: float = 4.0, pad_id: int = 0,
+                 relative_buckets: int = 0, relative_max_distance: int = 128,
+                 shared: Transformer | None = None):
         super().__init__()
         self.pad_id = pad_id
-        self.width = width
+        self.context_length = context_length
         self.token_embed = nn.Embedding(vocab_size, width)
         nn.init.normal_(self.token_embed.weight, std=0.02)
-        self.pos = nn.Parameter(torch.randn(1, context_length, width) * 0.01)
-        self.agg_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.transformer = Transformer(width, depth, heads, mlp_ratio)
+        if relative_buckets:
+            if shared is not None:
+                raise ValueError("a relative position bias cannot live in a shared (modality-agnostic) backbone")
+            self.pos = None
+            rel = {"relative_buckets": relative_buckets, "relative_max_distance": relative_max_distance}
+        else:
+            self.pos = nn.Parameter(torch.randn(1, context_length, width) * 0.01)
+            rel = {}
+        self._init_backbone(width, depth, heads, mlp_ratio, shared, **rel)
 
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"text encoder expects token ids (B, L), got {tuple(tokens.shape)} {tokens.dtype}")
-        if tokens.shape[1] > self.pos.shape[1]:
-            raise ValueError(f"text of {tokens.shape[1]} tokens exceeds the context length {self.pos.shape[1]}")
+        if tokens.shape[1] > self.context_length:
+            raise ValueError(f"text of {tokens.shape[1]} tokens exceeds the context length {self.context_length}")
         B, L = tokens.shape
-        x = self.token_embed(tokens) + self.pos[:, :L]  # (B, L, D)
-        x = torch.cat([self.agg_token.expand(B, -1, -1), x], dim=1)
-        keep = torch.cat([tokens.new_ones(B, 1, dtype=torch.bool), tokens != self.pad_id], dim=1)
-        x = self.transformer(x, key_padding_mask=keep)
-        return {"pooled": x[:, 0], "tokens": x[:, 1:]}
+        x = self.token_embed(tokens)  # (B, L, D)
+        if self.in_proj is not None:
+            x = self.in_proj(x)
+        if self.pos is not None:
+            x = x + self.pos[:, :L]
+        keep = torch.cat([tokens.new_ones(B, 1, dtype=torch.bool), tokens != self.pad_id], dim=1)  # (B, 1 + L)
+        return self._transform(x, keep)

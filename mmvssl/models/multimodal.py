@@ -1,12 +1,13 @@
 """The multimodal model: one encoder per modality, projection heads, a named embedding per space.
 
-`forward(batch)` returns every embedding the objective may ask for, keyed `<modality>_<space>`:
-video_va, video_vat, audio_va, text_vat (text as (B, K, D) when the batch carries K candidates).
+`forward(batch)` returns every embedding the objective may ask for, keyed `<modality>_<space>`
+(FAC heads: video_va, video_vat, audio_va, text_vat; text as (B, K, D) when the batch carries K
+candidates), L2-normalised. A modality-agnostic preset adds `backbone`, the one Transformer all
+its encoders share.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
@@ -19,26 +20,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ConfigError
-from .encoders import AudioEncoder, TextEncoder, VideoEncoder
-from .heads import FACHeads
+from .builders import build, build_backbone, build_encoders
+from .heads import HEADS
 
-ENCODERS = {"video": VideoEncoder, "audio": AudioEncoder, "text": TextEncoder}
-HEADS = {"fac": FACHeads}
-
-
-def _build(cls, kwargs: dict, where: str):
-    """Instantiate `cls(**kwargs)`, naming the misspelt key instead of a bare TypeError."""
-    params = inspect.signature(cls.__init__).parameters
-    for key in kwargs:
-        if key not in params or key == "self":
-            allowed = ", ".join(p for p in params if p != "self")
-            raise ConfigError(f"unknown key '{where}.{key}' (expected one of: {allowed})")
-    missing = [p.name for p in params.values()
-               if p.default is inspect.Parameter.empty and p.name != "self" and p.name not in kwargs
-               and p.kind is p.POSITIONAL_OR_KEYWORD]
-    if missing:
-        raise ConfigError(f"missing key '{where}.{missing[0]}'")
-    return cls(**kwargs)
+TOP_LEVEL_KEYS = ("name", "description", "paper", "sampling", "backbone", "heads", "video", "audio", "text")
 
 
 class MultimodalModel(nn.Module):
@@ -46,35 +31,53 @@ class MultimodalModel(nn.Module):
         super().__init__()
         self.config = json.loads(json.dumps(config))  # a plain, JSON-safe copy
         name = config.get("name", "<unnamed>")
-        known = set(ENCODERS) | {"name", "description", "heads", "paper", "sampling"}
         for key in config:
-            if key not in known:
-                raise ConfigError(f"preset '{name}': unknown key '{key}' (expected: {', '.join(sorted(known))})")
-        self.encoders = nn.ModuleDict({m: _build(ENCODERS[m], dict(config[m]), f"{name}.{m}")
-                                       for m in ENCODERS if m in config})
+            if key not in TOP_LEVEL_KEYS:
+                raise ConfigError(f"preset '{name}': unknown key '{key}' (expected: {', '.join(TOP_LEVEL_KEYS)})")
+        backbone = build_backbone(config, name)
+        if backbone is not None:
+            self.backbone = backbone  # registered once here; the encoders hold unregistered references
+        self.encoders = build_encoders(config, name, backbone)
+        if not self.encoders:
+            raise ConfigError(f"preset '{name}' has no video, audio or text section")
         head_cfg = dict(config.get("heads", {"type": "fac"}))
         head_type = head_cfg.pop("type", "fac")
         if head_type not in HEADS:
             raise ConfigError(f"preset '{name}': unknown heads.type '{head_type}' (expected: {', '.join(HEADS)})")
         widths = {f"{m}_width": enc.width for m, enc in self.encoders.items()}
-        self.heads = _build(HEADS[head_type], {**widths, **head_cfg}, f"{name}.heads")
+        self.heads = build(HEADS[head_type], {**widths, **head_cfg}, f"{name}.heads")
 
     @property
     def name(self) -> str:
         return self.config.get("name", "<unnamed>")
 
-    def _encode(self, modality: str, x: torch.Tensor, space: str, normalize: bool) -> torch.Tensor:
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in the backward pass (same gradients, less memory)."""
+        for m in self.modules():
+            if hasattr(m, "grad_checkpointing"):
+                m.grad_checkpointing = enable
+
+    def _encoder(self, modality: str) -> nn.Module:
         if modality not in self.encoders:
             raise ValueError(f"model '{self.name}' has no {modality} encoder")
-        z = self.heads.project(modality, self.encoders[modality](x)["pooled"], space)
+        return self.encoders[modality]
+
+    def _encode(self, modality: str, x: torch.Tensor, space: str, normalize: bool) -> torch.Tensor:
+        z = self.heads.project(modality, self._encoder(modality)(x)["pooled"], space)
         return F.normalize(z, dim=-1) if normalize else z
 
     def encode_video(self, video: torch.Tensor, space: str = "vat", normalize: bool = True) -> torch.Tensor:
         """(B, C, T, H, W) float -> (B, dim) embedding in `space`."""
         return self._encode("video", video, space, normalize)
 
+    def encode_image(self, images: torch.Tensor, space: str = "vat", normalize: bool = True) -> torch.Tensor:
+        """(B, C, H, W) stills through the video network (deflated: a static clip for transformers,
+        temporal filters summed for 3-D CNNs) -> (B, dim) embedding in `space`."""
+        z = self.heads.project("video", self._encoder("video").forward_image(images)["pooled"], space)
+        return F.normalize(z, dim=-1) if normalize else z
+
     def encode_audio(self, audio: torch.Tensor, space: str = "va", normalize: bool = True) -> torch.Tensor:
-        """(B, S) waveform -> (B, dim); space 'vat' goes through the video's va->vat head (MMV)."""
+        """(B, S) waveform -> (B, dim); with FAC heads, space 'vat' goes through the video's va->vat head (MMV)."""
         return self._encode("audio", audio, space, normalize)
 
     def encode_text(self, tokens: torch.Tensor, space: str = "vat", normalize: bool = True) -> torch.Tensor:
@@ -85,15 +88,20 @@ class MultimodalModel(nn.Module):
         return self._encode("text", tokens, space, normalize)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Every embedding the heads define for the modalities in `batch`, normalised."""
+        pooled, text_shape = {}, None
+        for modality, enc in self.encoders.items():
+            if modality not in batch:
+                continue
+            x = batch[modality]
+            if modality == "text" and x.ndim == 3:
+                text_shape = x.shape[:2]  # (B, K)
+                x = x.reshape(-1, x.shape[-1])  # (B * K, L)
+            pooled[modality] = enc(x)["pooled"]
         out = {}
-        if "video" in batch and "video" in self.encoders:
-            va = self.heads.project("video", self.encoders["video"](batch["video"])["pooled"], "va")
-            out["video_va"] = F.normalize(va, dim=-1)
-            out["video_vat"] = F.normalize(self.heads.va_to_vat(va), dim=-1)
-        if "audio" in batch and "audio" in self.encoders:
-            out["audio_va"] = self.encode_audio(batch["audio"], "va")
-        if "text" in batch and "text" in self.encoders:
-            out["text_vat"] = self.encode_text(batch["text"], "vat")
+        for key, z in self.heads.embed(pooled).items():
+            z = F.normalize(z, dim=-1)
+            out[key] = z.view(*text_shape, -1) if key.startswith("text_") and text_shape else z
         return out
 
     # ---- persistence: config.json + model.safetensors, written atomically, loaded without pickle
@@ -136,4 +144,5 @@ class MultimodalModel(nn.Module):
         if missing or unexpected:
             raise ConfigError(f"{weights}: does not match {cfg_file.name} "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        return model
+        return model.to(map_location)
+
