@@ -11,7 +11,8 @@ def test_demo_config_loads_with_overrides():
     assert [t.loss for t in cfg.objective.terms] == ["nce", "mil_nce"]
 
 
-@pytest.mark.parametrize("path", sorted(data_path("configs").rglob("*.yaml")))
+# every experiment config (configs/accelerate/ holds accelerate's launcher files, another schema)
+@pytest.mark.parametrize("path", sorted(p for p in data_path("configs").rglob("*.yaml") if "accelerate" not in p.parts))
 def test_every_shipped_config_validates(path):
     load_config(path)
 
