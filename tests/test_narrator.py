@@ -176,3 +176,36 @@ def test_narrate_reports_and_skips_unreadable_videos(tmp_path, video_factory):
                      gen=GenerationConfig(num_candidates=1, max_length=6), progress=False)
     assert counts["videos"] == 1 and counts["windows"] == 1
     assert [f["source"] for f in counts["failed"]] == ["broken.mp4"]
+
+
+def _load_script(name):
+    import importlib.util
+    from mmvssl.resources import data_path
+    spec = importlib.util.spec_from_file_location(name, data_path("eval", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_caption_metrics_and_object_mentions():
+    script = _load_script("narration")
+    assert script.mentions("the red circle moves", "circle") and not script.mentions("the circles", "circle")
+    perfect = script.caption_metrics({0: ["a red circle moves right"], 1: ["a blue ring"]},
+                                     {0: ["a red circle moves right"], 1: ["a blue ring"]})
+    worse = script.caption_metrics({0: ["a red circle moves right"], 1: ["a blue ring"]},
+                                   {0: ["a green square"], 1: ["the ring"]})
+    assert perfect["rouge_l"] == pytest.approx(1.0) and worse["rouge_l"] < 0.6
+    assert perfect["cider"] > worse["cider"] and perfect["bleu4"] > worse["bleu4"]
+
+
+def test_narration_eval_reports_accuracy_and_chance(tmp_path, demo_shards):
+    script = _load_script("narration")
+    tok_file = train_sentencepiece(texts_from_shards(str(demo_shards["val"])), tmp_path / "t.model", 150)
+    tok = SentencePieceTokenizer(tok_file)
+    cfg = tiny_config(vocab=tok.vocab_size)
+    cfg.update(pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id, sampling={"num_frames": 8, "fps": 4.0, "size": 64})
+    Narrator(cfg).save_pretrained(tmp_path / "narrator", tokenizer_file=tok_file)
+    report = script.evaluate_narrator(str(tmp_path / "narrator"), str(demo_shards["val"]))
+    assert report["num_clips"] == 12 and 0.0 <= report["object_accuracy"] <= 1.0
+    assert report["chance"] == pytest.approx(1 / len(report["classes"]))
+    assert {"bleu4", "rouge_l", "cider"} <= set(report)
