@@ -123,3 +123,74 @@ def test_objective_errors_name_the_problem():
     obj = Objective([{"name": "x", "loss": "nce", "inputs": ["video_va", "audio_va"]}])
     with pytest.raises(ConfigError, match="needs embedding 'audio_va'"):
         obj({"video_va": torch.randn(2, 4)}, {})
+
+
+def _ntxent_by_hand(a, b, t):
+    """SimCLR: each of the 2N views against its pair and the other 2N - 2 views."""
+    dot = lambda x, y: sum(p * q for p, q in zip(x, y)) / t  # noqa: E731
+    views = a + b
+    n, total = len(a), 0.0
+    for i, anchor in enumerate(views):
+        pos = (i + n) % (2 * n)
+        denom = sum(math.exp(dot(anchor, views[j])) for j in range(2 * n) if j != i)
+        total += -math.log(math.exp(dot(anchor, views[pos])) / denom)
+    return total / (2 * n)
+
+
+def _siglip_by_hand(a, b, t, bias):
+    dot = lambda x, y: sum(p * q for p, q in zip(x, y)) / t  # noqa: E731
+    total = 0.0
+    for i in range(len(a)):
+        for j in range(len(b)):
+            z = 1.0 if i == j else -1.0
+            total += math.log(1 + math.exp(-z * (dot(a[i], b[j]) + bias)))
+    return total / len(a)
+
+
+def test_nt_xent_matches_hand_computation_and_masks():
+    from mmvssl.losses.contrastive import nt_xent_loss
+    torch.manual_seed(7)
+    a, b = F.normalize(torch.randn(4, 5), dim=-1), F.normalize(torch.randn(4, 5), dim=-1)
+    assert nt_xent_loss(a, b, 0.2).item() == pytest.approx(_ntxent_by_hand(a.tolist(), b.tolist(), 0.2), rel=1e-5)
+    keep = torch.tensor([True, False, True, True])
+    assert nt_xent_loss(a, b, 0.2, mask=keep).item() == pytest.approx(nt_xent_loss(a[keep], b[keep], 0.2).item(), rel=1e-5)
+
+
+def test_siglip_matches_hand_computation_open_clip_and_masks():
+    from open_clip.loss import SigLipLoss
+
+    from mmvssl.losses.contrastive import siglip_loss
+    torch.manual_seed(8)
+    a, b = F.normalize(torch.randn(5, 6), dim=-1), F.normalize(torch.randn(5, 6), dim=-1)
+    got = siglip_loss(a, b, temperature=0.1, bias=-3.0).item()
+    assert got == pytest.approx(_siglip_by_hand(a.tolist(), b.tolist(), 0.1, -3.0), rel=1e-5)
+    reference = SigLipLoss()(a, b, logit_scale=torch.tensor(10.0), logit_bias=torch.tensor(-3.0))
+    assert got == pytest.approx(reference.item(), rel=1e-5)
+    keep = torch.tensor([True, True, False, True, False])
+    assert siglip_loss(a, b, 0.1, -3.0, mask=keep).item() == pytest.approx(
+        siglip_loss(a[keep], b[keep], 0.1, -3.0).item(), rel=1e-5)
+
+
+def test_learnable_temperature_is_a_clamped_parameter_without_weight_decay():
+    import mmvssl
+    from mmvssl.train.optim import build_optimizer
+    torch.manual_seed(9)
+    obj = Objective([{"name": "va", "loss": "nce", "inputs": ["video_va", "audio_va"]},
+                     {"name": "vs", "loss": "siglip", "inputs": ["video_va", "audio_va"], "temperature": 0.1},
+                     {"name": "fixed", "loss": "nce", "inputs": ["video_va", "audio_va"], "learnable": False}],
+                    temperature=0.07, learnable_temperature=True, min_temperature=0.05, max_temperature=1.0)
+    assert sorted(n for n, _ in obj.named_parameters()) == ["bias.vs", "log_temperature.va", "log_temperature.vs"]
+    emb = {"video_va": F.normalize(torch.randn(6, 8), dim=-1), "audio_va": F.normalize(torch.randn(6, 8), dim=-1)}
+    total, terms = obj(emb, {})
+    assert terms["va"].item() == pytest.approx(nce_loss(emb["video_va"], emb["audio_va"], 0.07).item(), rel=1e-5)
+    total.backward()
+    assert obj.log_temperature["va"].grad.abs() > 0 and obj.bias["vs"].grad.abs() > 0
+    with torch.no_grad():
+        obj.log_temperature["va"].fill_(math.log(0.001))  # below the clamp
+    assert obj.temperatures()["temperature/va"] == pytest.approx(0.05)
+    model = mmvssl.create_model("vatt-tiny")
+    opt = build_optimizer(model, 1e-3, 0.1, no_decay_modules=(obj,))
+    no_decay = {id(p) for p in opt.param_groups[1]["params"]}
+    assert opt.param_groups[1]["weight_decay"] == 0.0 and all(id(p) in no_decay for p in obj.parameters())
+    with pytest.raises(ConfigError, match="temperature 0.001 is outside"):
+        Objective([{"name": "x", "loss": "nce", "inputs": ["a_va", "b_va"], "temperature": 0.001}])

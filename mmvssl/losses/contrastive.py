@@ -1,8 +1,14 @@
 """Contrastive losses as pure functions on (already normalised) embeddings.
 
-Both gather the other processes' embeddings as negatives (gradients flow to their owners) and
-compute the local rows of the logits. A sample mask keeps samples that lack a modality out of
-the loss entirely: they are neither anchors nor negatives.
+Every loss gathers the other processes' embeddings as negatives (gradients flow back to their
+owners) and computes only the local rows of the logits, labels offset by rank (open_clip's
+`local_loss`). A sample mask keeps samples that lack a modality out of the loss entirely: they
+are neither anchors nor negatives.
+
+Normalisation is global: each process returns `world * (sum of its anchors' losses) / (valid
+anchors over all processes)`, so the mean over processes -- what DDP's gradient averaging
+differentiates -- is exactly the loss of one process on the concatenated batch.
+`temperature` is a float or a 0-d tensor (learnable temperatures come from the Objective).
 """
 
 from __future__ import annotations
@@ -15,33 +21,60 @@ from .gather import gather_no_grad, gather_with_grad, world
 NEG_INF = -1e4  # finite, so fully masked rows stay NaN-free (the row is excluded anyway)
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+def _default_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if mask is None else mask.bool()
 
 
-def nce_loss(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.07,
+def global_mean(per_anchor: torch.Tensor, mask: torch.Tensor, all_mask: torch.Tensor) -> torch.Tensor:
+    """This process's share of the mean over every valid anchor of every process (see module doc)."""
+    _, size = world()
+    return (per_anchor * mask).sum() * size / all_mask.sum().clamp(min=1)
+
+
+def nce_loss(a: torch.Tensor, b: torch.Tensor, temperature: float | torch.Tensor = 0.07,
              mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric InfoNCE between paired rows of a (B, D) and b (B, D): VATT's NCE for video-audio.
+    """Symmetric InfoNCE (CLIP; VATT's NCE for video-audio) between paired rows of a, b (B, D).
 
-    mask (B,) bool marks the pairs that exist. Returns the mean over valid local anchors of
-    (CE(a_i -> all b) + CE(b_i -> all a)) / 2.
+    Returns the mean over valid anchors i of (CE(a_i -> all b) + CE(b_i -> all a)) / 2.
     """
     B = a.shape[0]
-    mask = torch.ones(B, dtype=torch.bool, device=a.device) if mask is None else mask.bool()
+    mask = _default_mask(a, mask)
     rank, _ = world()
     all_a, all_b, all_mask = gather_with_grad(a), gather_with_grad(b), gather_no_grad(mask)
     labels = torch.arange(B, device=a.device) + rank * B
-    logits_ab = (a @ all_b.T) / temperature  # (B, world * B)
-    logits_ba = (b @ all_a.T) / temperature
     invalid = ~all_mask[None, :]
-    logits_ab = logits_ab.masked_fill(invalid, NEG_INF)
-    logits_ba = logits_ba.masked_fill(invalid, NEG_INF)
+    logits_ab = (a @ all_b.T / temperature).masked_fill(invalid, NEG_INF)  # (B, world * B)
+    logits_ba = (b @ all_a.T / temperature).masked_fill(invalid, NEG_INF)
     per_sample = 0.5 * (F.cross_entropy(logits_ab, labels, reduction="none")
-                        + F.cross_entropy(logits_ba, labels, reduction="none"))
-    return _masked_mean(per_sample, mask.float())
+                        + F.cross_entropy(logits_ba, labels, reduction="none"))  # (B,)
+    return global_mean(per_sample, mask.float(), all_mask.float())
 
 
-def mil_nce_loss(video: torch.Tensor, text: torch.Tensor, temperature: float = 0.07,
+def nt_xent_loss(a: torch.Tensor, b: torch.Tensor, temperature: float | torch.Tensor = 0.1,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """NT-Xent (SimCLR, CVRL) between two views a, b (B, D): each of the 2N views is an anchor
+    whose positive is its pair and whose negatives are the other 2N - 2 views of both sides.
+
+    Returns the mean over valid anchors i of (CE(a_i) + CE(b_i)) / 2.
+    """
+    B = a.shape[0]
+    mask = _default_mask(a, mask)
+    rank, _ = world()
+    all_a, all_b, all_mask = gather_with_grad(a), gather_with_grad(b), gather_no_grad(mask)
+    N = all_a.shape[0]
+    own = torch.arange(B, device=a.device) + rank * B
+    candidates = torch.cat([all_a, all_b], dim=0)  # (2N, D): columns 0..N-1 are a, N..2N-1 are b
+    keep = torch.cat([all_mask, all_mask])[None, :].expand(B, 2 * N).clone()  # (B, 2N)
+    per_side = []
+    for anchor, self_col, pos_col in ((a, own, own + N), (b, own + N, own)):
+        logits = anchor @ candidates.T / temperature  # (B, 2N)
+        drop = keep.clone()
+        drop[torch.arange(B), self_col] = False  # an anchor is not its own negative
+        per_side.append(F.cross_entropy(logits.masked_fill(~drop, NEG_INF), pos_col, reduction="none"))
+    return global_mean(0.5 * (per_side[0] + per_side[1]), mask.float(), all_mask.float())
+
+
+def mil_nce_loss(video: torch.Tensor, text: torch.Tensor, temperature: float | torch.Tensor = 0.07,
                  mask: torch.Tensor | None = None, candidate_mask: torch.Tensor | None = None) -> torch.Tensor:
     """MIL-NCE (Miech et al. 2020) between video (B, D) and K candidate texts per clip (B, K, D).
 
@@ -54,7 +87,7 @@ def mil_nce_loss(video: torch.Tensor, text: torch.Tensor, temperature: float = 0
     if text.ndim == 2:
         text = text[:, None]
     B, K, D = text.shape
-    mask = torch.ones(B, dtype=torch.bool, device=video.device) if mask is None else mask.bool()
+    mask = _default_mask(video, mask)
     cand = torch.ones(B, K, dtype=torch.bool, device=video.device) if candidate_mask is None else candidate_mask.bool()
     cand = cand & mask[:, None]
     rank, _ = world()
@@ -76,7 +109,27 @@ def mil_nce_loss(video: torch.Tensor, text: torch.Tensor, temperature: float = 0
 
     numerator = torch.logsumexp(positives, dim=1)  # (B,)
     denominator = torch.logsumexp(torch.cat([row.reshape(B, -1), col.reshape(B, -1)], dim=1), dim=1)
-    return _masked_mean(denominator - numerator, mask.float())
+    return global_mean(denominator - numerator, mask.float(), all_mask.float())
 
 
-LOSSES = {"nce": nce_loss, "mil_nce": mil_nce_loss}
+def siglip_loss(a: torch.Tensor, b: torch.Tensor, temperature: float | torch.Tensor = 0.1,
+                bias: float | torch.Tensor = -10.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SigLIP (Zhai et al. 2023): every pair (i, j) is a binary problem, positive iff i == j.
+
+      loss = -1/|B| sum_i sum_j log sigmoid(z_ij * (a_i.b_j / temperature + bias)),  z_ii = 1, z_ij = -1
+    over valid samples (the paper's init: temperature 0.1, bias -10). Gathering all of b and
+    computing the local rows gives the same sum as the paper's neighbour exchange.
+    """
+    B = a.shape[0]
+    mask = _default_mask(a, mask)
+    rank, _ = world()
+    all_b, all_mask = gather_with_grad(b), gather_no_grad(mask)
+    own = torch.arange(B, device=a.device) + rank * B
+    logits = a @ all_b.T / temperature + bias  # (B, N)
+    signs = -torch.ones_like(logits)
+    signs[torch.arange(B), own] = 1.0
+    pair_loss = -F.logsigmoid(signs * logits) * all_mask[None, :].float()  # (B, N); masked columns out
+    return global_mean(pair_loss.sum(dim=1), mask.float(), all_mask.float())
+
+
+LOSSES = {"nce": nce_loss, "nt_xent": nt_xent_loss, "mil_nce": mil_nce_loss, "siglip": siglip_loss}

@@ -25,7 +25,12 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if size == 1:
         return x
     from torch.distributed.nn.functional import all_gather
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    parts = all_gather(x.contiguous())
+    for part in parts:
+        # gloo sends the incoming gradients as raw buffers: a non-contiguous one (an einsum's
+        # backward gives them) would arrive scrambled, so make each contiguous first
+        part.register_hook(torch.Tensor.contiguous)
+    return torch.cat(parts, dim=0)
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:

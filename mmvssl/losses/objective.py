@@ -4,10 +4,17 @@ The engine knows no method by name: it calls the objective on the model's embedd
 batch, and gets the weighted sum plus every term's value for logging. A term is on when its
 weight is positive. Masks come from the batch: `has_<modality>` per sample and `text_mask`
 per MIL-NCE candidate.
+
+Temperatures are fixed numbers or learnable parameters of the objective (stored as a log, so
+they stay positive, and clamped to [min_temperature, max_temperature] in the forward pass, as
+open_clip clamps CLIP's logit scale). SigLIP terms carry a bias, learnable with the
+temperature. The engine gives these parameters to the optimizer (never weight-decayed) and
+saves them in checkpoints.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +30,9 @@ class Term:
     loss: str
     inputs: tuple[str, str]
     weight: float
+    temperature: float
+    learnable: bool
+    bias: float = -10.0
 
 
 def _modality(embedding_name: str) -> str:
@@ -30,10 +40,13 @@ def _modality(embedding_name: str) -> str:
 
 
 class Objective(nn.Module):
-    def __init__(self, terms: list[dict], temperature: float = 0.07):
+    def __init__(self, terms: list[dict], temperature: float = 0.07, learnable_temperature: bool = False,
+                 min_temperature: float = 0.01, max_temperature: float = 1.0):
         super().__init__()
-        self.temperature = temperature
+        self.min_temperature, self.max_temperature = min_temperature, max_temperature
         self.terms: list[Term] = []
+        self.log_temperature = nn.ParameterDict()  # one learnable log-temperature per learnable term
+        self.bias = nn.ParameterDict()  # one learnable bias per learnable SigLIP term
         for i, t in enumerate(terms):
             name = t.get("name") or f"term{i}"
             if t.get("loss") not in LOSSES:
@@ -42,14 +55,38 @@ class Objective(nn.Module):
             inputs = tuple(t.get("inputs") or ())
             if len(inputs) != 2:
                 raise ConfigError(f"objective.terms[{i}] '{name}': inputs must name two embeddings, got {list(inputs)}")
-            if float(t.get("weight", 1.0)) > 0:
-                self.terms.append(Term(name, t["loss"], inputs, float(t.get("weight", 1.0))))
+            tau = t.get("temperature")
+            tau = float(temperature if tau is None else tau)
+            if not min_temperature <= tau <= max_temperature:
+                raise ConfigError(f"objective.terms[{i}] '{name}': temperature {tau} is outside "
+                                  f"[objective.min_temperature, objective.max_temperature] = "
+                                  f"[{min_temperature}, {max_temperature}]")
+            learnable = t.get("learnable")
+            learnable = bool(learnable_temperature if learnable is None else learnable)
+            if float(t.get("weight", 1.0)) <= 0:
+                continue
+            term = Term(name, t["loss"], inputs, float(t.get("weight", 1.0)), tau, learnable,
+                        float(t.get("bias", -10.0) if t.get("bias") is not None else -10.0))
+            self.terms.append(term)
+            if learnable:
+                self.log_temperature[name] = nn.Parameter(torch.tensor(math.log(tau)))
+                if term.loss == "siglip":
+                    self.bias[name] = nn.Parameter(torch.tensor(term.bias))
         if not self.terms:
             raise ConfigError("objective has no term with a positive weight")
 
     @property
     def modalities(self) -> set[str]:
         return {_modality(x) for t in self.terms for x in t.inputs}
+
+    def temperature(self, term: Term) -> float | torch.Tensor:
+        if term.name not in self.log_temperature:
+            return term.temperature
+        return self.log_temperature[term.name].exp().clamp(self.min_temperature, self.max_temperature)
+
+    def temperatures(self) -> dict[str, float]:
+        """The current temperature of every learnable term, for logging."""
+        return {f"temperature/{t.name}": float(torch.as_tensor(self.temperature(t)).detach()) for t in self.terms if t.learnable}
 
     def forward(self, embeddings: dict[str, torch.Tensor], batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, values = 0.0, {}
@@ -58,15 +95,17 @@ class Objective(nn.Module):
                 if x not in embeddings:
                     raise ConfigError(f"objective term '{t.name}' needs embedding '{x}', but the model "
                                       f"produced only: {', '.join(sorted(embeddings))}")
-            a, b = (embeddings[x] for x in t.inputs)
+            a, b = (embeddings[x].float() for x in t.inputs)  # losses in fp32 under mixed precision
             mask = None
             for x in t.inputs:
                 has = batch.get(f"has_{_modality(x)}")
                 if has is not None:
                     mask = has if mask is None else mask & has
-            kwargs = {"temperature": self.temperature, "mask": mask}
+            kwargs = {"temperature": self.temperature(t), "mask": mask}
             if t.loss == "mil_nce":
                 kwargs["candidate_mask"] = batch.get("text_mask")
+            if t.loss == "siglip":
+                kwargs["bias"] = self.bias[t.name] if t.name in self.bias else t.bias
             value = LOSSES[t.loss](a, b, **kwargs)
             values[t.name] = value
             total = total + t.weight * value

@@ -1,6 +1,13 @@
 """Training checkpoints: a folder per step, written to a temporary name and renamed into place,
-so a crash mid-save leaves the previous checkpoint intact. Weights are safetensors; optimizer
-and scheduler states load with `weights_only=True`, so loading never runs pickled code."""
+so a crash (even kill -9) mid-save leaves the previous checkpoint intact. Weights are
+safetensors; optimizer, scheduler, loss-scaler and RNG states load with `weights_only=True`,
+so loading never runs pickled code.
+
+Layout of `step_XXXXXXXX/`: model.safetensors, <name>.safetensors for each extra module (the
+objective's temperatures, the EMA weights), optimizer.pt (optimizer, scheduler, extra states),
+trainer_state.json (step, batches_consumed, counters) -- written last: a folder without it is
+incomplete and ignored.
+"""
 
 from __future__ import annotations
 
@@ -16,21 +23,39 @@ from safetensors.torch import load_file, save_file
 from ..errors import MmvsslError
 
 PREFIX = "step_"
+TMP_PREFIX = ".tmp_"
 
 
-def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module, optimizer, scheduler,
-                    extra: dict | None = None, keep_last: int = 2) -> Path:
+def _tensors(module: torch.nn.Module | dict) -> dict[str, torch.Tensor]:
+    state = module if isinstance(module, dict) else module.state_dict()
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module | dict, optimizer, scheduler,
+                    extra: dict | None = None, keep_last: int = 2, modules: dict[str, torch.nn.Module] | None = None,
+                    states: dict | None = None) -> Path:
+    """Write `folder/step_XXXXXXXX` atomically; `model` is a module or its (gathered) state dict; `modules` go to <name>.safetensors, `states` (plain
+    tensors, numbers, lists, dicts) into optimizer.pt. Keeps the last `keep_last` checkpoints."""
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp_", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=root))
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        save_file(_tensors(model), str(tmp / "model.safetensors"))
+        for name, module in (modules or {}).items():
+            save_file(_tensors(module), str(tmp / f"{name}.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **(states or {})},
+                   tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
-        with open(tmp / "trainer_state.json") as f:  # make the content durable before the rename
-            os.fsync(f.fileno())
+        for f in tmp.iterdir():  # make the content durable before the rename
+            _fsync(f)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -62,10 +87,21 @@ def resolve_resume(spec: str, checkpoints_dir: str | os.PathLike) -> Path | None
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer, scheduler) -> dict:
+def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer, scheduler,
+                    modules: dict[str, torch.nn.Module] | None = None) -> dict:
+    """Restore into the given objects (optimizer None: leave it); returns trainer_state.json plus
+    `states` (the extra states)."""
     path = Path(path)
     model.load_state_dict(load_file(str(path / "model.safetensors")))
+    for name, module in (modules or {}).items():
+        file = path / f"{name}.safetensors"
+        if not file.is_file():
+            raise MmvsslError(f"{path}: has no {file.name}, but this run needs it (was the checkpoint written "
+                              f"with another objective or without train.ema_decay?)")
+        module.load_state_dict(load_file(str(file)))
     states = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(states["optimizer"])
-    scheduler.load_state_dict(states["scheduler"])
-    return json.loads((path / "trainer_state.json").read_text())
+    optimizer_state = states.pop("optimizer")
+    if optimizer is not None:
+        optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(states.pop("scheduler"))
+    return {**json.loads((path / "trainer_state.json").read_text()), "states": states}

@@ -1,47 +1,40 @@
 """The training loop: setup -> one explicit loop over accelerate -> final model. No Trainer class.
 
 The loop knows no method: the model returns named embeddings, the objective (built from the
-config's terms) turns them into a weighted loss. `data.batch_size` is per process.
+config's terms) turns them into a weighted loss. `data.batch_size` is per process; the global
+batch is batch_size x processes, and `train.accum_steps` splits each process's batch into
+micro-batches without losing negatives (see step.py).
+
+Faults: a step whose loss or gradient is not finite is skipped and counted; `train.max_bad_steps`
+in a row stop the run, naming the step and the term. SIGTERM / SIGINT finish the current step,
+save a checkpoint and return; `train.resume=latest` continues at the same step with the same
+data (the loader skips the consumed batches) and the same RNG state.
 """
 
 from __future__ import annotations
 
 import json
-import platform
-import subprocess
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from omegaconf import DictConfig
 
 from ..config import save_config, to_dict
 from ..data.loader import SampleSpec, build_loader
+from ..errors import ConfigError, MmvsslError
 from ..losses.objective import Objective
-from ..models.presets import apply_overrides, load_preset
 from ..models.multimodal import MultimodalModel
+from ..models.presets import apply_overrides, load_preset
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .monitor import RunLog, available_trackers, environment, flat_scalars, keep_metrics_until
 from .optim import build_optimizer, warmup_cosine
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _environment() -> dict:
-    import accelerate
-    import torchaudio
-    import torchvision
-    import webdataset
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchaudio": torchaudio.__version__,
-            "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,
-            "webdataset": getattr(webdataset, "__version__", "?"), "git_commit": _git_commit()}
+from .step import forward_backward, grad_norm
 
 
 def sample_spec(cfg: DictConfig, train: bool, seed_offset: int = 0) -> SampleSpec:
@@ -61,104 +54,217 @@ def _to_device(batch: dict, device: torch.device, modalities: set[str]) -> dict:
     return out
 
 
+class StopSignal:
+    """SIGTERM / SIGINT ask the loop to stop after the current step (a second SIGINT kills)."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _rng_states() -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)}
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if torch.cuda.is_available() and states["cuda"].numel():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
 def pretrain(cfg: DictConfig) -> Path:
-    """Train the model the config describes; returns the folder of the final model."""
+    """Train the model the config describes; returns the folder of the final model (or, when a
+    signal stopped the run, of the checkpoint it saved)."""
     t = cfg.train
-    accelerator = Accelerator(cpu=t.cpu, mixed_precision=t.mixed_precision)
-    set_seed(t.seed, device_specific=False)
+    if t.accum_steps < 1 or cfg.data.batch_size % t.accum_steps:
+        raise ConfigError(f"train.accum_steps={t.accum_steps} must be >= 1 and divide data.batch_size="
+                          f"{cfg.data.batch_size}")
+    trackers, tracker_note = available_trackers(t.log_with)
     out = Path(t.output_dir)
+    accelerator = Accelerator(cpu=t.cpu, mixed_precision=t.mixed_precision, log_with=trackers or None,
+                              project_dir=str(out),
+                              kwargs_handlers=[DistributedDataParallelKwargs(
+                                  find_unused_parameters=t.find_unused_parameters)])
+    sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+    if t.accum_steps > 1 and accelerator.distributed_type.value == "DEEPSPEED":
+        raise ConfigError("train.accum_steps > 1 is not supported under DeepSpeed (its engine steps on every "
+                          "backward); use DDP or FSDP, or a smaller model per process")
+    set_seed(t.seed, device_specific=False)
     ckpt_dir = out / "checkpoints"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        (out / "environment.json").write_text(json.dumps(_environment(), indent=2))
+        (out / "environment.json").write_text(json.dumps(environment(), indent=2))
 
     preset = apply_overrides(load_preset(cfg.model.preset), to_dict(cfg.model.overrides))
     # the clip sampling the model was trained on travels in its config.json, for evaluation
     preset["sampling"] = {"num_frames": cfg.data.num_frames, "fps": cfg.data.fps, "size": cfg.data.size,
                           "audio_rate": cfg.data.audio_rate}
-    model = MultimodalModel(preset)
-    objective = Objective(to_dict(cfg.objective.terms), temperature=cfg.objective.temperature)
-    optimizer = build_optimizer(model, t.lr, t.weight_decay)
+    net = MultimodalModel(preset)
+    for module in net.modules():
+        if hasattr(module, "grad_checkpointing"):
+            module.grad_checkpointing = t.grad_checkpointing
+    o = cfg.objective
+    objective = Objective(to_dict(o.terms), temperature=o.temperature, learnable_temperature=o.learnable_temperature,
+                          min_temperature=o.min_temperature, max_temperature=o.max_temperature)
+    objective.to(accelerator.device)
+    optimizer = build_optimizer(net, t.lr, t.weight_decay, no_decay_modules=(objective,))
     scheduler = warmup_cosine(optimizer, t.warmup_steps, t.max_steps)
+    model, optimizer = accelerator.prepare(net, optimizer)
+    ema = None
+    if t.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
+    modules = {name: m for name, m in (("objective", objective), ("ema", ema))
+               if m is not None and len(m.state_dict())}
 
-    step = batches_consumed = 0
+    step = batches_consumed = failed_total = bad_total = 0
+    resume_rng = None
     resume_from = resolve_resume(t.resume, ckpt_dir)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        # under FSDP / ZeRO the optimizer state is sharded per process: not in our checkpoints yet
+        state = load_checkpoint(resume_from, net, None if sharded else optimizer, scheduler, modules)
+        if sharded:
+            accelerator.print("note: FSDP / DeepSpeed resume restores weights, schedule and data position; "
+                              "the optimizer moments start afresh")
         step, batches_consumed = int(state["step"]), int(state.get("batches_consumed", state["step"]))
+        failed_total, bad_total = int(state.get("failed_samples", 0)), int(state.get("bad_steps", 0))
+        extra = state["states"]
+        if accelerator.scaler is not None and "scaler" in extra:
+            accelerator.scaler.load_state_dict(extra["scaler"])
+        rng = extra.get("rng", [])
+        resume_rng = rng[accelerator.process_index] if len(rng) == accelerator.num_processes else None
+        if accelerator.is_main_process:
+            keep_metrics_until(out / "metrics.jsonl", step)
         accelerator.print(f"resumed from {resume_from} at step {step}")
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if t.compile:
+        model = torch.compile(model)
+    if trackers:
+        accelerator.init_trackers("pretrain", config=flat_scalars(to_dict(cfg)))
+
+    def checkpoint() -> Path:
+        rng = gather_object([_rng_states()]) if accelerator.num_processes > 1 else [_rng_states()]
+        weights = accelerator.get_state_dict(model) if sharded else net  # gathering is collective under FSDP
+        path = None
+        if accelerator.is_main_process:
+            states = {"rng": rng}
+            if accelerator.scaler is not None:
+                states["scaler"] = accelerator.scaler.state_dict()
+            path = save_checkpoint(ckpt_dir, step, weights, optimizer, scheduler,
+                                   {"failed_samples": failed_total, "batches_consumed": batches_consumed,
+                                    "bad_steps": bad_total}, keep_last=t.keep_last, modules=modules, states=states)
+        accelerator.wait_for_everyone()
+        return path or ckpt_dir / f"step_{step:08d}"
 
     # each process streams its own resampled shards; a resumed run skips the consumed batches
     loader = build_loader(cfg.data.shards, sample_spec(cfg, train=True, seed_offset=7919 * accelerator.process_index),
                           cfg.data.batch_size, cfg.data.num_workers, cfg.data.shuffle_buffer,
                           cfg.data.max_error_rate, start_batch=batches_consumed)
     modalities = objective.modalities
-    metrics_file = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
-    progress = None
-    if accelerator.is_main_process:
-        from tqdm import tqdm
-        progress = tqdm(total=t.max_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+    params = list(net.parameters()) + list(objective.parameters())
+    log = RunLog(accelerator, out, t.max_steps, step, use_trackers=bool(trackers))
 
+    if tracker_note and accelerator.is_main_process:
+        print(tracker_note, file=sys.stderr)
     model.train()
-    failed_total = skipped_steps = 0
+    bad_in_a_row = 0
     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
     data_iter = iter(loader)
-    while step < t.max_steps:
-        tic = time.perf_counter()
-        batch = next(data_iter)
-        batches_consumed += 1
-        data_wait += time.perf_counter() - tic
-        failed_total += int(batch["failed"])
-        batch = _to_device(batch, accelerator.device, modalities)
-        with accelerator.autocast():
-            embeddings = model(batch)
-            loss, terms = objective(embeddings, batch)
-        if not torch.isfinite(loss):
-            skipped_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.print(f"step {step}: non-finite loss ({', '.join(f'{k}={v.item():.3g}' for k, v in terms.items())}), step skipped")
-            if skipped_steps >= 5:
-                raise RuntimeError(f"loss was not finite for {skipped_steps} steps, last at step {step}")
-            continue
-        skipped_steps = 0
-        accelerator.backward(loss)
-        if t.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_samples += batch["video"].shape[0] * accelerator.num_processes
+    if resume_rng is not None:  # after iter(loader), which draws a worker seed from the RNG
+        _set_rng_states(resume_rng)
+    try:
+        with StopSignal() as stop:
+            while step < t.max_steps and not stop.received:
+                tic = time.perf_counter()
+                try:
+                    batch = next(data_iter)
+                except Exception:
+                    if stop.received:  # Ctrl-C reached the loader's workers too: stop without this batch
+                        break
+                    raise
+                batches_consumed += 1
+                data_wait += time.perf_counter() - tic
+                failed_total += int(batch["failed"])
+                batch = _to_device(batch, accelerator.device, modalities)
+                loss, terms = forward_backward(model, objective, batch, accelerator, t.accum_steps)
+                norm = grad_norm(accelerator, params, t.grad_clip)
+                # one flag for all processes, so that they all skip (or stop) together
+                flags = torch.stack([~torch.isfinite(loss), ~torch.isfinite(norm), torch.tensor(bool(stop.received))
+                                     .to(loss.device)]).float()
+                if accelerator.num_processes > 1:
+                    flags = accelerator.reduce(flags, "sum")
+                bad_loss, bad_grad, stop_flag = (bool(f) for f in flags.tolist())
+                if stop_flag and not stop.received:
+                    stop.received = "SIGTERM"  # another process was signalled
+                if bad_loss or bad_grad:
+                    optimizer.zero_grad(set_to_none=True)
+                    if accelerator.scaler is not None:
+                        accelerator.scaler.update()  # fp16: lower the loss scale, as a skipped scaler step does
+                        if not bad_loss:
+                            continue  # an fp16 overflow: the scaler's business, not a fault
+                    bad_total += 1
+                    bad_in_a_row += 1
+                    bad_terms = [k for k, v in terms.items() if not torch.isfinite(v)]
+                    what = (f"loss term(s) {', '.join(bad_terms)}" if bad_terms
+                            else "the loss" if bad_loss else "the gradient (every loss term was finite)")
+                    accelerator.print(f"step {step + 1}: {what} not finite "
+                                      f"({', '.join(f'{k}={v.item():.3g}' for k, v in terms.items())}); step skipped")
+                    if bad_in_a_row >= t.max_bad_steps:
+                        raise MmvsslError(f"{what} not finite for {bad_in_a_row} steps in a row "
+                                          f"(train.max_bad_steps={t.max_bad_steps}), last at step {step + 1}; "
+                                          f"lower train.lr, check the data, or resume from an earlier checkpoint")
+                    continue
+                bad_in_a_row = 0
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update_parameters(net)
+                step += 1
+                window_samples += cfg.data.batch_size * accelerator.num_processes
+                log.advance()
+                if step % t.log_every == 0 or step == t.max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    log.write({"step": step, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
+                               "lr": scheduler.get_last_lr()[0], "samples_per_s": window_samples / max(elapsed, 1e-9),
+                               "data_wait": data_wait / max(elapsed, 1e-9), "failed_samples": failed_total,
+                               "bad_steps": bad_total, **objective.temperatures()})
+                    window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+                if t.save_every > 0 and step % t.save_every == 0 and step < t.max_steps:
+                    checkpoint()
 
-        if accelerator.is_main_process:
-            progress.update(1)
-            if step % t.log_every == 0 or step == t.max_steps:
-                elapsed = time.perf_counter() - window_start
-                record = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
-                          "lr": scheduler.get_last_lr()[0], "samples_per_s": window_samples / max(elapsed, 1e-9),
-                          "data_wait": data_wait / max(elapsed, 1e-9), "failed_samples": failed_total}
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                progress.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.1f}")
-                window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
-        if t.save_every > 0 and step % t.save_every == 0 and step < t.max_steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(ckpt_dir, step, accelerator.unwrap_model(model), optimizer, scheduler,
-                                {"failed_samples": failed_total, "batches_consumed": batches_consumed},
-                                keep_last=t.keep_last)
+    except BaseException:
+        log.close()  # the progress bar and metrics.jsonl, before the error is printed
+        raise
 
-    accelerator.wait_for_everyone()
+    if stop.received and step < t.max_steps:
+        path = checkpoint()
+        log.close()
+        accelerator.print(f"{stop.received}: saved {path} at step {step}; continue with train.resume=latest")
+        return path
+    path = checkpoint()
     final = out / "model"
     if accelerator.is_main_process:
-        progress.close()
-        metrics_file.close()
-        unwrapped = accelerator.unwrap_model(model)
-        save_checkpoint(ckpt_dir, step, unwrapped, optimizer, scheduler,
-                        {"failed_samples": failed_total, "batches_consumed": batches_consumed}, keep_last=t.keep_last)
-        unwrapped.save_pretrained(final)
+        net.save_pretrained(final)
+        if ema is not None:
+            ema.module.save_pretrained(out / "model_ema")
         accelerator.print(f"saved the model to {final}")
-    accelerator.end_training()
+    log.close()
+    accelerator.wait_for_everyone()
     return final

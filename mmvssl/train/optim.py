@@ -23,8 +23,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                    no_decay_modules: tuple[nn.Module, ...] = ()) -> torch.optim.Optimizer:
+    """AdamW over `model` (param_groups) and, never decayed, the parameters of `no_decay_modules`
+    (the objective's learnable temperatures and biases)."""
+    decay, no_decay = param_groups(model, weight_decay)
+    no_decay["params"] += [p for m in no_decay_modules for p in m.parameters() if p.requires_grad]
+    return torch.optim.AdamW([decay, no_decay], lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int,

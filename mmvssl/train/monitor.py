@@ -1,0 +1,104 @@
+"""What a run says about itself: metrics.jsonl, accelerate trackers (TensorBoard), the progress
+bar (samples/s, data-wait share, ETA) and the environment saved beside the run. Main process
+only; nothing here runs per step except the progress bar's counter."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict:
+    import accelerate
+    import torchaudio
+    import torchvision
+    import webdataset
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchaudio": torchaudio.__version__,
+            "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,
+            "webdataset": getattr(webdataset, "__version__", "?"), "git_commit": git_commit()}
+
+
+def available_trackers(log_with: str) -> tuple[list[str], str | None]:
+    """The trackers of `train.log_with` that are installed, and a note naming those that are not
+    (printed by the engine once setup has succeeded, so that a config error stays one line)."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+    checks = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    wanted = [t.strip() for t in str(log_with or "").split(",") if t.strip() and t.strip().lower() != "none"]
+    found = [name for name in wanted if name not in checks or checks[name]()]
+    missing = [name for name in wanted if name not in found]
+    note = None
+    if missing:
+        names = " ".join(missing)
+        note = (f"mmvssl: train.log_with: {', '.join(missing)} not installed, so that tracker is off "
+                f"(pip install {names}, or set train.log_with=none); metrics.jsonl has every value")
+    return found, note
+
+
+def flat_scalars(tree: dict, prefix: str = "") -> dict:
+    """A nested config as {dotted.key: scalar} (lists as strings), as trackers' hparams want it."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_scalars(v, f"{key}."))
+        else:
+            out[key] = v if isinstance(v, (bool, int, float, str)) else str(v)
+    return out
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """A resumed run rewrites the steps after its checkpoint: drop them from metrics.jsonl."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines()
+             if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+class RunLog:
+    """metrics.jsonl + trackers + progress bar of the main process (a no-op elsewhere)."""
+
+    def __init__(self, accelerator, out: Path, max_steps: int, start_step: int, use_trackers: bool):
+        self.accelerator, self.use_trackers = accelerator, use_trackers
+        self.main = accelerator.is_main_process
+        self.file = open(out / "metrics.jsonl", "a") if self.main else None
+        self.progress, self.closed = None, False
+        if self.main:
+            from tqdm import tqdm
+            self.progress = tqdm(total=max_steps, initial=start_step, desc="pretrain", unit="step",
+                                 dynamic_ncols=True)
+
+    def advance(self) -> None:
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def write(self, record: dict) -> None:
+        if not self.main:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.use_trackers:
+            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        self.progress.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.1f}",
+                                  wait=f"{record['data_wait']:.0%}")
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.main:
+            self.progress.close()
+            self.file.close()
+        self.accelerator.end_training()
