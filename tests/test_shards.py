@@ -1,9 +1,11 @@
 import json
 import tarfile
 
+import pytest
 import webdataset as wds
 
 from mmvssl.data.shards import build_shards
+from mmvssl.errors import MmvsslError
 
 
 def _write_jsonl(path, rows):
@@ -83,11 +85,13 @@ def test_csv_captions(tmp_path, video_factory):
     assert report["num_accepted"] == 1
 
 
-def test_rebuild_replaces_old_shards_only(tmp_path, video_factory):
+def test_overwrite_replaces_old_shards_only(tmp_path, video_factory):
     video_factory(tmp_path / "v" / "a.mp4", seconds=1.0)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     (out / "shard-000009.tar").write_bytes(b"stale")
-    build_shards(tmp_path / "v", out)
+    with pytest.raises(MmvsslError, match="--overwrite"):
+        build_shards(tmp_path / "v", out)
+    build_shards(tmp_path / "v", out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["build_report.json", "keep.txt", "shard-000000.tar", "sizes.json"]

@@ -16,6 +16,9 @@ import av
 import numpy as np
 
 
+AUDIO_PREROLL = 0.1  # seconds decoded before an audio window and thrown away
+
+
 class DecodeError(Exception):
     """A media file that cannot be used; the message is the reason, fit for a report."""
 
@@ -31,6 +34,8 @@ class MediaInfo:
     audio_channels: int | None
     video_codec: str
     audio_codec: str | None
+    rotation: int = 0  # degrees counter-clockwise applied on decode; width/height are upright
+
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,9 +90,12 @@ def probe(source: bytes | str | os.PathLike, max_pixels: int = 4096 * 4096,
         if duration > max_seconds:
             raise DecodeError(f"duration {duration:.1f}s exceeds the limit of {max_seconds:.0f}s")
         aus = container.streams.audio[0] if container.streams.audio else None
+        rotation = 0
         if check_decode:
             try:
-                next(container.decode(video=0))
+                rotation = _quarter_turns(next(container.decode(video=0))) * 90
+                if rotation % 180:
+                    width, height = height, width
             except StopIteration:
                 raise DecodeError("video stream has no decodable frame") from None
             except (av.error.FFmpegError, ValueError) as e:
@@ -98,7 +106,44 @@ def probe(source: bytes | str | os.PathLike, max_pixels: int = 4096 * 4096,
             duration=duration, fps=fps, width=width, height=height, has_audio=aus is not None,
             sample_rate=aus.codec_context.sample_rate if aus is not None else None,
             audio_channels=aus.codec_context.channels if aus is not None else None,
-            video_codec=vs.codec_context.name, audio_codec=aus.codec_context.name if aus else None)
+            video_codec=vs.codec_context.name, audio_codec=aus.codec_context.name if aus else None,
+            rotation=rotation)
+
+
+def _quarter_turns(frame) -> int:
+    """Counter-clockwise quarter turns that make the frame upright (its display matrix)."""
+    try:
+        return int(round((frame.rotation or 0) / 90.0)) % 4
+    except (AttributeError, TypeError, ValueError):
+        return 0
+
+
+def to_upright_rgb(frame, size: tuple[int, int] | None = None, short_side: int | None = None) -> np.ndarray:
+    """A decoded frame as upright (H, W, 3) uint8 RGB, its rotation metadata applied.
+
+    `size` (H, W): resized during the conversion to cover it, then centre-cropped; `short_side`:
+    resized, aspect kept, so the shorter side has that length. At most one of them.
+    """
+    turns = _quarter_turns(frame)
+    src_w, src_h = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
+    if size is not None:
+        w, h = _cover_size(src_w, src_h, size[0], size[1])
+    elif short_side is not None:
+        scale = short_side / min(src_w, src_h)
+        w, h = max(1, round(src_w * scale)), max(1, round(src_h * scale))
+    else:
+        w, h = src_w, src_h
+    if turns % 2:  # convert in the stored orientation, then turn
+        w, h = h, w
+    if (w, h) == (frame.width, frame.height):
+        img = frame.to_ndarray(format="rgb24")
+    else:  # resize inside the colour conversion (one swscale pass)
+        img = frame.to_ndarray(width=w, height=h, format="rgb24")
+    if turns:
+        img = np.ascontiguousarray(np.rot90(img, turns))
+    if size is not None:
+        img = _center_crop(img, size[0], size[1])
+    return img
 
 
 def _cover_size(width: int, height: int, out_h: int, out_w: int) -> tuple[int, int]:
@@ -114,17 +159,20 @@ def _center_crop(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 
 
 def decode_window(source: bytes | str | os.PathLike, start: float, num_frames: int, fps: float,
-                  size: int | tuple[int, int] | None = None, audio_rate: int | None = 16000) -> Clip:
+                  size: int | tuple[int, int] | None = None, audio_rate: int | None = 16000,
+                  short_side: int | None = None) -> Clip:
     """Decode `num_frames` frames at `fps` from `start` seconds, and the audio of that window.
 
     Frame i is the last source frame shown at time start + i / fps (frames past the end repeat
-    the last frame). `size` resizes (aspect kept, centre crop) to (H, W); an int means square.
+    the last frame). `size` resizes (aspect kept, centre crop) to (H, W); an int means square;
+    `short_side` instead resizes, aspect kept, without cropping (augmentation crops later).
+    Frames come out upright (rotation metadata applied).
     Audio covers [start, start + num_frames / fps) exactly: round(duration * audio_rate) samples,
     zero-padded where the file's audio is shorter.
     """
     if num_frames < 1 or fps <= 0:
         raise ValueError(f"need num_frames >= 1 and fps > 0, got {num_frames}, {fps}")
-    out_h, out_w = (size, size) if isinstance(size, int) else (size or (None, None))
+    out_size = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
     window = num_frames / fps
     end = start + window
     times = start + np.arange(num_frames) / fps
@@ -132,14 +180,14 @@ def decode_window(source: bytes | str | os.PathLike, start: float, num_frames: i
         if not container.streams.video:
             raise DecodeError("no video stream")
         vs = container.streams.video[0]
-        frames = _decode_video(container, vs, times, out_h, out_w)
+        frames = _decode_video(container, vs, times, out_size, short_side)
         audio = None
         if audio_rate and container.streams.audio:
             audio = _decode_audio(container, container.streams.audio[0], start, end, audio_rate)
     return Clip(frames=frames, audio=audio, start=float(start), end=float(end))
 
 
-def _decode_video(container, vs, times: np.ndarray, out_h, out_w) -> np.ndarray:
+def _decode_video(container, vs, times: np.ndarray, out_size, short_side) -> np.ndarray:
     tb = vs.time_base
     first_pts = vs.start_time or 0
     container.seek(max(0, int(times[0] / tb) + first_pts), stream=vs, backward=True, any_frame=False)
@@ -147,10 +195,7 @@ def _decode_video(container, vs, times: np.ndarray, out_h, out_w) -> np.ndarray:
     last, last_array = None, None  # the newest decoded frame; converted only if a time picks it
 
     def convert(frame) -> np.ndarray:
-        if out_h is None:
-            return frame.to_ndarray(format="rgb24")
-        w, h = _cover_size(frame.width, frame.height, out_h, out_w)  # resize inside the conversion
-        return _center_crop(frame.to_ndarray(width=w, height=h, format="rgb24"), out_h, out_w)
+        return to_upright_rgb(frame, out_size, short_side)
 
     i = 0
     try:
@@ -187,7 +232,10 @@ def _decode_audio(container, aus, start: float, end: float, rate: int) -> np.nda
     resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
     tb = aus.time_base
     first_pts = aus.start_time or 0
-    container.seek(max(0, int(start / tb) + first_pts), stream=aus, backward=True, any_frame=False)
+    # seek a little before the window: audio decoders (AAC, Opus) need a frame of pre-roll after a
+    # seek, and the resampler's filter settles; samples before the window are dropped below
+    container.seek(max(0, int(max(0.0, start - AUDIO_PREROLL) / tb) + first_pts), stream=aus, backward=True,
+                   any_frame=False)
     pos = None  # stream time (s) of the next resampled sample
     try:
         for frame in container.decode(aus):
@@ -207,3 +255,50 @@ def _decode_audio(container, aus, start: float, end: float, rate: int) -> np.nda
     except (av.error.FFmpegError, ValueError):
         pass  # a damaged audio tail leaves silence; the video decides whether the sample is usable
     return out
+
+
+def decode_all(source: bytes | str | os.PathLike, size: int | tuple[int, int] | None = None,
+               audio_rate: int | None = 16000) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Every frame of the video, upright: (frames (N, H, W, 3) uint8, their times (N,) in seconds,
+    the whole audio track mono at `audio_rate` or None). For verification and as the naive
+    baseline of the benchmark; training never needs the whole video."""
+    out_size = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
+    frames, times = [], []
+    with _open(source) as container:
+        if not container.streams.video:
+            raise DecodeError("no video stream")
+        vs = container.streams.video[0]
+        first_pts = vs.start_time or 0
+        try:
+            for frame in container.decode(vs):
+                if frame.pts is not None:
+                    frames.append(to_upright_rgb(frame, out_size))
+                    times.append(float((frame.pts - first_pts) * vs.time_base))
+        except (av.error.FFmpegError, ValueError) as e:
+            raise DecodeError(f"corrupt video stream ({_short(e)})") from None
+        if not frames:
+            raise DecodeError("video stream has no decodable frame")
+        audio = None
+        if audio_rate and container.streams.audio:  # sample i at stream time i / audio_rate, as in windows
+            aus = container.streams.audio[0]
+            length = _stream_duration(aus, container) or (times[-1] + 1.0)
+            audio = _decode_audio(container, aus, 0.0, length, audio_rate)
+    return np.stack(frames), np.asarray(times), audio
+
+
+def check_video_stream(source: bytes | str | os.PathLike, duration: float, min_fraction: float = 0.9) -> None:
+    """Decode every video packet (no colour conversion) and raise DecodeError when the stream is
+    corrupt or ends well before its declared duration (a truncated download)."""
+    last = 0.0
+    with _open(source) as container:
+        vs = container.streams.video[0]
+        first_pts = vs.start_time or 0
+        try:
+            for frame in container.decode(vs):
+                if frame.pts is not None:
+                    last = max(last, float((frame.pts - first_pts) * vs.time_base))
+        except (av.error.FFmpegError, ValueError) as e:
+            raise DecodeError(f"corrupt or truncated video stream after {last:.1f}s ({_short(e)})") from None
+    frame_time = 1.0 / float(vs.average_rate or 25)
+    if last + frame_time < min_fraction * duration:
+        raise DecodeError(f"truncated: video decodes to {last + frame_time:.1f}s of the declared {duration:.1f}s")

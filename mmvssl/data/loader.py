@@ -1,54 +1,34 @@
 """The webdataset pipeline: tar shards -> decoded samples -> batches (the Batch contract).
 
 Shards are read member by member as raw bytes; nothing is unpickled (we never call
-webdataset's default `.decode()`, which would unpickle `.pyd` members). Training streams
-resampled shards forever (seeded per process and worker); evaluation reads every sample once,
-split over processes and workers. A sample that fails to decode is skipped and counted, and
-the count travels with the next batch so it reaches the training log.
+webdataset's default `.decode()`, which would unpickle `.pyd` members). Two modes:
+"resampled" streams shards forever (seeded per process and worker; `epoch_length` cuts it into
+fixed epochs; several shard sets are mixed by weight) and "epoch" reads every sample exactly
+once over all processes and workers (mmvssl.data.shardio). A sample that fails to decode is
+skipped and counted, and the count travels with the next batch so it reaches the training log;
+video2dataset's failed downloads (metadata, no video) are skipped without counting as errors.
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import webdataset as wds
-from braceexpand import braceexpand
 
 from ..errors import MmvsslError
-from .decode import DecodeError, decode_window
-from .sampling import center_window, random_window, select_texts
+from .augment import Augmenter, AugmentOptions
+from .decode import DecodeError, decode_window, probe
+from .sampling import select_texts, view_windows
+from .shardio import VIDEO_EXTENSIONS, EpochSamples, list_shards, mix, parse_sources, tag_source
 from .text import build_tokenizer
 
-VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
+__all__ = ["SampleSpec", "build_loader", "build_dataset", "collate", "list_shards", "VIDEO_EXTENSIONS"]
 VIDEO_MEAN = torch.tensor([0.45, 0.45, 0.45]).view(3, 1, 1, 1)
 VIDEO_STD = torch.tensor([0.225, 0.225, 0.225]).view(3, 1, 1, 1)
-
-
-def list_shards(spec: str) -> list[str]:
-    """A folder (its *.tar), a brace pattern, a glob, or several of those joined by ','."""
-    urls: list[str] = []
-    for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
-        if os.path.isdir(part):
-            found = sorted(glob.glob(os.path.join(part, "*.tar")))
-            if not found:
-                raise MmvsslError(f"no .tar shards in folder {part}")
-            urls.extend(found)
-            continue
-        for item in braceexpand(part):
-            matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
-            for m in matches:
-                if not os.path.isfile(m):
-                    raise MmvsslError(f"shard not found: {m}")
-                urls.append(m)
-    if not urls:
-        raise MmvsslError(f"no shards found for '{spec}'")
-    return urls
 
 
 @dataclass
@@ -62,6 +42,16 @@ class SampleSpec:
     num_candidates: int = 2
     train: bool = True
     seed: int = 0
+    sampler: str = "random"  # random (center when not training), uniform, cvrl, teg, svt: see sampling.view_windows
+    num_clips: int = 1  # uniform: clips per video
+    long_scale: float = 2.0  # teg/svt: the long/global window is this many times num_frames / fps
+    num_global: int = 2  # svt
+    num_local: int = 2  # svt
+    augment: AugmentOptions = field(default_factory=AugmentOptions)
+
+    @property
+    def multi_view(self) -> bool:
+        return self.sampler in ("cvrl", "teg", "svt") or (self.sampler == "uniform" and self.num_clips > 1)
 
     @property
     def window(self) -> float:
@@ -74,8 +64,13 @@ class SampleSpec:
 
 def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> (3, T, H, W) float, normalised."""
-    x = torch.from_numpy(frames).permute(3, 0, 1, 2).float().div_(255.0)
-    return (x - VIDEO_MEAN) / VIDEO_STD
+    return normalize_video(torch.from_numpy(frames).permute(3, 0, 1, 2))
+
+
+def normalize_video(video: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, T, H, W) -> float normalised with VIDEO_MEAN / VIDEO_STD: one conversion
+    pass and two in-place passes (the per-channel constants are equal, so scalars suffice)."""
+    return video.float().sub_(255.0 * float(VIDEO_MEAN[0])).div_(255.0 * float(VIDEO_STD[0]))
 
 
 class DecodeSamples:
@@ -88,12 +83,15 @@ class DecodeSamples:
         self.tokenizer = build_tokenizer("clip-bpe", spec.context_length)
         self.max_error_rate = max_error_rate
         self.min_samples_for_rate = min_samples_for_rate
+        self.augmenter = Augmenter(spec.augment, spec.size)
 
     def __call__(self, src):
         rank, slot = self.position.slot()
         seen = failed = pending = 0
         bad_shards: dict[str, int] = {}
         for index, raw in enumerate(src):
+            if not any(e in raw for e in VIDEO_EXTENSIONS) and _is_failed_download(raw):
+                continue  # video2dataset wrote the metadata of a download that failed: nothing to decode
             seen += 1
             # one generator per sample, derived from its place in this worker's stream, so a
             # resumed stream that skips samples draws the same windows as an uninterrupted one
@@ -120,33 +118,60 @@ class DecodeSamples:
         if ext is None:
             raise DecodeError(f"sample {key} has no video member")
         meta = json.loads(raw["json"]) if "json" in raw else {}
+        if not isinstance(meta, dict):
+            raise DecodeError(f"sample {key}: metadata is not a JSON object")
         if "txt" in raw and not meta.get("caption"):
             meta["caption"] = raw["txt"].decode("utf-8", errors="replace").strip()
         duration = float(meta.get("duration") or 0.0)
-        if duration <= 0:
-            from .decode import probe
+        if duration <= 0:  # shards from other tools: read it from the container header
             duration = probe(raw[ext], check_decode=False).duration
-        start = random_window(duration, spec.window, rng) if spec.train else center_window(duration, spec.window)
-        clip = decode_window(raw[ext], start, spec.num_frames, spec.fps, spec.size, spec.audio_rate)
-        texts = select_texts(meta, clip.start, clip.end, spec.num_candidates)
+        windows = view_windows(spec.sampler, duration, spec.window, rng, spec.train, spec.long_scale,
+                               spec.num_clips, spec.num_global, spec.num_local)
+        augment = self.augmenter.video_transform is not None
+        videos, audio, first = [], None, None
+        for v, (start, length) in enumerate(windows):
+            clip = decode_window(raw[ext], start, spec.num_frames, spec.num_frames / length,
+                                 None if augment else spec.size, spec.audio_rate if v == 0 else None,
+                                 short_side=round(spec.size * spec.augment.decode_short_side) if augment else None)
+            frames = torch.from_numpy(clip.frames)  # (T, H, W, 3) uint8
+            frames = self.augmenter.video(frames, rng) if augment else frames
+            videos.append(frames.permute(3, 0, 1, 2))  # uint8 (C, T, H, W); collate normalises the batch
+            if v == 0:
+                first, audio = clip, clip.audio
+        texts = select_texts(meta, first.start, first.end, spec.num_candidates)
         k = spec.num_candidates
         tokens = torch.zeros(k, spec.context_length, dtype=torch.long)
         text_mask = torch.zeros(k, dtype=torch.bool)
         if texts:
             tokens[:len(texts)] = self.tokenizer(texts)
             text_mask[:len(texts)] = True
-        has_audio = clip.audio is not None
-        audio = torch.from_numpy(clip.audio) if has_audio else torch.zeros(spec.audio_samples)
+        has_audio = audio is not None
+        audio = self.augmenter.audio(torch.from_numpy(audio), rng) if has_audio else torch.zeros(spec.audio_samples)
+        video = torch.stack(videos) if spec.multi_view else videos[0]  # (V, C, T, H, W) or (C, T, H, W)
+        window_meta = {"window": [first.start, first.end]}
+        if len(windows) > 1:
+            window_meta["views"] = [[s, s + n] for s, n in windows]
         return {
-            "video": frames_to_tensor(clip.frames), "audio": audio, "text": tokens, "text_mask": text_mask,
+            "video": video, "audio": audio, "text": tokens, "text_mask": text_mask,
             "has_video": True, "has_audio": has_audio, "has_text": bool(texts),
-            "key": key, "meta": {**meta, "window": [clip.start, clip.end], "source_shard": raw.get("__url__")},
+            "key": key, "meta": {**meta, **window_meta, "source_shard": raw.get("__url__"),
+                                 "source_set": raw.get("__source__", "")},
         }
+
+
+def _is_failed_download(raw: dict) -> bool:
+    """video2dataset keeps a `.json` (status, error_message) for URLs it could not fetch."""
+    try:
+        meta = json.loads(raw.get("json", b"{}"))
+    except json.JSONDecodeError:
+        return False
+    return isinstance(meta, dict) and meta.get("status") not in (None, "success")
 
 
 def collate(samples: list[dict]) -> dict:
     batch = {
-        "video": torch.stack([s["video"] for s in samples]),  # (B, C, T, H, W)
+        # stacked as uint8 (a quarter of the bytes to copy), then converted once: (B, C, T, H, W) or (B, V, C, T, H, W)
+        "video": normalize_video(torch.stack([s["video"] for s in samples])),
         "audio": torch.stack([s["audio"] for s in samples]),  # (B, S)
         "text": torch.stack([s["text"] for s in samples]),  # (B, K, L)
         "text_mask": torch.stack([s["text_mask"] for s in samples]),  # (B, K)
@@ -191,27 +216,51 @@ class StreamPosition:
 
 
 def build_dataset(shards: str, spec: SampleSpec, batch_size: int, shuffle_buffer: int = 256,
-                  max_error_rate: float = 0.1, start_batch: int = 0, num_workers: int = 0) -> wds.DataPipeline:
-    urls = list_shards(shards)
+                  max_error_rate: float = 0.1, start_batch: int = 0, num_workers: int = 0,
+                  mode: str | None = None, epoch_length: int | None = None) -> wds.DataPipeline:
+    """mode: "resampled" (default when training) or "epoch" (default for evaluation)."""
+    sets = parse_sources(shards)
+    mode = mode or ("resampled" if spec.train else "epoch")
     position = StreamPosition(start_batch, batch_size, num_workers)
-    if spec.train:
-        stages = [wds.ResampledShards(urls, seed=spec.seed, deterministic=True, worker_seed=position.shard_seed),
-                  wds.tarfile_to_samples(handler=wds.warn_and_continue),
-                  wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=spec.seed),
-                  position]
+    if mode == "resampled":
+        def one_set(s):
+            return wds.DataPipeline(
+                wds.ResampledShards(s.urls, seed=spec.seed, deterministic=True, worker_seed=position.shard_seed),
+                wds.tarfile_to_samples(handler=wds.warn_and_continue), tag_source(s.name))
+        if len(sets) == 1:
+            stages = [*one_set(sets[0]).pipeline]
+        else:
+            def mixed():
+                rank, slot = position.slot()
+                rng = random.Random(f"{spec.seed}/mix/{rank}/{slot}")
+                return mix([one_set(s) for s in sets], [s.weight for s in sets], rng)
+            stages = [mixed]
+        stages += [wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=spec.seed), position]
+    elif mode == "epoch":
+        stages = [EpochSamples(sets, seed=spec.seed, shuffle=spec.train)]
+        if spec.train and shuffle_buffer > 1:
+            stages.append(wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=spec.seed))
     else:
-        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
-                  wds.tarfile_to_samples(handler=wds.warn_and_continue)]
+        raise MmvsslError(f"loader mode must be 'resampled' or 'epoch', got '{mode}'")
     stages += [DecodeSamples(spec, max_error_rate, position),
-               wds.batched(batch_size, collation_fn=collate, partial=not spec.train)]
-    return wds.DataPipeline(*stages)
+               wds.batched(batch_size, collation_fn=collate, partial=not spec.train or mode == "epoch")]
+    pipeline = wds.DataPipeline(*stages)
+    if mode == "resampled" and epoch_length:  # batches per process per epoch, shared by its workers
+        pipeline = pipeline.with_epoch(-(-epoch_length // max(1, num_workers)))
+    return pipeline
 
 
 def build_loader(shards: str, spec: SampleSpec, batch_size: int, num_workers: int = 0,
                  shuffle_buffer: int = 256, max_error_rate: float = 0.1,
-                 start_batch: int = 0) -> torch.utils.data.DataLoader:
+                 start_batch: int = 0, mode: str | None = None, epoch_length: int | None = None,
+                 epoch: int = 0) -> torch.utils.data.DataLoader:
     """Batches per the Batch contract. Training: an endless seeded stream; `start_batch=N` resumes
-    it after N consumed batches. Evaluation: every sample once, split over processes and workers."""
-    dataset = build_dataset(shards, spec, batch_size, shuffle_buffer, max_error_rate, start_batch, num_workers)
+    it after N consumed batches; `epoch_length` makes it an epoch of that many batches. Evaluation
+    (or mode="epoch"): every sample once, split over processes and workers; `epoch` reseeds the
+    shard order of a training epoch. `shards` may mix sets: "a=DIR@0.7;b=DIR@0.3"."""
+    dataset = build_dataset(shards, spec, batch_size, shuffle_buffer, max_error_rate, start_batch, num_workers,
+                            mode, epoch_length)
+    if isinstance(dataset.pipeline[0], EpochSamples):
+        dataset.pipeline[0].set_epoch(epoch)
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                        persistent_workers=False, prefetch_factor=2 if num_workers else None)

@@ -1,13 +1,32 @@
-"""The `data:` section of an experiment config (schema only; read by mmvssl.config)."""
+"""The `data:` config section (schema only; read by mmvssl.config), and the builder that turns
+it into the loader's keyword arguments (`loader_options`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AugmentConfig:
+    """CVRL's augmentation when switched on; everything off by default (the demo's captions
+    name directions, which a flip would contradict)."""
+    video: bool = False  # temporally consistent crop / flip / colour / grey / blur
+    crop_area: list[float] = field(default_factory=lambda: [0.3, 1.0])  # random resized crop, share of the frame
+    crop_aspect: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    flip: float = 0.5
+    jitter: list[float] = field(default_factory=lambda: [0.8, 0.8, 0.8, 0.2])  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    grayscale: float = 0.2
+    blur: float = 0.0
+    audio: bool = False  # random gain and white noise
+    gain_db: list[float] = field(default_factory=lambda: [-6.0, 6.0])
+    noise_snr_db: list[float] = field(default_factory=lambda: [20.0, 40.0])
+    noise_p: float = 0.5
 
 
 @dataclass
 class DataConfig:
-    shards: str = ""  # a folder of .tar shards, a brace pattern, or several joined by ','
+    shards: str = ""  # a folder of .tar shards, a brace pattern, several joined by ','; sets mixed: "a=DIR@0.7;b=DIR@0.3"
     batch_size: int = 16  # per process
     num_workers: int = 2
     num_frames: int = 8
@@ -19,3 +38,36 @@ class DataConfig:
     shuffle_buffer: int = 256
     max_error_rate: float = 0.1  # stop when more than this share of samples fail to decode
     seed: int | None = None  # defaults to train.seed
+    mode: str = "resampled"  # resampled (endless, seeded per process/worker) or epoch (each sample once)
+    epoch_length: int | None = None  # resampled: batches per process per epoch
+    sampler: str = "random"  # random, uniform, cvrl, teg, svt (multi-view: video is (B, V, C, T, H, W))
+    num_clips: int = 1  # uniform sampler
+    long_scale: float = 2.0  # teg / svt: long (global) window = long_scale x num_frames / fps
+    num_global: int = 2  # svt
+    num_local: int = 2  # svt
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def augment_options(cfg):
+    """AugmentConfig (or a DictConfig of it) -> mmvssl.data.augment.AugmentOptions."""
+    from .augment import AugmentOptions
+    return AugmentOptions(video=bool(cfg.video), crop_scale=tuple(cfg.crop_area), crop_ratio=tuple(cfg.crop_aspect),
+                          flip=float(cfg.flip), jitter=tuple(cfg.jitter), jitter_p=float(cfg.jitter_p),
+                          grayscale=float(cfg.grayscale), blur=float(cfg.blur), audio=bool(cfg.audio),
+                          gain_db=tuple(cfg.gain_db), noise_snr_db=tuple(cfg.noise_snr_db), noise_p=float(cfg.noise_p))
+
+
+def sample_spec(data, train: bool, seed: int):
+    """The `data:` section -> SampleSpec (every sampling and augmentation field)."""
+    from .loader import SampleSpec
+    return SampleSpec(num_frames=data.num_frames, fps=data.fps, size=data.size, audio_rate=data.audio_rate,
+                      context_length=data.context_length, num_candidates=data.num_candidates, train=train,
+                      seed=seed, sampler=data.sampler if train else "random", num_clips=data.num_clips,
+                      long_scale=data.long_scale, num_global=data.num_global, num_local=data.num_local,
+                      augment=augment_options(data.augment) if train else augment_options(AugmentConfig()))
+
+
+def loader_options(data) -> dict:
+    """Keyword arguments of build_loader beyond the SampleSpec."""
+    return {"num_workers": data.num_workers, "shuffle_buffer": data.shuffle_buffer,
+            "max_error_rate": data.max_error_rate, "mode": data.mode, "epoch_length": data.epoch_length}

@@ -40,3 +40,58 @@ def select_texts(meta: dict, start: float, end: float, k: int) -> list[str]:
     narrations.sort(key=lambda n: (_gap(n, start, end), float(n["start"])))
     texts.extend(str(n["text"]).strip() for n in narrations)
     return texts[:k]
+
+
+def cvrl_gap(max_gap: float, rng: random.Random) -> float:
+    """CVRL's temporal interval between two clips: density decreasing linearly from 0 to
+    max_gap, p(t) = 2 (max_gap - t) / max_gap^2 (inverse CDF: t = max_gap (1 - sqrt(1 - u)))."""
+    return max_gap * (1.0 - (1.0 - rng.random()) ** 0.5) if max_gap > 0 else 0.0
+
+
+def cvrl_pair(duration: float, window: float, rng: random.Random) -> list[float]:
+    """Starts of CVRL's two clips: their gap drawn by cvrl_gap, the pair placed uniformly."""
+    room = max(0.0, duration - window)
+    gap = cvrl_gap(room, rng)
+    first = rng.uniform(0.0, room - gap)
+    starts = [first, first + gap]
+    rng.shuffle(starts)  # neither clip is always the earlier one
+    return starts
+
+
+def long_short_windows(duration: float, long_window: float, short_window: float,
+                       rng: random.Random) -> list[float]:
+    """TEG: a long clip, and a short clip drawn inside it. Returns [long start, short start]."""
+    long_start = random_window(duration, long_window, rng)
+    inner = max(0.0, min(long_window, max(duration, short_window) - long_start) - short_window)
+    return [long_start, long_start + rng.uniform(0.0, inner)]
+
+
+def global_local_windows(duration: float, global_window: float, local_window: float, num_global: int,
+                         num_local: int, rng: random.Random) -> list[float]:
+    """SVT: `num_global` wide clips, then `num_local` short ones, each placed at random."""
+    return ([random_window(duration, global_window, rng) for _ in range(num_global)]
+            + [random_window(duration, local_window, rng) for _ in range(num_local)])
+
+
+def view_windows(sampler: str, duration: float, window: float, rng: random.Random, train: bool,
+                 long_scale: float = 2.0, num_clips: int = 1, num_global: int = 2,
+                 num_local: int = 2) -> list[tuple[float, float]]:
+    """(start, length) of every view a sampler asks for; the first view's audio is kept.
+
+    random/center: one clip; uniform: `num_clips` evenly spread; cvrl: two clips;
+    teg: [long, short]; svt: globals then locals (long = long_scale x window)."""
+    long_window = window * long_scale
+    if sampler in ("random", "center"):
+        start = random_window(duration, window, rng) if train and sampler == "random" else center_window(duration, window)
+        return [(start, window)]
+    if sampler == "uniform":
+        return [(s, window) for s in uniform_windows(duration, window, num_clips)]
+    if sampler == "cvrl":
+        return [(s, window) for s in cvrl_pair(duration, window, rng)]
+    if sampler == "teg":
+        long_start, short_start = long_short_windows(duration, long_window, window, rng)
+        return [(long_start, long_window), (short_start, window)]
+    if sampler == "svt":
+        starts = global_local_windows(duration, long_window, window, num_global, num_local, rng)
+        return [(s, long_window if i < num_global else window) for i, s in enumerate(starts)]
+    raise ValueError(f"unknown sampler '{sampler}' (random, center, uniform, cvrl, teg, svt)")

@@ -1,23 +1,32 @@
 """Build webdataset tar shards from a folder of videos and a captions file.
 
 Layout (video2dataset-compatible, readable by plain `tar` and `webdataset`): per sample
-`<key>.mp4` (the original bytes), `<key>.json` (metadata) and `<key>.txt` (caption, when
-there is one). Beside the tars: `sizes.json` (samples per shard) and `build_report.json`
-(every input accounted for: accepted with its key, rejected with the reason).
+`<key>.mp4` (the original bytes, or the re-encoded clip), `<key>.json` (metadata) and
+`<key>.txt` (caption, when there is one). Beside the tars: `sizes.json` (samples per shard) and
+`build_report.json` (every input accounted for: accepted with its key, rejected with the reason).
+
+Inputs are probed (and optionally re-encoded) by a process pool; the main process writes shards
+in input order, so the output does not depend on the number of workers. A shard is written under
+a temporary name and renamed when complete, and the report records how far the build got after
+every shard: re-running on the same folder resumes there (finished shards are kept, nothing is
+written twice).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import webdataset as wds
 
 from ..errors import MmvsslError
-from .decode import DecodeError, probe
+from .decode import DecodeError, check_video_stream, probe
+from .transcode import TranscodeOptions, transcode
 
 MEDIA_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v"}
 
@@ -92,63 +101,218 @@ def _valid_narrations(items) -> bool:
         return False
 
 
+@dataclass
+class Limits:
+    """Inputs past these are rejected from the container header, before anything is decoded."""
+    max_pixels: int = 4096 * 2160
+    max_seconds: float = 4 * 3600.0
+    check: str = "full"  # "full": decode every video packet (finds truncation); "first-frame": faster
+
+
+@dataclass
+class Job:
+    index: int
+    line: int | None
+    source: str
+    path: str
+    entry: dict
+
+
+def ingest_one(job: Job, limits: Limits, options: TranscodeOptions) -> tuple[str, object]:
+    """("ok", [(key, ext, bytes, meta), ...]) or ("rejected", reason). Runs in a worker process."""
+    path = Path(job.path)
+    try:
+        if not path.is_file():
+            raise DecodeError("file not found")
+        if path.stat().st_size == 0:
+            raise DecodeError("empty file (0 bytes)")
+        data = path.read_bytes()
+        info = probe(data, max_pixels=limits.max_pixels, max_seconds=limits.max_seconds)
+        if limits.check == "full":
+            check_video_stream(data, info.duration)
+        user = {k: v for k, v in job.entry.items() if k != "video"}
+        key = f"{job.index:09d}"
+        if not options.active:
+            return "ok", [(key, path.suffix.lower().lstrip(".") or "mp4", data,
+                           {**user, "source": job.source, **info.to_dict()})]
+        clips = transcode(data, options, info.duration)
+        samples = []
+        for c, clip in enumerate(clips):
+            meta = {**user, "source": job.source, **probe(clip.data, check_decode=True).to_dict(),
+                    "source_duration": info.duration, "source_rotation": info.rotation}
+            if len(clips) > 1 or options.max_seconds:
+                meta.update(clip_index=c, clip_start=clip.start, clip_end=clip.end)
+                if isinstance(user.get("narrations"), list):
+                    meta["narrations"] = retime_narrations(user["narrations"], clip.start, clip.end)
+            samples.append((key if len(clips) == 1 else f"{key}_{c:03d}", "mp4", clip.data, meta))
+        return "ok", samples
+    except DecodeError as e:
+        return "rejected", str(e)
+    except OSError as e:
+        return "rejected", f"unreadable ({e.strerror or e})"
+    except MemoryError:
+        return "rejected", "out of memory while decoding"
+    except Exception as e:  # noqa: BLE001 - one bad input must never stop the build
+        return "rejected", f"failed: {type(e).__name__}: {str(e)[:200]}"
+
+
+def retime_narrations(narrations: list[dict], start: float, end: float) -> list[dict]:
+    """Narrations overlapping [start, end), shifted to the clip's time and clipped to it."""
+    out = []
+    for n in narrations:
+        s, e = float(n["start"]), float(n["end"])
+        if e > start and s < end or (s == e and start <= s < end):
+            out.append({**n, "start": round(max(s, start) - start, 3), "end": round(min(e, end) - start, 3)})
+    return out
+
+
+def _ingest_star(args):
+    return ingest_one(*args)
+
+
+class ShardWriter:
+    """Numbered shards written under a temporary name and renamed when complete."""
+
+    def __init__(self, out_dir: Path, samples_per_shard: int, sizes: dict[str, int]):
+        self.out_dir, self.per_shard, self.sizes = out_dir, samples_per_shard, sizes
+        self.writer, self.name = None, None
+
+    @property
+    def full(self) -> bool:
+        return self.writer is not None and self.sizes[self.name] >= self.per_shard
+
+    def write(self, sample: dict) -> str:
+        if self.writer is None:
+            self.name = f"shard-{len(self.sizes):06d}.tar"
+            self.sizes[self.name] = 0
+            self.writer = wds.TarWriter(str(self.out_dir / (self.name + ".partial")))
+        self.writer.write(sample)
+        self.sizes[self.name] += 1
+        return self.name
+
+    def close(self) -> bool:
+        if self.writer is None:
+            return False
+        self.writer.close()
+        os.replace(self.out_dir / (self.name + ".partial"), self.out_dir / self.name)
+        self.writer = None
+        return True
+
+
+def _fingerprint(entries, samples_per_shard, limits, options) -> str:
+    text = json.dumps([entries, samples_per_shard, asdict(limits), asdict(options)], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _prepare_output(out_dir: Path, fingerprint: str, overwrite: bool) -> dict | None:
+    """The saved progress of an earlier build of the same inputs (None: start afresh)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report_path = out_dir / "build_report.json"
+    ours = [*out_dir.glob("shard-*.tar"), *out_dir.glob("shard-*.tar.partial"), out_dir / "sizes.json", report_path]
+    state = None
+    if not overwrite and report_path.is_file():
+        try:
+            state = json.loads(report_path.read_text()).get("progress")
+        except (json.JSONDecodeError, AttributeError):
+            state = None
+        if state is None or state.get("fingerprint") != fingerprint:
+            raise MmvsslError(f"{out_dir} holds shards built from other inputs or options; pass --overwrite "
+                              f"(overwrite=True) to rebuild them, or choose another folder")
+    elif not overwrite and any(p.is_file() for p in ours[:-2]):
+        raise MmvsslError(f"{out_dir} holds shard files without a build_report.json; pass --overwrite "
+                          f"(overwrite=True) to replace them, or choose another folder")
+    keep = set(state["sizes"]) if state else set()
+    for old in ours:  # our own files only; anything else in the folder is left alone
+        if old.name not in keep and old != report_path:
+            old.unlink(missing_ok=True)
+    return state
+
+
 def build_shards(videos_dir: str | os.PathLike, out_dir: str | os.PathLike, captions: str | os.PathLike | None = None,
                  samples_per_shard: int = 256, max_pixels: int = 4096 * 2160, max_seconds: float = 4 * 3600.0,
-                 progress: bool = False) -> dict:
-    """Probe every listed video, write the good ones into shards, report every input."""
+                 progress: bool = False, workers: int = 1, short_side: int | None = None, fps: float | None = None,
+                 clip_seconds: float | None = None, overwrite: bool = False, check: str = "full") -> dict:
+    """Probe (and optionally re-encode) every listed video, write the good ones into shards,
+    report every input. Re-running on the same `out_dir` resumes; `overwrite` rebuilds."""
     videos_dir, out_dir = Path(videos_dir), Path(out_dir)
     if not videos_dir.is_dir():
         raise MmvsslError(f"videos folder not found: {videos_dir}")
+    if check not in ("full", "first-frame"):
+        raise MmvsslError(f"check must be 'full' or 'first-frame', got '{check}'")
+    limits = Limits(max_pixels, max_seconds, check)
+    options = TranscodeOptions(short_side, fps, clip_seconds)
     report = BuildReport()
     entries = read_entries(videos_dir, Path(captions) if captions else None, report)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in [*out_dir.glob("shard-*.tar"), out_dir / "sizes.json", out_dir / "build_report.json"]:
-        old.unlink(missing_ok=True)  # a rebuild replaces our own files, nothing else in the folder
-    sizes: dict[str, int] = {}
-    writer, shard_name, seen = None, None, {}
-    iterator = entries
-    if progress:
-        from tqdm import tqdm
-        iterator = tqdm(entries, desc="shards build", unit="video")
-    for index, (line_no, entry) in enumerate(iterator):
-        source = entry["video"]
-        path = videos_dir / source
-        resolved = str(path.resolve())
+    fingerprint = _fingerprint(entries, samples_per_shard, limits, options)
+    state = _prepare_output(out_dir, fingerprint, overwrite)
+    sizes: dict[str, int] = dict(state["sizes"]) if state else {}
+    start = state["next_input"] if state else 0
+    if state:
+        report.accepted, report.rejected = state["accepted"], report.rejected + state["rejected"]
+
+    jobs, seen = [], {}
+    for index, (line_no, entry) in enumerate(entries):
+        resolved = str((videos_dir / entry["video"]).resolve())
         if resolved in seen:
-            report.reject(source, f"duplicate entry of line {seen[resolved]}", line_no)
+            if index >= start:
+                report.reject(entry["video"], f"duplicate entry of line {seen[resolved]}", line_no)
+                report.rejected[-1]["_input"] = index
             continue
         seen[resolved] = line_no
+        if index >= start:
+            jobs.append(Job(index, line_no, entry["video"], str(videos_dir / entry["video"]), entry))
+
+    def save(next_input: int, complete: bool) -> dict:
+        """The report, with the progress a resumed build starts from (rejections of inputs
+        carry their input index there; malformed lines are found again on every run)."""
+        result = report.to_dict()
+        result["rejected"] = [{k: v for k, v in r.items() if k != "_input"} for r in report.rejected]
+        result["progress"] = {"fingerprint": fingerprint, "next_input": next_input, "complete": complete,
+                              "sizes": dict(sizes), "accepted": report.accepted,
+                              "rejected": [r for r in report.rejected if r.get("_input", next_input) < next_input]}
+        for name, value in (("sizes.json", sizes), ("build_report.json", result)):  # atomic: temp file, rename
+            (out_dir / f".{name}.tmp").write_text(json.dumps(value, indent=2))
+            os.replace(out_dir / f".{name}.tmp", out_dir / name)
+        return result
+
+    shard = ShardWriter(out_dir, samples_per_shard, {k: v for k, v in sizes.items()})
+    sizes = shard.sizes
+    results = _run(jobs, limits, options, workers)
+    if progress:
+        from tqdm import tqdm
+        results = tqdm(results, total=len(jobs), desc="shards build", unit="video")
+    for job, (status, value) in zip(jobs, results):
+        if shard.full:
+            shard.close()
+            save(job.index, complete=False)
+        if status == "rejected":
+            report.reject(job.source, value, job.line)
+            report.rejected[-1]["_input"] = job.index
+            continue
+        keys, names = [], []
+        for key, ext, data, meta in value:
+            member = {"__key__": key, ext: data, "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+            if isinstance(job.entry.get("caption"), str):
+                member["txt"] = job.entry["caption"].encode("utf-8")
+            names.append(shard.write(member))
+            keys.append(key)
+        item = {"source": job.source, "key": keys[0], "shard": names[0]}
+        if len(keys) > 1:
+            item["clips"] = [{"key": k, "shard": n} for k, n in zip(keys, names)]
+        report.accepted.append(item)
+    shard.close()
+    return save(len(entries), complete=True)
+
+
+def _run(jobs: list[Job], limits: Limits, options: TranscodeOptions, workers: int):
+    """Results in input order; a process pool when workers > 1."""
+    if workers <= 1 or len(jobs) <= 1:
+        return (ingest_one(job, limits, options) for job in jobs)
+    pool = ProcessPoolExecutor(max_workers=workers)
+
+    def ordered():
         try:
-            if not path.is_file():
-                raise DecodeError("file not found")
-            if path.stat().st_size == 0:
-                raise DecodeError("empty file (0 bytes)")
-            data = path.read_bytes()
-            info = probe(data, max_pixels=max_pixels, max_seconds=max_seconds)
-        except DecodeError as e:
-            report.reject(source, str(e), line_no)
-            continue
-        except OSError as e:
-            report.reject(source, f"unreadable ({e.strerror or e})", line_no)
-            continue
-        key = f"{index:09d}"
-        meta = {k: v for k, v in entry.items() if k != "video"}
-        meta.update(source=source, **info.to_dict())
-        if writer is None or sizes[shard_name] >= samples_per_shard:
-            if writer is not None:
-                writer.close()
-            shard_name = f"shard-{len(sizes):06d}.tar"
-            writer, sizes[shard_name] = wds.TarWriter(str(out_dir / shard_name)), 0
-        member = {"__key__": key, path.suffix.lower().lstrip("."): data,
-                  "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
-        if isinstance(entry.get("caption"), str):
-            member["txt"] = entry["caption"].encode("utf-8")
-        writer.write(member)
-        sizes[shard_name] += 1
-        report.accepted.append({"source": source, "key": key, "shard": shard_name})
-    if writer is not None:
-        writer.close()
-    (out_dir / "sizes.json").write_text(json.dumps(sizes, indent=2))
-    result = report.to_dict()
-    (out_dir / "build_report.json").write_text(json.dumps(result, indent=2))
-    return result
+            yield from pool.map(_ingest_star, [(job, limits, options) for job in jobs], chunksize=1)
+        finally:
+            pool.shutdown(cancel_futures=True)
+    return ordered()

@@ -1,0 +1,123 @@
+"""Look at built shards: `shards inspect` (counts, hours, distributions, a contact sheet PNG)
+and `shards verify` (decode every sample, list the failures). Works on mmvssl shards,
+video2dataset shards (failed downloads have a `.json` but no video) and plain webdataset shards.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import webdataset as wds
+
+from .decode import DecodeError, decode_all, decode_window, probe
+from .shardio import VIDEO_EXTENSIONS, list_shards
+
+
+def iter_raw(shards: str):
+    """Raw samples (member bytes, nothing decoded or unpickled) of every shard, in order."""
+    return wds.DataPipeline(wds.SimpleShardList(list_shards(shards)), wds.tarfile_to_samples())
+
+
+def _meta(raw: dict) -> dict:
+    try:
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+    except json.JSONDecodeError:
+        meta = {}
+    if "txt" in raw and not meta.get("caption"):
+        meta["caption"] = raw["txt"].decode("utf-8", errors="replace").strip()
+    return meta if isinstance(meta, dict) else {}
+
+
+def _video(raw: dict) -> bytes | None:
+    ext = next((e for e in VIDEO_EXTENSIONS if e in raw), None)
+    return raw[ext] if ext else None
+
+
+def inspect_shards(shards: str) -> dict:
+    """Counts, total hours, duration and resolution distributions, modality coverage."""
+    durations, resolutions, codecs = [], Counter(), Counter()
+    stats = Counter()
+    for raw in iter_raw(shards):
+        stats["samples"] += 1
+        meta, data = _meta(raw), _video(raw)
+        if data is None:
+            stats["without_video"] += 1
+            continue
+        stats["with_video"] += 1
+        if "duration" not in meta or "width" not in meta:
+            try:
+                meta.update(probe(data, check_decode=False).to_dict())
+            except DecodeError:
+                stats["unreadable"] += 1
+                continue
+        durations.append(float(meta["duration"]))
+        resolutions[f"{meta['width']}x{meta['height']}"] += 1
+        codecs[str(meta.get("video_codec", "?"))] += 1
+        stats["with_audio"] += bool(meta.get("has_audio"))
+        stats["with_caption"] += bool(str(meta.get("caption") or "").strip())
+        stats["with_narrations"] += bool(meta.get("narrations"))
+        stats["narrations"] += len(meta.get("narrations") or [])
+    d = np.asarray(durations) if durations else np.zeros(1)
+    return {
+        **{k: int(v) for k, v in stats.items()},
+        "hours": float(d.sum() / 3600.0) if durations else 0.0,
+        "duration_s": {"min": float(d.min()), "p10": float(np.percentile(d, 10)), "median": float(np.median(d)),
+                       "p90": float(np.percentile(d, 90)), "max": float(d.max())},
+        "resolutions": dict(resolutions.most_common(10)),
+        "video_codecs": dict(codecs.most_common()),
+    }
+
+
+def contact_sheet(shards: str, out_png: str, num_samples: int = 8, frames_per_sample: int = 4) -> int:
+    """A PNG grid: one row per sample (the first `num_samples` with video), a few frames
+    across its duration, its caption as the row title. Returns the number of rows drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for raw in iter_raw(shards):
+        data = _video(raw)
+        if data is None:
+            continue
+        meta = _meta(raw)
+        try:
+            duration = float(meta.get("duration") or probe(data, check_decode=False).duration)
+            clip = decode_window(data, 0.0, frames_per_sample, frames_per_sample / max(duration, 1e-3),
+                                 size=(96, 128), audio_rate=None)
+        except DecodeError:
+            continue
+        rows.append((raw["__key__"], str(meta.get("caption") or ""), clip.frames))
+        if len(rows) >= num_samples:
+            break
+    fig, axes = plt.subplots(max(1, len(rows)), frames_per_sample, squeeze=False,
+                             figsize=(2 * frames_per_sample, 1.8 * max(1, len(rows))))
+    for ax in axes.ravel():
+        ax.axis("off")
+    for r, (key, caption, frames) in enumerate(rows):
+        for c in range(frames_per_sample):
+            axes[r, c].imshow(frames[c])
+        axes[r, 0].set_title(f"{key}: {caption[:60]}", fontsize=7, loc="left")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=80)
+    plt.close(fig)
+    return len(rows)
+
+
+def verify_shards(shards: str, size: int = 32) -> dict:
+    """Decode every frame and the audio of every sample; {checked, failed: [{shard, key, reason}]}.
+    Samples without a video member (video2dataset's failed downloads) are counted, not failures."""
+    checked, missing, failed = 0, 0, []
+    for raw in iter_raw(shards):
+        data = _video(raw)
+        if data is None:
+            missing += 1
+            continue
+        checked += 1
+        try:
+            decode_all(data, size=size, audio_rate=8000)
+        except DecodeError as e:
+            failed.append({"shard": raw.get("__url__"), "key": raw.get("__key__"), "reason": str(e)})
+    return {"checked": checked, "without_video": missing, "failed": failed}

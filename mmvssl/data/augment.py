@@ -1,0 +1,93 @@
+"""Augmentation: temporally consistent spatial transforms for video (one set of random
+parameters for every frame of a clip, CVRL), audio gain and noise. Off unless configured.
+
+torchvision.transforms.v2 applies one draw of parameters to a whole `tv_tensors.Video`
+(T, C, H, W), which is exactly CVRL's temporal consistency; we only seed it per sample so
+that a resumed stream augments the same way as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AugmentOptions:
+    """CVRL's recipe when enabled; every field configurable (DataConfig.augment_*)."""
+    video: bool = False
+    crop_scale: tuple[float, float] = (0.3, 1.0)  # area of the random resized crop
+    crop_ratio: tuple[float, float] = (0.5, 2.0)  # aspect ratio of the crop
+    flip: float = 0.5  # horizontal flip probability (0 where captions name directions)
+    jitter: tuple[float, float, float, float] = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    grayscale: float = 0.2
+    blur: float = 0.0  # probability of a Gaussian blur (kernel ~10% of the size)
+    audio: bool = False
+    gain_db: tuple[float, float] = (-6.0, 6.0)
+    noise_snr_db: tuple[float, float] = (20.0, 40.0)  # white noise at this signal-to-noise ratio
+    noise_p: float = 0.5
+
+    @property
+    def decode_short_side(self) -> float:
+        """Decode a little larger than the output so that crops keep detail."""
+        return 1.15
+
+
+def build_video_transform(options: AugmentOptions, size: int):
+    from torchvision.transforms import v2
+
+    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=options.crop_scale, ratio=options.crop_ratio, antialias=True),
+        v2.RandomHorizontalFlip(options.flip),
+        v2.RandomApply([v2.ColorJitter(*options.jitter)], p=options.jitter_p),
+        v2.RandomApply([video_grayscale()], p=options.grayscale),
+        v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=options.blur),
+    ])
+
+
+def video_grayscale():
+    """Grayscale for every frame. torchvision 0.26's v2.Grayscale passes tv_tensors.Video
+    through unchanged, so we call the functional kernel on the plain (T, C, H, W) tensor."""
+    from torchvision.transforms import v2
+
+    def to_gray(video):
+        from torchvision import tv_tensors
+        return tv_tensors.wrap(v2.functional.rgb_to_grayscale(video.as_subclass(torch.Tensor), 3), like=video)
+    return v2.Lambda(to_gray)
+
+
+class Augmenter:
+    """Callable on one clip: frames (T, H, W, 3) uint8 -> (T, size, size, 3) uint8; audio (S,)."""
+
+    def __init__(self, options: AugmentOptions, size: int):
+        self.options, self.size = options, size
+        self.video_transform = build_video_transform(options, size) if options.video else None
+
+    def video(self, frames: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """(T, H, W, 3) uint8 -> (T, size, size, 3) uint8, one parameter draw for all T frames."""
+        if self.video_transform is None:
+            return frames
+        from torchvision import tv_tensors
+
+        clip = tv_tensors.Video(frames.permute(0, 3, 1, 2))  # (T, C, H, W)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rng.getrandbits(62))
+            out = self.video_transform(clip)
+        return out.permute(0, 2, 3, 1).contiguous()
+
+    def audio(self, wave: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """(S,) float: random gain, then white noise at a random SNR (probability noise_p)."""
+        if not self.options.audio:
+            return wave
+        o = self.options
+        wave = wave * 10 ** (rng.uniform(*o.gain_db) / 20.0)
+        if rng.random() < o.noise_p and wave.numel():
+            power = wave.pow(2).mean().clamp_min(1e-8)
+            noise_power = power / 10 ** (rng.uniform(*o.noise_snr_db) / 10.0)
+            g = torch.Generator().manual_seed(rng.getrandbits(62))
+            wave = wave + torch.randn(wave.shape, generator=g) * noise_power.sqrt()
+        return wave.clamp(-1.0, 1.0)

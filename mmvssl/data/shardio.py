@@ -1,0 +1,158 @@
+"""Finding shards and splitting them: shard lists, shard sets with weights, sample counts, the
+epoch split over processes and workers, and the seeded weighted mix of several shard sets.
+
+Epoch mode splits *samples*, not shards: the N samples of the (seeded, per-epoch shuffled)
+shard list are cut into one contiguous range per global worker slot (rank x DataLoader
+worker), so every sample is read exactly once, slots differ by at most one sample, and a
+slot only opens the shards its range touches. Shards that do not divide evenly over the
+slots (3 shards, 4 slots) therefore neither duplicate samples nor leave a process idle.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import tarfile
+from dataclasses import dataclass
+
+import webdataset as wds
+from torch.utils.data import IterableDataset
+from braceexpand import braceexpand
+
+from ..errors import MmvsslError
+
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
+
+
+def list_shards(spec: str) -> list[str]:
+    """A folder (its *.tar), a brace pattern, a glob, or several of those joined by ','."""
+    urls: list[str] = []
+    for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
+        if os.path.isdir(part):
+            found = sorted(glob.glob(os.path.join(part, "*.tar")))
+            if not found:
+                raise MmvsslError(f"no .tar shards in folder {part}")
+            urls.extend(found)
+            continue
+        for item in braceexpand(part):
+            matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
+            for m in matches:
+                if not os.path.isfile(m):
+                    raise MmvsslError(f"shard not found: {m}")
+                urls.append(m)
+    if not urls:
+        raise MmvsslError(f"no shards found for '{spec}'")
+    return urls
+
+
+@dataclass
+class ShardSet:
+    name: str
+    urls: list[str]
+    weight: float = 1.0
+
+
+def parse_sources(spec: str) -> list[ShardSet]:
+    """Shard sets joined by ';', each `[name=]shards[@weight]`, e.g.
+    `howto=/d/howto@0.7;audioset=/d/audioset@0.3`. One set without a name is named ''."""
+    sets = []
+    for i, part in enumerate(p.strip() for p in str(spec).split(";") if p.strip()):
+        name, _, rest = part.rpartition("=") if "=" in part else ("", "", part)
+        shards, _, weight = rest.rpartition("@") if "@" in rest else (rest, "", "1")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise MmvsslError(f"shard set {i + 1} ('{part}'): weight '{weight}' is not a number") from None
+        if w <= 0:
+            raise MmvsslError(f"shard set {i + 1} ('{part}'): weight must be > 0")
+        sets.append(ShardSet(name or (f"set{i}" if ";" in str(spec) else ""), list_shards(shards), w))
+    if not sets:
+        raise MmvsslError(f"no shards found for '{spec}'")
+    return sets
+
+
+def _key_of(name: str) -> str:
+    """webdataset's grouping key: the path up to the first '.' of the file name."""
+    head, _, base = name.rpartition("/")
+    return (head + "/" if head else "") + base.split(".", 1)[0]
+
+
+def shard_size(url: str) -> int:
+    """Samples in a shard: from sizes.json beside it, else by reading the tar headers."""
+    sizes_path = os.path.join(os.path.dirname(url), "sizes.json")
+    if os.path.isfile(sizes_path):
+        try:
+            sizes = json.loads(open(sizes_path).read())
+            if os.path.basename(url) in sizes:
+                return int(sizes[os.path.basename(url)])
+        except (json.JSONDecodeError, ValueError, OSError):
+            pass
+    count, last = 0, None
+    with tarfile.open(url) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key = _key_of(member.name)
+            if key != last:
+                count, last = count + 1, key
+    return count
+
+
+def slot_range(total: int, slot: int, num_slots: int) -> tuple[int, int]:
+    """The contiguous share [lo, hi) of `total` samples that one of `num_slots` slots reads."""
+    return total * slot // num_slots, total * (slot + 1) // num_slots
+
+
+class EpochSamples(IterableDataset):
+    """Pipeline source: this slot's share of one epoch, as raw tar samples (never decoded here).
+
+    `set_epoch(e)` before creating the DataLoader iterator changes the seeded shard order."""
+
+    def __init__(self, sets: list[ShardSet], seed: int = 0, shuffle: bool = False):
+        self.items = [(url, s.name) for s in sets for url in s.urls]
+        self.sizes = [shard_size(url) for url, _ in self.items]
+        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def __iter__(self):
+        rank, world, worker, num_workers = wds.utils.pytorch_worker_info()
+        order = list(range(len(self.items)))
+        if self.shuffle:
+            random.Random(f"{self.seed}/epoch/{self.epoch}").shuffle(order)
+        lo, hi = slot_range(sum(self.sizes), rank * num_workers + worker, world * num_workers)
+        offset = 0
+        for i in order:
+            url, name = self.items[i]
+            first, offset = offset, offset + self.sizes[i]
+            if offset <= lo or first >= hi:
+                continue  # outside this slot's range: never opened
+            for j, raw in enumerate(wds.tarfile_to_samples(handler=wds.warn_and_continue)([{"url": url}])):
+                if lo <= first + j < hi:
+                    raw["__source__"] = name
+                    yield raw
+                elif first + j >= hi:
+                    break
+
+
+def tag_source(name: str):
+    """Pipeline stage: mark each raw sample with the shard set it came from."""
+    def stage(src):
+        for raw in src:
+            raw["__source__"] = name
+            yield raw
+    return stage
+
+
+def mix(streams: list, weights: list[float], rng: random.Random):
+    """Seeded weighted interleave of endless streams (one draw per sample)."""
+    iterators = [iter(s) for s in streams]
+    while True:
+        i = rng.choices(range(len(iterators)), weights=weights)[0]
+        yield next(iterators[i])

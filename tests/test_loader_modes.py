@@ -1,0 +1,119 @@
+"""Loader modes: epoch split over processes and workers (torchrun), fixed-length resampled
+epochs, weighted mixing of shard sets, video2dataset shards, multi-view samplers, augmentation."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+
+from mmvssl.data.augment import AugmentOptions
+from mmvssl.data.loader import SampleSpec, build_loader, list_shards
+from mmvssl.data.shardio import EpochSamples, parse_sources, shard_size, slot_range
+
+SPEC = dict(num_frames=2, fps=2.0, size=16, audio_rate=8000, context_length=8, num_candidates=2)
+
+
+def _all_keys(demo_shards):
+    report = json.loads((demo_shards["train"] / "build_report.json").read_text())
+    return sorted(a["key"] for a in report["accepted"])
+
+
+def test_epoch_split_covers_every_sample_once_over_uneven_slots(demo_shards, monkeypatch):
+    """3 shards (8, 8, 8 samples) over 5 slots: every sample once, slots differ by <= 1."""
+    sets = parse_sources(str(demo_shards["train"]))
+    source = EpochSamples(sets, seed=0, shuffle=True)
+    per_slot = []
+    for rank in range(5):
+        monkeypatch.setattr(wds.utils, "pytorch_worker_info", lambda rank=rank: (rank, 5, 0, 1))
+        per_slot.append([raw["__key__"] for raw in source])
+    keys = [k for slot in per_slot for k in slot]
+    assert sorted(keys) == _all_keys(demo_shards)
+    assert max(map(len, per_slot)) - min(map(len, per_slot)) <= 1
+    assert slot_range(10, 3, 4) == (7, 10)
+
+
+def test_epoch_mode_training_order_is_seeded_and_changes_per_epoch(demo_shards):
+    spec = SampleSpec(**SPEC, train=True, seed=2)
+    run = lambda epoch: [k for b in build_loader(str(demo_shards["train"]), spec, 4, mode="epoch", epoch=epoch)
+                         for k in b["key"]]
+    first, again, second = run(0), run(0), run(1)
+    assert first == again and first != second and sorted(first) == sorted(second) == _all_keys(demo_shards)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on linux")
+def test_torchrun_two_processes_two_workers_read_each_sample_once(demo_shards, tmp_path):
+    helper = Path(__file__).parent / "helpers_data" / "epoch_ranks.py"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", str(helper),
+                             str(demo_shards["train"]), str(tmp_path)], capture_output=True, text=True, timeout=180,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    keys = [k for r in (0, 1) for k in json.loads((tmp_path / f"rank{r}.json").read_text())]
+    assert sorted(keys) == _all_keys(demo_shards)
+
+
+def test_resampled_epoch_length(demo_shards):
+    loader = build_loader(str(demo_shards["train"]), SampleSpec(**SPEC, train=True), 2, epoch_length=5)
+    assert len(list(loader)) == 5
+
+
+def _video2dataset_shard(tmp_path, demo_shards):
+    """video2dataset's layout: .mp4 + .txt + .json (url, status, no duration); failed
+    downloads keep only .json with status failed_to_download."""
+    good = list(wds.WebDataset(list_shards(str(demo_shards["val"])), shardshuffle=False))[:3]
+    path = tmp_path / "00000.tar"
+    with wds.TarWriter(str(path)) as w:
+        for i, s in enumerate(good):
+            w.write({"__key__": f"0000{i}", "mp4": s["mp4"], "txt": f"caption {i}".encode(),
+                     "json": json.dumps({"url": f"http://x/{i}", "key": f"0000{i}", "status": "success"}).encode()})
+            w.write({"__key__": f"0001{i}", "json": json.dumps({"url": "http://x/bad", "status": "failed_to_download",
+                                                                 "error_message": "404"}).encode()})
+    return path
+
+
+def test_reads_video2dataset_shards_and_mixes_sets_by_weight(tmp_path, demo_shards):
+    v2d = _video2dataset_shard(tmp_path, demo_shards)
+    assert shard_size(str(v2d)) == 6
+    batch = next(iter(build_loader(str(v2d), SampleSpec(**SPEC, train=False), 8)))
+    assert batch["key"] == ["00000", "00001", "00002"] and int(batch["failed"]) == 0
+    assert batch["meta"][0]["caption"] == "caption 0"
+    spec = f"demo={demo_shards['train']}@3;v2d={v2d}@1"
+    loader = iter(build_loader(spec, SampleSpec(**SPEC, train=True, seed=1), 8, shuffle_buffer=1))
+    sources = [m["source_set"] for _ in range(5) for m in next(loader)["meta"]]
+    assert set(sources) == {"demo", "v2d"} and sources.count("demo") > sources.count("v2d")
+
+
+def test_silent_samples_are_masked_not_invented(tmp_path, video_factory):
+    from mmvssl.data.shards import build_shards
+    video_factory(tmp_path / "v" / "a.mp4", seconds=2.0, audio_rate=None)
+    build_shards(tmp_path / "v", tmp_path / "s")
+    batch = next(iter(build_loader(str(tmp_path / "s"), SampleSpec(**SPEC, train=False), 2)))
+    assert not batch["has_audio"][0] and not batch["has_text"][0] and batch["audio"].abs().max() == 0
+
+
+@pytest.mark.parametrize("sampler, views", [("cvrl", 2), ("teg", 2), ("svt", 4), ("uniform", 3)])
+def test_multi_view_batches(demo_shards, sampler, views):
+    spec = SampleSpec(**SPEC, train=True, sampler=sampler, num_clips=3)
+    batch = next(iter(build_loader(str(demo_shards["train"]), spec, 2)))
+    assert batch["video"].shape == (2, views, 3, 2, 16, 16)
+    assert len(batch["meta"][0]["views"]) == views
+    if sampler == "teg":
+        (ls, le), (ss, se) = batch["meta"][0]["views"]
+        assert ls <= ss and se <= le + 1e-6 and le - ls == pytest.approx(2 * (se - ss))
+
+
+def test_augmentation_is_off_by_default_and_consistent_over_time(demo_shards):
+    aug = AugmentOptions(video=True, audio=True, flip=1.0, grayscale=1.0)
+    spec = SampleSpec(**SPEC, train=True, seed=0, augment=aug)
+    batch = next(iter(build_loader(str(demo_shards["train"]), spec, 2)))
+    assert batch["video"].shape == (2, 3, 2, 16, 16)
+    v = batch["video"][0]
+    assert torch.equal(v[0], v[1]) and torch.equal(v[1], v[2])  # grey in every frame
+    again = next(iter(build_loader(str(demo_shards["train"]), spec, 2)))
+    assert torch.equal(again["video"], batch["video"]) and torch.equal(again["audio"], batch["audio"])
