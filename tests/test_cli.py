@@ -67,7 +67,7 @@ def test_eval_retrieval_writes_the_report(capsys, trained_run, demo_shards, tmp_
                            "--out", str(tmp_path / "eval"))
     assert code == 0 and "t2v" in out
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert set(report["retrieval"]) == {"t2v", "v2t", "a2v", "v2a"}
+    assert {"t2v", "v2t", "a2v", "v2a"} <= set(report["retrieval"])
     for metrics in report["retrieval"].values():
         assert {"R@1", "R@5", "R@10", "MedR"} <= set(metrics)
         assert metrics["num_queries"] == 12

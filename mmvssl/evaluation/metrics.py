@@ -28,5 +28,19 @@ def retrieval_metrics(similarity: torch.Tensor, relevant: torch.Tensor, ks: tupl
     out["MedR"] = torch.quantile(ranks, 0.5).item()  # as numpy.median: mean of the middle two
     out["MeanR"] = ranks.mean().item()
     out["chance_R@1"] = 100.0 * (relevant.float().sum(dim=1) / relevant.shape[1]).mean().item()
+    for k in ks:
+        if k != 1:
+            out[f"chance_R@{k}"] = chance_recall_at(relevant, k)
     out["num_queries"] = int(relevant.shape[0])
+    out["num_items"] = int(relevant.shape[1])
     return out
+
+
+def chance_recall_at(relevant: torch.Tensor, k: int) -> float:
+    """R@K (percent) of a uniformly random ranking: 1 - P(no relevant item among the first K),
+    P = prod_{i<K} (N - r - i) / (N - i) for a query with r relevant among N."""
+    n = relevant.shape[1]
+    r = relevant.double().sum(dim=1)  # (Q,)
+    i = torch.arange(min(k, n), dtype=torch.double)
+    miss = ((n - r[:, None] - i).clamp_min(0) / (n - i)).prod(dim=1)
+    return 100.0 * (1 - miss).mean().item()
