@@ -209,3 +209,24 @@ def test_narration_eval_reports_accuracy_and_chance(tmp_path, demo_shards):
     assert report["num_clips"] == 12 and 0.0 <= report["object_accuracy"] <= 1.0
     assert report["chance"] == pytest.approx(1 / len(report["classes"]))
     assert {"bleu4", "rouge_l", "cider"} <= set(report)
+
+
+def test_narrator_trains_through_the_engine(demo_shards, trained_run, tmp_path):
+    from mmvssl.config import load_config
+    from mmvssl.resources import data_path
+    from mmvssl.train.engine import pretrain
+    cfg = load_config(data_path("configs", "demo", "narrator.yaml"), [
+        f"data.shards={demo_shards['train']}", "data.batch_size=4", "data.num_workers=0",
+        f"narrator.visual={trained_run / 'model'}", "narrator.vocab_size=150", "narrator.num_queries=4",
+        "train.max_steps=3", "train.log_every=1", "train.warmup_steps=1", "train.save_every=0",
+        "train.log_with=none", f"train.output_dir={tmp_path / 'run'}"])
+    final = pretrain(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and all(r["caption_ce"] > 0 for r in records)
+    narrator = Narrator.from_pretrained(final)
+    assert (final / "tokenizer.model").is_file() and narrator.config["sampling"]["num_frames"] == 8
+    # the visual tower is the dual encoder's, frozen: identical weights after training
+    import mmvssl
+    dual = mmvssl.load_model(trained_run / "model")
+    for name, p in narrator.visual.state_dict().items():
+        assert torch.equal(p, dual.encoders["video"].state_dict()[name]), name

@@ -1,5 +1,8 @@
 """An objective is a list of terms read from config: (name, loss, two inputs, weight).
 
+A term with `loss: model` takes one input, a loss the model computed itself (the narrator's
+captioning cross-entropy, `caption_loss`), and only weights and logs it.
+
 The engine knows no method by name: it calls the objective on the model's embeddings and the
 batch, and gets the weighted sum plus every term's value for logging. A term is on when its
 weight is positive. Masks come from the batch: `has_<modality>` per sample and `text_mask`
@@ -49,10 +52,17 @@ class Objective(nn.Module):
         self.bias = nn.ParameterDict()  # one learnable bias per learnable SigLIP term
         for i, t in enumerate(terms):
             name = t.get("name") or f"term{i}"
-            if t.get("loss") not in LOSSES:
+            if t.get("loss") not in LOSSES and t.get("loss") != "model":
                 raise ConfigError(f"objective.terms[{i}] '{name}': unknown loss '{t.get('loss')}' "
-                                  f"(available: {', '.join(LOSSES)})")
+                                  f"(available: {', '.join(LOSSES)}, model)")
             inputs = tuple(t.get("inputs") or ())
+            if t["loss"] == "model":
+                if len(inputs) != 1:
+                    raise ConfigError(f"objective.terms[{i}] '{name}': a 'model' term names one input, the loss "
+                                      f"the model computes; got {list(inputs)}")
+                if float(t.get("weight", 1.0)) > 0:
+                    self.terms.append(Term(name, "model", inputs, float(t.get("weight", 1.0)), temperature, False))
+                continue
             if len(inputs) != 2:
                 raise ConfigError(f"objective.terms[{i}] '{name}': inputs must name two embeddings, got {list(inputs)}")
             tau = t.get("temperature")
@@ -77,7 +87,7 @@ class Objective(nn.Module):
 
     @property
     def modalities(self) -> set[str]:
-        return {_modality(x) for t in self.terms for x in t.inputs}
+        return {_modality(x) for t in self.terms if t.loss != "model" for x in t.inputs}
 
     def temperature(self, term: Term) -> float | torch.Tensor:
         if term.name not in self.log_temperature:
@@ -95,6 +105,10 @@ class Objective(nn.Module):
                 if x not in embeddings:
                     raise ConfigError(f"objective term '{t.name}' needs embedding '{x}', but the model "
                                       f"produced only: {', '.join(sorted(embeddings))}")
+            if t.loss == "model":
+                values[t.name] = embeddings[t.inputs[0]].float()
+                total = total + t.weight * values[t.name]
+                continue
             a, b = (embeddings[x].float() for x in t.inputs)  # losses in fp32 under mixed precision
             mask = None
             for x in t.inputs:

@@ -30,6 +30,10 @@ class AttentionPooler(nn.Module):
     def __init__(self, width: int, context_width: int, num_queries: int = 256, heads: int = 8):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(num_queries, width) * 0.02)
+        # standardise each visual feature over clips and tokens: a frozen encoder's tokens share a
+        # large common component (clip-to-clip differences are a few percent of their variance),
+        # which would otherwise drown the signal the text should attend to
+        self.standardize = nn.BatchNorm1d(context_width, affine=False)
         self.ln_q = nn.LayerNorm(width)
         self.ln_k = nn.LayerNorm(context_width)
         self.attn = nn.MultiheadAttention(width, heads, kdim=context_width, vdim=context_width, batch_first=True)
@@ -38,7 +42,7 @@ class AttentionPooler(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, Dv) visual tokens -> (B, num_queries, width)."""
         q = self.ln_q(self.queries).unsqueeze(0).expand(tokens.shape[0], -1, -1)
-        ctx = self.ln_k(tokens)
+        ctx = self.ln_k(self.standardize(tokens.transpose(1, 2)).transpose(1, 2))  # BN over (B, N) per feature
         out, _ = self.attn(q, ctx, ctx, need_weights=False)
         return self.ln_out(out)
 
@@ -108,6 +112,7 @@ class Narrator(nn.Module):
                 blocks[i] = GatedBlock(blocks[i], GatedCrossAttention(width, heads))
         self.pad_id, self.bos_id, self.eos_id = config["pad_id"], config["bos_id"], config["eos_id"]
         self._cache_arg = _cache_argument(self.lm)
+        self.tokenizer_file: str | None = None  # saved beside the weights by save_pretrained
         self.set_frozen(config.get("freeze_lm", False), config.get("freeze_visual", True))
 
     def set_frozen(self, lm: bool, visual: bool) -> None:
@@ -141,8 +146,11 @@ class Narrator(nn.Module):
         new_cache = getattr(out, "cache", None) if self._cache_arg == "cache" else getattr(out, "past_key_values", None)
         return out.logits, new_cache
 
-    def forward(self, video: torch.Tensor, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Teacher-forced next-token cross-entropy; input_ids (B, L) = bos, text..., eos, pad..."""
+    def forward(self, video: torch.Tensor | dict, input_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Teacher-forced next-token cross-entropy; input_ids (B, L) = bos, text..., eos, pad...
+        Called with a training batch (the engine's way), reads its `video` and `narration`."""
+        if isinstance(video, dict):
+            video, input_ids = video["video"], video["narration"]
         attention = (input_ids != self.pad_id).long()
         logits, _ = self.lm_forward(input_ids, self.encode_visual(video), attention_mask=attention)
         targets = input_ids[:, 1:].masked_fill(attention[:, 1:] == 0, -100)  # padding ignored
@@ -156,6 +164,7 @@ class Narrator(nn.Module):
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp", dir=folder.parent))
         try:
             config = dict(self.config)
+            tokenizer_file = tokenizer_file or self.tokenizer_file
             if tokenizer_file is not None:
                 shutil.copyfile(tokenizer_file, tmp / "tokenizer.model")
                 config["tokenizer"] = "tokenizer.model"

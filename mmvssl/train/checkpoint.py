@@ -27,8 +27,27 @@ TMP_PREFIX = ".tmp_"
 
 
 def _tensors(module: torch.nn.Module | dict) -> dict[str, torch.Tensor]:
+    """The state dict on CPU, each storage once: tied weights (GPT-2's output layer is its token
+    embedding) keep their first name only, as safetensors refuses aliases."""
     state = module if isinstance(module, dict) else module.state_dict()
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    seen, out = set(), {}
+    for k, v in state.items():
+        ptr = (v.data_ptr(), v.shape) if v.numel() else None
+        if ptr is not None and ptr in seen:
+            continue
+        seen.add(ptr)
+        out[k] = v.detach().contiguous().cpu()
+    return out
+
+
+def _load_weights(model: torch.nn.Module, file: Path) -> None:
+    """Load a file written by _tensors: names left out as aliases must be tied in `model` too."""
+    state = load_file(str(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(model.state_dict()) - set(_tensors(model))
+    if unexpected or set(missing) - tied:
+        raise MmvsslError(f"{file}: does not match the model (missing {sorted(set(missing) - tied)[:3]}, "
+                          f"unexpected {unexpected[:3]})")
 
 
 def _fsync(path: Path) -> None:
@@ -92,7 +111,7 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer, 
     """Restore into the given objects (optimizer None: leave it); returns trainer_state.json plus
     `states` (the extra states)."""
     path = Path(path)
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    _load_weights(model, path / "model.safetensors")
     for name, module in (modules or {}).items():
         file = path / f"{name}.safetensors"
         if not file.is_file():

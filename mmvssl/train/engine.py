@@ -27,6 +27,8 @@ from omegaconf import DictConfig
 
 from ..config import save_config, to_dict
 from ..data.loader import SampleSpec, build_loader
+from ..data.options import loader_options
+from ..data.options import sample_spec as data_sample_spec
 from ..errors import ConfigError, MmvsslError
 from ..losses.objective import Objective
 from ..models.multimodal import MultimodalModel
@@ -40,9 +42,40 @@ from .step import forward_backward, grad_norm
 def sample_spec(cfg: DictConfig, train: bool, seed_offset: int = 0) -> SampleSpec:
     d = cfg.data
     seed = d.seed if d.seed is not None else cfg.train.seed
-    return SampleSpec(num_frames=d.num_frames, fps=d.fps, size=d.size, audio_rate=d.audio_rate,
-                      context_length=d.context_length, num_candidates=d.num_candidates,
-                      train=train, seed=seed + seed_offset)
+    return data_sample_spec(d, train, seed + seed_offset)
+
+
+def build_model(cfg: DictConfig, out: Path, accelerator: Accelerator):
+    """(model, objective, prepare_batch) for `model.kind`: the engine's only knowledge of kinds."""
+    sampling = {"num_frames": cfg.data.num_frames, "fps": cfg.data.fps, "size": cfg.data.size,
+                "audio_rate": cfg.data.audio_rate}
+    o = cfg.objective
+    if cfg.model.kind == "narrator":
+        from ..narrator.build import build_narrator, narration_targets, resolve_tokenizer
+        from ..narrator.tokenizer import SentencePieceTokenizer
+        if cfg.train.accum_steps > 1:
+            raise ConfigError("train.accum_steps > 1 is for contrastive objectives; the narrator's "
+                              "cross-entropy accumulates like any loss: raise data.batch_size instead")
+        with accelerator.main_process_first():  # the main process fits the tokenizer, the others read it
+            tokenizer_file = resolve_tokenizer(cfg.narrator, cfg.data.shards, out)
+        tokenizer = SentencePieceTokenizer(tokenizer_file)
+        net = build_narrator(cfg.narrator, tokenizer)
+        net.config["sampling"] = sampling
+        net.tokenizer_file = str(tokenizer_file)
+        objective = Objective([{"name": "caption_ce", "loss": "model", "inputs": ["caption_loss"]}])
+
+        def prepare(batch: dict) -> dict:
+            batch["narration"], batch["has_narration"] = narration_targets(batch, tokenizer, cfg.narrator.max_length)
+            return batch
+        return net, objective, prepare, {"video"}
+    if cfg.model.kind != "multimodal":
+        raise ConfigError(f"model.kind '{cfg.model.kind}' is unknown (expected: multimodal, narrator)")
+    preset = apply_overrides(load_preset(cfg.model.preset), to_dict(cfg.model.overrides))
+    preset["sampling"] = sampling  # the clip sampling travels in config.json, for evaluation
+    net = MultimodalModel(preset)
+    objective = Objective(to_dict(o.terms), temperature=o.temperature, learnable_temperature=o.learnable_temperature,
+                          min_temperature=o.min_temperature, max_temperature=o.max_temperature)
+    return net, objective, (lambda batch: batch), objective.modalities
 
 
 def _to_device(batch: dict, device: torch.device, modalities: set[str]) -> dict:
@@ -112,17 +145,10 @@ def pretrain(cfg: DictConfig) -> Path:
         save_config(cfg, out / "config.yaml")
         (out / "environment.json").write_text(json.dumps(environment(), indent=2))
 
-    preset = apply_overrides(load_preset(cfg.model.preset), to_dict(cfg.model.overrides))
-    # the clip sampling the model was trained on travels in its config.json, for evaluation
-    preset["sampling"] = {"num_frames": cfg.data.num_frames, "fps": cfg.data.fps, "size": cfg.data.size,
-                          "audio_rate": cfg.data.audio_rate}
-    net = MultimodalModel(preset)
+    net, objective, prepare_batch, modalities = build_model(cfg, out, accelerator)
     for module in net.modules():
         if hasattr(module, "grad_checkpointing"):
             module.grad_checkpointing = t.grad_checkpointing
-    o = cfg.objective
-    objective = Objective(to_dict(o.terms), temperature=o.temperature, learnable_temperature=o.learnable_temperature,
-                          min_temperature=o.min_temperature, max_temperature=o.max_temperature)
     objective.to(accelerator.device)
     optimizer = build_optimizer(net, t.lr, t.weight_decay, no_decay_modules=(objective,))
     scheduler = warmup_cosine(optimizer, t.warmup_steps, t.max_steps)
@@ -172,11 +198,15 @@ def pretrain(cfg: DictConfig) -> Path:
         accelerator.wait_for_everyone()
         return path or ckpt_dir / f"step_{step:08d}"
 
-    # each process streams its own resampled shards; a resumed run skips the consumed batches
-    loader = build_loader(cfg.data.shards, sample_spec(cfg, train=True, seed_offset=7919 * accelerator.process_index),
-                          cfg.data.batch_size, cfg.data.num_workers, cfg.data.shuffle_buffer,
-                          cfg.data.max_error_rate, start_batch=batches_consumed)
-    modalities = objective.modalities
+    # each process streams its own resampled shards; a resumed run skips the consumed batches.
+    # In epoch mode (data.mode=epoch) each pass over the data is one epoch and the next reseeds.
+    spec = sample_spec(cfg, train=True, seed_offset=7919 * accelerator.process_index)
+    options = loader_options(cfg.data)
+    epoch = 0
+
+    def make_loader(start_batch: int):
+        return build_loader(cfg.data.shards, spec, cfg.data.batch_size, start_batch=start_batch, epoch=epoch, **options)
+    loader = make_loader(batches_consumed)
     params = list(net.parameters()) + list(objective.parameters())
     log = RunLog(accelerator, out, t.max_steps, step, use_trackers=bool(trackers))
 
@@ -194,6 +224,10 @@ def pretrain(cfg: DictConfig) -> Path:
                 tic = time.perf_counter()
                 try:
                     batch = next(data_iter)
+                except StopIteration:  # the end of an epoch (epoch mode or data.epoch_length)
+                    epoch += 1
+                    data_iter = iter(make_loader(0))
+                    continue
                 except Exception:
                     if stop.received:  # Ctrl-C reached the loader's workers too: stop without this batch
                         break
@@ -201,7 +235,7 @@ def pretrain(cfg: DictConfig) -> Path:
                 batches_consumed += 1
                 data_wait += time.perf_counter() - tic
                 failed_total += int(batch["failed"])
-                batch = _to_device(batch, accelerator.device, modalities)
+                batch = _to_device(prepare_batch(batch), accelerator.device, modalities)
                 loss, terms = forward_backward(model, objective, batch, accelerator, t.accum_steps)
                 norm = grad_norm(accelerator, params, t.grad_clip)
                 # one flag for all processes, so that they all skip (or stop) together

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-NO_DECAY_NAMES = ("pos", "token", "embed", "logit_scale", "temperature", "bias")
+NO_DECAY_NAMES = ("pos", "token", "embed", "logit_scale", "temperature", "bias", "queries", "gate")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -18,7 +18,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad:
             continue
         leaf = name.rsplit(".", 1)[-1]
-        skip = p.ndim < 2 or any(k in leaf for k in NO_DECAY_NAMES) or "token_embed" in name
+        skip = (p.ndim < 2 or any(k in leaf for k in NO_DECAY_NAMES) or "token_embed" in name
+                or "relative_bias" in name)  # T5 relative position bias table
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
