@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(BIN)/mmvssl shards build $(DEMO)/data/train --captions $(DEMO)/data/train/captions.jsonl --out $(DEMO)/shards/train --samples-per-shard 64
 	$(BIN)/mmvssl shards build $(DEMO)/data/val --captions $(DEMO)/data/val/captions.jsonl --out $(DEMO)/shards/val --samples-per-shard 64
 	$(BIN)/mmvssl pretrain configs/demo/tiny.yaml data.shards=$(DEMO)/shards/train train.output_dir=$(DEMO)/train
+	$(BIN)/python eval/compare_random_init.py $(DEMO)/train/model --train $(DEMO)/shards/train --test $(DEMO)/shards/val --out $(DEMO)/eval-random-init
 	$(BIN)/mmvssl eval retrieval $(DEMO)/train/model --data $(DEMO)/shards/val --out $(DEMO)/eval
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.

@@ -25,7 +25,7 @@ def build(lm: str, vocab: int = 1000):
     from mmvssl.models.presets import load_preset
     from mmvssl.narrator.build import LM_SIZES
     from mmvssl.narrator.model import Narrator
-    cfg = GPT2Config(vocab_size=vocab, n_positions=128, **LM_SIZES[lm]).to_dict()
+    cfg = GPT2Config(vocab_size=vocab, n_positions=128, bos_token_id=2, eos_token_id=3, **LM_SIZES[lm]).to_dict()
     model = Narrator({"video": load_preset("vatt-tiny")["video"], "lm": cfg, "num_queries": 32, "cross_every": 1,
                       "pad_id": 0, "bos_id": 2, "eos_id": vocab + 10,  # an id never sampled: no early end
                       "sampling": {"num_frames": 8, "fps": 4.0, "size": 64}}).eval()
