@@ -1,4 +1,4 @@
-"""`mmvssl narrate ...` and `mmvssl tokenizer train ...`: the narrator's commands."""
+"""`mmvssl narrate ...`, `mmvssl rephrase ...` and `mmvssl tokenizer train ...`: the narrator's commands."""
 
 import json
 
@@ -13,6 +13,15 @@ def _narrate(args) -> None:
                      shards_out=args.shards_out, gen=gen, batch_size=args.batch_size)
     print(f"narrated {counts['windows']} windows of {counts['videos']} videos "
           f"({counts['skipped_done']} already done, {len(counts['failed'])} videos skipped) -> {args.out}")
+
+
+def _rephrase(args) -> None:
+    from ..narrator.rephrase import RephraseConfig, rephrase_shards
+    cfg = RephraseConfig(k=args.k, strategy=args.strategy, top_p=args.top_p, temperature=args.temperature,
+                         num_beams=args.num_beams, max_length=args.max_length, batch_size=args.batch_size,
+                         prompt=args.prompt, seed=args.seed)
+    counts = rephrase_shards(args.t5_dir, args.shards, args.out, cfg)
+    print(json.dumps({**counts, "out": args.out}))
 
 
 def _tokenizer_train(args) -> None:
@@ -39,6 +48,21 @@ def register(sub) -> None:
     n.add_argument("--batch-size", type=int, default=8)
     n.add_argument("--seed", type=int, default=0)
     n.set_defaults(func=_narrate)
+
+    r = sub.add_parser("rephrase", help="write shards whose human narrations carry K T5 paraphrases each")
+    r.add_argument("t5_dir", help="a local T5 paraphraser folder (save_pretrained: model and tokenizer)")
+    r.add_argument("--shards", required=True, help="input shards (folder of .tar, pattern)")
+    r.add_argument("--out", required=True, help="folder for the new shards")
+    r.add_argument("--k", type=int, default=3, help="paraphrases per narration")
+    r.add_argument("--strategy", choices=["sample", "beam"], default="sample")
+    r.add_argument("--top-p", type=float, default=0.95)
+    r.add_argument("--temperature", type=float, default=0.7)
+    r.add_argument("--num-beams", type=int, default=5)
+    r.add_argument("--max-length", type=int, default=64)
+    r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--prompt", default="paraphrase: ")
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(func=_rephrase)
 
     tok = sub.add_parser("tokenizer", help="narrator tokenizers").add_subparsers(dest="action", required=True)
     t = tok.add_parser("train", help="fit a sentencepiece model on the captions and narrations of a shard set")

@@ -22,7 +22,7 @@ import webdataset as wds
 from ..errors import MmvsslError
 from .augment import Augmenter, AugmentOptions
 from .decode import DecodeError, decode_window, probe
-from .sampling import select_texts, view_windows
+from .sampling import select_source_texts, view_windows
 from .shardio import VIDEO_EXTENSIONS, EpochSamples, list_shards, mix, parse_sources, tag_source
 from .text import build_tokenizer
 
@@ -47,6 +47,7 @@ class SampleSpec:
     long_scale: float = 2.0  # teg/svt: the long/global window is this many times num_frames / fps
     num_global: int = 2  # svt
     num_local: int = 2  # svt
+    text_sources: tuple[str, ...] = ("human",)  # human, paraphrase, pseudo: one drawn per sample (LaViLa)
     augment: AugmentOptions = field(default_factory=AugmentOptions)
 
     @property
@@ -138,22 +139,24 @@ class DecodeSamples:
             videos.append(frames.permute(3, 0, 1, 2))  # uint8 (C, T, H, W); collate normalises the batch
             if v == 0:
                 first, audio = clip, clip.audio
-        texts = select_texts(meta, first.start, first.end, spec.num_candidates)
+        has_audio = audio is not None
+        audio = self.augmenter.audio(torch.from_numpy(audio), rng) if has_audio else torch.zeros(spec.audio_samples)
+        # the text source is drawn last, so that adding sources leaves the windows and augmentation unchanged
+        texts, generated = select_source_texts(meta, first.start, first.end, spec.num_candidates,
+                                               spec.text_sources, rng)
         k = spec.num_candidates
         tokens = torch.zeros(k, spec.context_length, dtype=torch.long)
         text_mask = torch.zeros(k, dtype=torch.bool)
         if texts:
             tokens[:len(texts)] = self.tokenizer(texts)
             text_mask[:len(texts)] = True
-        has_audio = audio is not None
-        audio = self.augmenter.audio(torch.from_numpy(audio), rng) if has_audio else torch.zeros(spec.audio_samples)
         video = torch.stack(videos) if spec.multi_view else videos[0]  # (V, C, T, H, W) or (C, T, H, W)
         window_meta = {"window": [first.start, first.end]}
         if len(windows) > 1:
             window_meta["views"] = [[s, s + n] for s, n in windows]
         return {
             "video": video, "audio": audio, "text": tokens, "text_mask": text_mask,
-            "has_video": True, "has_audio": has_audio, "has_text": bool(texts),
+            "has_video": True, "has_audio": has_audio, "has_text": bool(texts), "text_generated": generated,
             "key": key, "meta": {**meta, **window_meta, "source_shard": raw.get("__url__"),
                                  "source_set": raw.get("__source__", "")},
         }
@@ -178,6 +181,7 @@ def collate(samples: list[dict]) -> dict:
         "key": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],
         "failed": torch.tensor(sum(s["_failed"] for s in samples)),  # samples skipped on the way
+        "text_generated": torch.tensor([s["text_generated"] for s in samples], dtype=torch.bool),  # (B,)
     }
     for m in ("video", "audio", "text"):
         batch[f"has_{m}"] = torch.tensor([s[f"has_{m}"] for s in samples], dtype=torch.bool)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import ConfigError
+
 
 @dataclass
 class AugmentConfig:
@@ -45,6 +47,9 @@ class DataConfig:
     long_scale: float = 2.0  # teg / svt: long (global) window = long_scale x num_frames / fps
     num_global: int = 2  # svt
     num_local: int = 2  # svt
+    # LaViLa: each sample's text comes from one of these that it has (human, paraphrase, pseudo),
+    # drawn at random; the batch flags generated texts (text_generated)
+    text_sources: list[str] = field(default_factory=lambda: ["human"])
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -60,10 +65,16 @@ def augment_options(cfg):
 def sample_spec(data, train: bool, seed: int):
     """The `data:` section -> SampleSpec (every sampling and augmentation field)."""
     from .loader import SampleSpec
+    from .sampling import TEXT_SOURCES
+    sources = tuple(data.text_sources)
+    unknown = [s for s in sources if s not in TEXT_SOURCES]
+    if unknown or not sources:
+        raise ConfigError(f"data.text_sources: unknown or no source {unknown} (choose from {', '.join(TEXT_SOURCES)})")
     return SampleSpec(num_frames=data.num_frames, fps=data.fps, size=data.size, audio_rate=data.audio_rate,
                       context_length=data.context_length, num_candidates=data.num_candidates, train=train,
                       seed=seed, sampler=data.sampler if train else "random", num_clips=data.num_clips,
                       long_scale=data.long_scale, num_global=data.num_global, num_local=data.num_local,
+                      text_sources=sources if train else ("human",),
                       augment=augment_options(data.augment) if train else augment_options(AugmentConfig()))
 
 

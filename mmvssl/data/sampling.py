@@ -42,6 +42,47 @@ def select_texts(meta: dict, start: float, end: float, k: int) -> list[str]:
     return texts[:k]
 
 
+TEXT_SOURCES = ("human", "paraphrase", "pseudo")
+
+
+def _nearest(items: list, start: float, end: float) -> list[dict]:
+    """Timed texts ({start, end, text}) sorted nearest the window first (overlapping ones first)."""
+    items = [n for n in items or []
+             if isinstance(n, dict) and str(n.get("text", "")).strip() and "start" in n and "end" in n]
+    return sorted(items, key=lambda n: (_gap(n, start, end), float(n["start"])))
+
+
+def source_texts(meta: dict, source: str, start: float, end: float, k: int,
+                 rng: random.Random | None = None) -> list[str]:
+    """Up to k texts of one source: human (select_texts), paraphrase (for each narration nearest the
+    window, one of its paraphrases, drawn with `rng`, else the first) or pseudo (the narrator's
+    pseudo-narrations nearest the window)."""
+    if source == "human":
+        return select_texts(meta, start, end, k)
+    if source == "pseudo":
+        return [str(n["text"]).strip() for n in _nearest(meta.get("pseudo_narrations"), start, end)][:k]
+    if source == "paraphrase":
+        by_narration: dict = {}
+        for p in _nearest(meta.get("paraphrases"), start, end):
+            by_narration.setdefault(p.get("of"), []).append(str(p["text"]).strip())
+        return [rng.choice(options) if rng else options[0] for options in list(by_narration.values())[:k]]
+    raise ValueError(f"unknown text source '{source}' ({', '.join(TEXT_SOURCES)})")
+
+
+def select_source_texts(meta: dict, start: float, end: float, k: int, sources: tuple[str, ...] = ("human",),
+                        rng: random.Random | None = None) -> tuple[list[str], bool]:
+    """LaViLa's text for a clip: one of `sources` that this sample has, drawn with `rng`; returns
+    (texts, generated) where generated says the texts are paraphrases or pseudo-narrations.
+    With the single source "human" this is select_texts and draws nothing."""
+    if tuple(sources) == ("human",):
+        return select_texts(meta, start, end, k), False
+    available = [s for s in sources if source_texts(meta, s, start, end, 1)]
+    if not available:
+        return [], False
+    source = rng.choice(available) if rng is not None and len(available) > 1 else available[0]
+    return source_texts(meta, source, start, end, k, rng), source != "human"
+
+
 def cvrl_gap(max_gap: float, rng: random.Random) -> float:
     """CVRL's temporal interval between two clips: density decreasing linearly from 0 to
     max_gap, p(t) = 2 (max_gap - t) / max_gap^2 (inverse CDF: t = max_gap (1 - sqrt(1 - u)))."""

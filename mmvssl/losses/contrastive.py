@@ -8,7 +8,9 @@ are neither anchors nor negatives.
 Normalisation is global: each process returns `world * (sum of its anchors' losses) / (valid
 anchors over all processes)`, so the mean over processes -- what DDP's gradient averaging
 differentiates -- is exactly the loss of one process on the concatenated batch.
-`temperature` is a float or a 0-d tensor (learnable temperatures come from the Objective).
+`temperature` is a float or a 0-d tensor (learnable temperatures come from the Objective);
+NCE and MIL-NCE also take a (B,) tensor, one temperature per local pair, which divides every
+logit of that pair's rows (LaViLa's separate temperatures for human and generated texts).
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ NEG_INF = -1e4  # finite, so fully masked rows stay NaN-free (the row is exclude
 
 def _default_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if mask is None else mask.bool()
+
+
+def _per_row(temperature: float | torch.Tensor, ndim: int) -> float | torch.Tensor:
+    """A scalar as is; a (B,) temperature shaped to divide logits (B, ...) of `ndim` dims row by row."""
+    if isinstance(temperature, torch.Tensor) and temperature.ndim == 1:
+        return temperature.view(-1, *([1] * (ndim - 1)))
+    return temperature
 
 
 def global_mean(per_anchor: torch.Tensor, mask: torch.Tensor, all_mask: torch.Tensor) -> torch.Tensor:
@@ -43,8 +52,9 @@ def nce_loss(a: torch.Tensor, b: torch.Tensor, temperature: float | torch.Tensor
     all_a, all_b, all_mask = gather_with_grad(a), gather_with_grad(b), gather_no_grad(mask)
     labels = torch.arange(B, device=a.device) + rank * B
     invalid = ~all_mask[None, :]
-    logits_ab = (a @ all_b.T / temperature).masked_fill(invalid, NEG_INF)  # (B, world * B)
-    logits_ba = (b @ all_a.T / temperature).masked_fill(invalid, NEG_INF)
+    tau = _per_row(temperature, 2)
+    logits_ab = (a @ all_b.T / tau).masked_fill(invalid, NEG_INF)  # (B, world * B)
+    logits_ba = (b @ all_a.T / tau).masked_fill(invalid, NEG_INF)
     per_sample = 0.5 * (F.cross_entropy(logits_ab, labels, reduction="none")
                         + F.cross_entropy(logits_ba, labels, reduction="none"))  # (B,)
     return global_mean(per_sample, mask.float(), all_mask.float())
@@ -97,11 +107,12 @@ def mil_nce_loss(video: torch.Tensor, text: torch.Tensor, temperature: float | t
     own = torch.arange(B, device=video.device) + rank * B  # global index of each local clip
 
     # row: local clip i against every text candidate of every clip j -> (B, N, K)
-    row = torch.einsum("bd,nkd->bnk", video, all_t) / temperature
+    tau = _per_row(temperature, 3)  # clip i's rows and columns use its temperature
+    row = torch.einsum("bd,nkd->bnk", video, all_t) / tau
     row = row.masked_fill(~all_cand[None], NEG_INF)
     positives = row[torch.arange(B), own].masked_fill(~cand, NEG_INF)  # (B, K)
     # column: candidates of local clip i against the other clips' videos -> (B, K, N)
-    col = torch.einsum("bkd,nd->bkn", text, all_v) / temperature
+    col = torch.einsum("bkd,nd->bkn", text, all_v) / tau
     other = torch.ones(B, N, dtype=torch.bool, device=video.device)
     other[torch.arange(B), own] = False
     keep_col = cand[:, :, None] & (other & all_mask[None])[:, None, :]

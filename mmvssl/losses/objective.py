@@ -10,8 +10,10 @@ per MIL-NCE candidate.
 
 Temperatures are fixed numbers or learnable parameters of the objective (stored as a log, so
 they stay positive, and clamped to [min_temperature, max_temperature] in the forward pass, as
-open_clip clamps CLIP's logit scale). SigLIP terms carry a bias, learnable with the
-temperature. The engine gives these parameters to the optimizer (never weight-decayed) and
+open_clip clamps CLIP's logit scale). `generated_temperature` (NCE and MIL-NCE terms with a
+text input) is LaViLa's separate, fixed temperature: pairs whose text is a paraphrase or a
+pseudo-narration (the batch's `text_generated`) use it for their rows. SigLIP terms carry a
+bias, learnable with the temperature. The engine gives these parameters to the optimizer (never weight-decayed) and
 saves them in checkpoints.
 """
 
@@ -36,6 +38,7 @@ class Term:
     temperature: float
     learnable: bool
     bias: float = -10.0
+    generated_temperature: float | None = None
 
 
 def _modality(embedding_name: str) -> str:
@@ -71,12 +74,21 @@ class Objective(nn.Module):
                 raise ConfigError(f"objective.terms[{i}] '{name}': temperature {tau} is outside "
                                   f"[objective.min_temperature, objective.max_temperature] = "
                                   f"[{min_temperature}, {max_temperature}]")
+            generated_tau = t.get("generated_temperature")
+            if generated_tau is not None:
+                if t["loss"] not in ("nce", "mil_nce") or "text" not in {_modality(x) for x in inputs}:
+                    raise ConfigError(f"objective.terms[{i}] '{name}': generated_temperature needs an nce or "
+                                      f"mil_nce term with a text input, got {t['loss']} on {list(inputs)}")
+                if not min_temperature <= float(generated_tau) <= max_temperature:
+                    raise ConfigError(f"objective.terms[{i}] '{name}': generated_temperature {generated_tau} is "
+                                      f"outside [{min_temperature}, {max_temperature}]")
+                generated_tau = float(generated_tau)
             learnable = t.get("learnable")
             learnable = bool(learnable_temperature if learnable is None else learnable)
             if float(t.get("weight", 1.0)) <= 0:
                 continue
             term = Term(name, t["loss"], inputs, float(t.get("weight", 1.0)), tau, learnable,
-                        float(t.get("bias", -10.0) if t.get("bias") is not None else -10.0))
+                        float(t.get("bias", -10.0) if t.get("bias") is not None else -10.0), generated_tau)
             self.terms.append(term)
             if learnable:
                 self.log_temperature[name] = nn.Parameter(torch.tensor(math.log(tau)))
@@ -93,6 +105,15 @@ class Objective(nn.Module):
         if term.name not in self.log_temperature:
             return term.temperature
         return self.log_temperature[term.name].exp().clamp(self.min_temperature, self.max_temperature)
+
+    def pair_temperatures(self, term: Term, batch: dict) -> float | torch.Tensor:
+        """The term's temperature, or (B,) per pair when generated texts have their own."""
+        tau = self.temperature(term)
+        generated = batch.get("text_generated")
+        if term.generated_temperature is None or generated is None or not bool(generated.any()):
+            return tau
+        tau = torch.as_tensor(tau, dtype=torch.float32, device=generated.device)
+        return torch.where(generated.bool(), torch.tensor(term.generated_temperature, device=generated.device), tau)
 
     def temperatures(self) -> dict[str, float]:
         """The current temperature of every learnable term, for logging."""
@@ -115,7 +136,7 @@ class Objective(nn.Module):
                 has = batch.get(f"has_{_modality(x)}")
                 if has is not None:
                     mask = has if mask is None else mask & has
-            kwargs = {"temperature": self.temperature(t), "mask": mask}
+            kwargs = {"temperature": self.pair_temperatures(t, batch), "mask": mask}
             if t.loss == "mil_nce":
                 kwargs["candidate_mask"] = batch.get("text_mask")
             if t.loss == "siglip":

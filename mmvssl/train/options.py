@@ -14,6 +14,7 @@ class TermConfig:
     temperature: float | None = None  # None: objective.temperature
     learnable: bool | None = None  # None: objective.learnable_temperature
     bias: float = -10.0  # siglip only: initial logit bias
+    generated_temperature: float | None = None  # nce/mil_nce: fixed temperature of pairs whose text is generated
 
 
 @dataclass
