@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .data.options import DataConfig
 from .errors import ConfigError
 from .narrator.options import NarratorConfig
+from .teacher_options import TeacherConfig
 from .train.options import ObjectiveConfig, TrainConfig
 
 
@@ -27,6 +28,8 @@ class ModelConfig:
     kind: str = "multimodal"  # multimodal (dual/tri-modal encoders) | narrator (see the narrator section)
     preset: str = "vatt-tiny"  # a name in models/ or a path to a preset YAML
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted preset keys, e.g. video.depth: 4
+    init_arch: str = ""  # CLIP initialisation of the video transformer: an open_clip ViT (name or config JSON)
+    init_pretrained: str = ""  # its weights: an open_clip tag or a local checkpoint file
 
 
 @dataclass
@@ -36,6 +39,7 @@ class ExperimentConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     narrator: NarratorConfig = field(default_factory=NarratorConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
 
 def _describe(e: OmegaConfBaseException) -> str:

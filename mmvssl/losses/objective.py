@@ -3,6 +3,11 @@
 A term with `loss: model` takes one input, a loss the model computed itself (the narrator's
 captioning cross-entropy, `caption_loss`), and only weights and logs it.
 
+Distillation terms (`distill_frames`, `distill_clip`, see distill.py) take [student, teacher]:
+a student output of the model (`video_frames`, `video_vat`, ...) and a teacher feature the
+engine put in the batch (`teacher_frames`). Each owns a predictor MLP from the student's width
+to the teacher's, built from `feature_dims` (name -> last dimension), which the engine supplies.
+
 The engine knows no method by name: it calls the objective on the model's embeddings and the
 batch, and gets the weighted sum plus every term's value for logging. A term is on when its
 weight is positive. Masks come from the batch: `has_<modality>` per sample and `text_mask`
@@ -27,6 +32,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .contrastive import LOSSES
+from .distill import DISTANCES, DISTILL_LOSSES, Predictor
 
 
 @dataclass
@@ -39,6 +45,7 @@ class Term:
     learnable: bool
     bias: float = -10.0
     generated_temperature: float | None = None
+    distance: str = "cosine"
 
 
 def _modality(embedding_name: str) -> str:
@@ -47,18 +54,24 @@ def _modality(embedding_name: str) -> str:
 
 class Objective(nn.Module):
     def __init__(self, terms: list[dict], temperature: float = 0.07, learnable_temperature: bool = False,
-                 min_temperature: float = 0.01, max_temperature: float = 1.0):
+                 min_temperature: float = 0.01, max_temperature: float = 1.0,
+                 feature_dims: dict[str, int] | None = None):
         super().__init__()
         self.min_temperature, self.max_temperature = min_temperature, max_temperature
         self.terms: list[Term] = []
         self.log_temperature = nn.ParameterDict()  # one learnable log-temperature per learnable term
         self.bias = nn.ParameterDict()  # one learnable bias per learnable SigLIP term
+        self.predictors = nn.ModuleDict()  # one predictor MLP per distillation term
         for i, t in enumerate(terms):
             name = t.get("name") or f"term{i}"
-            if t.get("loss") not in LOSSES and t.get("loss") != "model":
+            if t.get("loss") not in LOSSES and t.get("loss") not in DISTILL_LOSSES and t.get("loss") != "model":
                 raise ConfigError(f"objective.terms[{i}] '{name}': unknown loss '{t.get('loss')}' "
-                                  f"(available: {', '.join(LOSSES)}, model)")
+                                  f"(available: {', '.join([*LOSSES, *DISTILL_LOSSES])}, model)")
             inputs = tuple(t.get("inputs") or ())
+            if t["loss"] in DISTILL_LOSSES:
+                if float(t.get("weight", 1.0)) > 0:
+                    self._add_distill_term(i, name, t, inputs, feature_dims or {})
+                continue
             if t["loss"] == "model":
                 if len(inputs) != 1:
                     raise ConfigError(f"objective.terms[{i}] '{name}': a 'model' term names one input, the loss "
@@ -97,9 +110,25 @@ class Objective(nn.Module):
         if not self.terms:
             raise ConfigError("objective has no term with a positive weight")
 
+    def _add_distill_term(self, i: int, name: str, t: dict, inputs: tuple, feature_dims: dict[str, int]) -> None:
+        where = f"objective.terms[{i}] '{name}'"
+        if len(inputs) != 2:
+            raise ConfigError(f"{where}: inputs must name [student, teacher], e.g. [video_frames, teacher_frames]; "
+                              f"got {list(inputs)}")
+        distance = t.get("distance") or "cosine"
+        if distance not in DISTANCES:
+            raise ConfigError(f"{where}: unknown distance '{distance}' (expected: {', '.join(DISTANCES)})")
+        missing = [x for x in inputs if x not in feature_dims]
+        if missing:
+            raise ConfigError(f"{where}: no width known for {missing} (known: {', '.join(sorted(feature_dims))}); "
+                              f"distillation needs a `teacher:` section and a student output the model produces")
+        self.predictors[name] = Predictor(feature_dims[inputs[0]], feature_dims[inputs[1]],
+                                          int(t.get("predictor_hidden") or 0))
+        self.terms.append(Term(name, t["loss"], inputs, float(t.get("weight", 1.0)), 1.0, False, distance=distance))
+
     @property
     def modalities(self) -> set[str]:
-        return {_modality(x) for t in self.terms if t.loss != "model" for x in t.inputs}
+        return {_modality(x) for t in self.terms if t.loss != "model" for x in t.inputs} - {"teacher"}
 
     def temperature(self, term: Term) -> float | torch.Tensor:
         if term.name not in self.log_temperature:
@@ -122,6 +151,10 @@ class Objective(nn.Module):
     def forward(self, embeddings: dict[str, torch.Tensor], batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, values = 0.0, {}
         for t in self.terms:
+            if t.loss in DISTILL_LOSSES:
+                values[t.name] = self._distill(t, embeddings, batch)
+                total = total + t.weight * values[t.name]
+                continue
             for x in t.inputs:
                 if x not in embeddings:
                     raise ConfigError(f"objective term '{t.name}' needs embedding '{x}', but the model "
@@ -145,3 +178,15 @@ class Objective(nn.Module):
             values[t.name] = value
             total = total + t.weight * value
         return total, values
+
+    def _distill(self, t: Term, embeddings: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:
+        student, teacher = t.inputs
+        if student not in embeddings:
+            raise ConfigError(f"objective term '{t.name}' needs the student output '{student}', but the model "
+                              f"produced only: {', '.join(sorted(embeddings))}")
+        if teacher not in batch:
+            raise ConfigError(f"objective term '{t.name}' needs '{teacher}' in the batch: configure the "
+                              f"`teacher:` section (teacher.arch, teacher.pretrained)")
+        prediction = self.predictors[t.name](embeddings[student].float())  # losses in fp32
+        return DISTILL_LOSSES[t.loss](prediction, batch[teacher], mask=batch.get(f"has_{_modality(student)}"),
+                                      distance=t.distance)

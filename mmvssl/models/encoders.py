@@ -1,8 +1,9 @@
 """VATT-style modality encoders: tokenise, add positions, prepend an aggregation token, transform.
 
 Every encoder returns {"pooled": (B, D), "tokens": (B, N, D)}: the aggregation token's output and
-the output of the other tokens (the narrator and per-frame distillation use the tokens), and has
-a `.width` (D).
+the output of the other tokens (the narrator uses the tokens), and has a `.width` (D). The video
+transformer adds "frames" (B, t, D), its tokens averaged over h x w per temporal position (the
+student side of per-frame distillation; DropToken-aware).
 
 Modality-agnostic models (VATT-MA) pass one `shared` Transformer to every encoder: each encoder
 then keeps its own tokeniser, positions and aggregation token, plus an input projection
@@ -19,12 +20,27 @@ from torch import nn
 from .transformer import Transformer
 
 
-def _drop_tokens(x: torch.Tensor, rate: float) -> torch.Tensor:
-    """DropToken (VATT): keep a random subset of (1 - rate) of the tokens of each sample. (B, N, D)"""
+def _keep_index(x: torch.Tensor, rate: float) -> torch.Tensor:
+    """DropToken (VATT): the indices of a random subset of (1 - rate) of the tokens of each sample."""
     B, N, D = x.shape
     keep = max(1, int(round(N * (1.0 - rate))))
-    idx = torch.rand(B, N, device=x.device).argsort(dim=1)[:, :keep]  # (B, keep)
-    return x.gather(1, idx[..., None].expand(B, keep, D))
+    return torch.rand(B, N, device=x.device).argsort(dim=1)[:, :keep]  # (B, keep)
+
+
+def _drop_tokens(x: torch.Tensor, rate: float) -> torch.Tensor:
+    """DropToken (VATT): keep a random subset of (1 - rate) of the tokens of each sample. (B, N, D)"""
+    idx = _keep_index(x, rate)
+    return x.gather(1, idx[..., None].expand(*idx.shape, x.shape[2]))
+
+
+def _frame_means(tokens: torch.Tensor, position: torch.Tensor, t: int) -> torch.Tensor:
+    """tokens (B, N, D) with their temporal position (B, N) in [0, t) -> (B, t, D), the mean of the
+    tokens at each temporal position (zero where DropToken left none)."""
+    B, N, D = tokens.shape
+    sums = tokens.new_zeros(B, t, D).scatter_add(1, position[..., None].expand(B, N, D), tokens)
+    counts = torch.zeros(B, t, device=tokens.device, dtype=tokens.dtype).scatter_add(
+        1, position, torch.ones_like(position, dtype=tokens.dtype))
+    return sums / counts.clamp(min=1)[..., None]
 
 
 def _resize_positions(pos: torch.Tensor, n: int) -> torch.Tensor:
@@ -91,9 +107,13 @@ class VideoEncoder(TokenEncoder):
                + _resize_positions(self.pos_h, h)[:, None, :, None]
                + _resize_positions(self.pos_w, w)[:, None, None, :])  # (1, t, h, w, D)
         x = (x + pos).reshape(B, t * h * w, D)
+        position = torch.arange(t, device=x.device).repeat_interleave(h * w).expand(B, -1)  # (B, N) time index
         if self.training and self.drop_token > 0:
-            x = _drop_tokens(x, self.drop_token)
-        return self._transform(x)
+            idx = _keep_index(x, self.drop_token)  # (B, keep)
+            x, position = x.gather(1, idx[..., None].expand(*idx.shape, D)), position.gather(1, idx)
+        out = self._transform(x)
+        out["frames"] = _frame_means(out["tokens"], position, t)  # (B, t, D): mean over h, w per position
+        return out
 
     def forward_image(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Deflation for transformers: (B, C, H, W) stills -> the output of the static clip that

@@ -3,7 +3,9 @@
 `forward(batch)` returns every embedding the objective may ask for, keyed `<modality>_<space>`
 (FAC heads: video_va, video_vat, audio_va, text_vat; text as (B, K, D) when the batch carries K
 candidates), L2-normalised. A modality-agnostic preset adds `backbone`, the one Transformer all
-its encoders share.
+its encoders share. With `frame_features` set (the engine sets it when an objective term asks
+for `video_frames`), forward also returns `video_frames` (B, t, width): the video transformer's
+tokens averaged per temporal position, unnormalised, for per-frame distillation.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class MultimodalModel(nn.Module):
             raise ConfigError(f"preset '{name}': unknown heads.type '{head_type}' (expected: {', '.join(HEADS)})")
         widths = {f"{m}_width": enc.width for m, enc in self.encoders.items()}
         self.heads = build(HEADS[head_type], {**widths, **head_cfg}, f"{name}.heads")
+        self.frame_features = False  # forward also returns video_frames (B, t, width)
 
     @property
     def name(self) -> str:
@@ -87,6 +90,19 @@ class MultimodalModel(nn.Module):
             return self._encode("text", tokens.reshape(B * K, L), space, normalize).view(B, K, -1)
         return self._encode("text", tokens, space, normalize)
 
+    @torch.no_grad()
+    def output_dims(self) -> dict[str, int]:
+        """The last dimension of every output forward can give (heads run on zeros, in eval mode)."""
+        was_training = self.heads.training
+        self.heads.eval()
+        device = next(self.heads.parameters()).device
+        pooled = {m: torch.zeros(2, enc.width, device=device) for m, enc in self.encoders.items()}
+        dims = {k: z.shape[-1] for k, z in self.heads.embed(pooled).items()}
+        self.heads.train(was_training)
+        if "video" in self.encoders:
+            dims["video_frames"] = self.encoders["video"].width
+        return dims
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Every embedding the heads define for the modalities in `batch`, normalised."""
         pooled, text_shape = {}, None
@@ -97,11 +113,19 @@ class MultimodalModel(nn.Module):
             if modality == "text" and x.ndim == 3:
                 text_shape = x.shape[:2]  # (B, K)
                 x = x.reshape(-1, x.shape[-1])  # (B * K, L)
-            pooled[modality] = enc(x)["pooled"]
+            encoded = enc(x)
+            pooled[modality] = encoded["pooled"]
+            if modality == "video" and self.frame_features:
+                if "frames" not in encoded:
+                    raise ConfigError(f"model '{self.name}': its video encoder gives no per-frame tokens "
+                                      f"(video_frames); per-frame distillation needs a video transformer")
+                frames = encoded["frames"]  # (B, t, width)
         out = {}
         for key, z in self.heads.embed(pooled).items():
             z = F.normalize(z, dim=-1)
             out[key] = z.view(*text_shape, -1) if key.startswith("text_") and text_shape else z
+        if self.frame_features and "video" in pooled:
+            out["video_frames"] = frames
         return out
 
     # ---- persistence: config.json + model.safetensors, written atomically, loaded without pickle

@@ -9,6 +9,10 @@ Faults: a step whose loss or gradient is not finite is skipped and counted; `tra
 in a row stop the run, naming the step and the term. SIGTERM / SIGINT finish the current step,
 save a checkpoint and return; `train.resume=latest` continues at the same step with the same
 data (the loader skips the consumed batches) and the same RNG state.
+
+A `teacher:` section (off by default) adds a frozen open_clip image model: on the device, each
+batch gets the teacher's per-frame embeddings (`teacher_frames`) before the forward pass; the
+objective's distillation terms read them. The teacher is neither optimised nor saved.
 """
 
 from __future__ import annotations
@@ -45,7 +49,27 @@ def sample_spec(cfg: DictConfig, train: bool, seed_offset: int = 0) -> SampleSpe
     return data_sample_spec(d, train, seed + seed_offset)
 
 
-def build_model(cfg: DictConfig, out: Path, accelerator: Accelerator):
+def build_teacher(cfg: DictConfig, device: torch.device):
+    """The frozen image teacher of the `teacher:` section, or None when teacher.arch is empty."""
+    t = cfg.teacher
+    if not t.arch:
+        return None
+    from ..models.teacher import load_teacher
+    return load_teacher(t.arch, t.pretrained, image_size=t.image_size, patch_tokens=t.patch_tokens,
+                        device=device, precision=t.precision)
+
+
+def init_from_clip(net: MultimodalModel, arch: str, pretrained: str) -> list[str]:
+    """The video transformer of `net` from open_clip model `arch` with weights `pretrained`."""
+    from ..models.clip_init import inflate_clip_into_video_encoder
+    from ..models.teacher import load_teacher
+    if "video" not in net.encoders:
+        raise ConfigError("model.init_arch: the preset has no video encoder to initialise")
+    visual = load_teacher(arch, pretrained, device="cpu", precision="fp32").visual
+    return inflate_clip_into_video_encoder(net.encoders["video"], visual)
+
+
+def build_model(cfg: DictConfig, out: Path, accelerator: Accelerator, teacher=None):
     """(model, objective, prepare_batch) for `model.kind`: the engine's only knowledge of kinds."""
     sampling = {"num_frames": cfg.data.num_frames, "fps": cfg.data.fps, "size": cfg.data.size,
                 "audio_rate": cfg.data.audio_rate}
@@ -73,8 +97,17 @@ def build_model(cfg: DictConfig, out: Path, accelerator: Accelerator):
     preset = apply_overrides(load_preset(cfg.model.preset), to_dict(cfg.model.overrides))
     preset["sampling"] = sampling  # the clip sampling travels in config.json, for evaluation
     net = MultimodalModel(preset)
-    objective = Objective(to_dict(o.terms), temperature=o.temperature, learnable_temperature=o.learnable_temperature,
-                          min_temperature=o.min_temperature, max_temperature=o.max_temperature)
+    if cfg.model.init_arch:
+        init_from_clip(net, cfg.model.init_arch, cfg.model.init_pretrained)
+        accelerator.print(f"video encoder initialised from {cfg.model.init_arch} ({cfg.model.init_pretrained or 'random'})")
+    feature_dims = net.output_dims()
+    if teacher is not None:
+        feature_dims["teacher_frames"] = teacher.embed_dim
+    terms = to_dict(o.terms)
+    net.frame_features = any("video_frames" in (term.get("inputs") or ()) for term in terms)
+    objective = Objective(terms, temperature=o.temperature, learnable_temperature=o.learnable_temperature,
+                          min_temperature=o.min_temperature, max_temperature=o.max_temperature,
+                          feature_dims=feature_dims)
     return net, objective, (lambda batch: batch), objective.modalities
 
 
@@ -145,7 +178,8 @@ def pretrain(cfg: DictConfig) -> Path:
         save_config(cfg, out / "config.yaml")
         (out / "environment.json").write_text(json.dumps(environment(), indent=2))
 
-    net, objective, prepare_batch, modalities = build_model(cfg, out, accelerator)
+    teacher = build_teacher(cfg, accelerator.device)
+    net, objective, prepare_batch, modalities = build_model(cfg, out, accelerator, teacher)
     for module in net.modules():
         if hasattr(module, "grad_checkpointing"):
             module.grad_checkpointing = t.grad_checkpointing
@@ -236,6 +270,8 @@ def pretrain(cfg: DictConfig) -> Path:
                 data_wait += time.perf_counter() - tic
                 failed_total += int(batch["failed"])
                 batch = _to_device(prepare_batch(batch), accelerator.device, modalities)
+                if teacher is not None and "video" in batch:
+                    batch.update(teacher(batch["video"]))  # teacher_frames (B, T, D), no gradient
                 loss, terms = forward_backward(model, objective, batch, accelerator, t.accum_steps)
                 norm = grad_norm(accelerator, params, t.grad_clip)
                 # one flag for all processes, so that they all skip (or stop) together
