@@ -5,48 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 
 
 def make_video(path, seconds: float = 3.0, fps: int = 10, size=(96, 80), audio_rate: int | None = 16000,
                tone_hz: float = 440.0, codec: str = "libx264", container_format: str | None = None) -> Path:
     """A video whose red channel ramps with the frame index (frame i has red = 255 * i / n)
-    and, when audio_rate is set, a mono sine tone of tone_hz."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out = av.open(str(path), "w", format=container_format)
-    vs = out.add_stream(codec, rate=fps)
-    vs.width, vs.height = size
-    vs.pix_fmt = "yuv420p"
-    vs.gop_size = 2 * fps
-    astream = None
-    if audio_rate:
-        astream = out.add_stream("aac" if codec != "libvpx-vp9" else "libopus", rate=audio_rate if codec != "libvpx-vp9" else 48000)
-        astream.layout = "mono"
-    n = int(round(seconds * fps))
-    for i in range(n):
-        img = np.zeros((size[1], size[0], 3), np.uint8)
-        img[..., 0] = int(255 * i / n)
-        for packet in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-            out.mux(packet)
-    for packet in vs.encode():
-        out.mux(packet)
-    if astream is not None:
-        rate = astream.rate
-        t = np.arange(int(seconds * rate)) / rate
-        wave = (0.5 * np.sin(2 * np.pi * tone_hz * t)).astype(np.float32)
-        step = astream.codec_context.frame_size or 1024
-        for s in range(0, len(wave), step):
-            frame = av.AudioFrame.from_ndarray(wave[None, s:s + step], format="flt", layout="mono")
-            frame.sample_rate, frame.pts = rate, s
-            for packet in astream.encode(frame):
-                out.mux(packet)
-        for packet in astream.encode():
-            out.mux(packet)
-    out.close()
-    return path
+    and, when audio_rate is set, a mono sine tone of tone_hz (Opus at 48 kHz beside VP9)."""
+    from tests.helpers_data.media import make_media
+    vp9 = codec == "libvpx-vp9"
+    audio_codec = None if not audio_rate else ("libopus" if vp9 else "aac")
+    return make_media(path, codec=codec, container_format=container_format, size=size, fps=fps, seconds=seconds,
+                      audio_codec=audio_codec, audio_rate=48000 if vp9 else (audio_rate or 16000),
+                      tone_hz=tone_hz, mark=False)
 
 
 @pytest.fixture

@@ -49,8 +49,8 @@ def tokens_per_second(model, video, tokens: int, candidates: int, use_cache: boo
 
 def narrate_windows_per_second(lm: str) -> dict:
     import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-    from conftest import make_video  # the test suite's video generator: a 10 s H.264 + AAC clip
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.helpers_data.media import make_media  # the test suite's generator: H.264 + AAC clips
 
     from mmvssl.narrate import narrate
     from mmvssl.narrator.generate import GenerationConfig
@@ -63,7 +63,7 @@ def narrate_windows_per_second(lm: str) -> dict:
         model.config.update(pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
         model.save_pretrained(tmp / "narrator", tokenizer_file=tok_file)
         for i in range(2):
-            make_video(tmp / "videos" / f"v{i}.mp4", seconds=10.0, size=(320, 240))
+            make_media(tmp / "videos" / f"v{i}.mp4", seconds=10.0, size=(320, 240), mark=False)
         start = time.perf_counter()
         counts = narrate(str(tmp / "narrator"), str(tmp / "videos"), str(tmp / "n.jsonl"),
                          gen=GenerationConfig(num_candidates=10, max_length=20), progress=False)

@@ -11,9 +11,11 @@ import numpy as np
 
 def make_media(path, codec: str = "libx264", container_format: str | None = None, size=(64, 48),
                fps: int = 10, seconds: float = 2.0, audio_codec: str | None = "aac", audio_rate: int = 16000,
-               channels: int = 1, rotation: int = 0, vfr: bool = False, pix_fmt: str = "yuv420p") -> Path:
-    """Frame i: red = 255 i / n everywhere, and a white bar in the left eighth of the stored
-    picture (so rotation is visible). VFR: frame gaps alternate 1/fps and 2/fps."""
+               channels: int = 1, rotation: int = 0, vfr: bool = False, pix_fmt: str = "yuv420p",
+               tone_hz: float = 440.0, mark: bool = True) -> Path:
+    """Frame i: red = 255 i / n everywhere and, with `mark`, a white bar in the left eighth of the
+    stored picture (so rotation is visible); audio a sine of tone_hz. VFR: frame gaps alternate
+    1/fps and 2/fps."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     out = av.open(str(path), "w", format=container_format)
@@ -35,7 +37,8 @@ def make_media(path, codec: str = "libx264", container_format: str | None = None
     for i in range(n):
         img = np.zeros((size[1], size[0], 3), np.uint8)
         img[..., 0] = int(255 * i / n)
-        img[:, : max(1, size[0] // 8)] = 255
+        if mark:
+            img[:, : max(1, size[0] // 8)] = 255
         frame = av.VideoFrame.from_ndarray(img, format="rgb24")
         if vfr:
             frame.pts, frame.time_base = pts, Fraction(1, fps * 2)
@@ -47,7 +50,7 @@ def make_media(path, codec: str = "libx264", container_format: str | None = None
     if astream is not None:
         rate = astream.rate
         t = np.arange(int(seconds * rate)) / rate
-        wave = (0.5 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
+        wave = (0.5 * np.sin(2 * np.pi * tone_hz * t)).astype(np.float32)
         planes = np.stack([wave] * channels)
         step = astream.codec_context.frame_size or 1024
         for s in range(0, planes.shape[1], step):
