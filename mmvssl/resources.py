@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
+from .errors import ConfigError
+
 _PACKAGE = Path(__file__).resolve().parent
 
 
@@ -15,3 +19,14 @@ def data_path(*parts: str) -> Path:
         if candidate.exists():
             return candidate
     return _PACKAGE.parent.joinpath(*parts)
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file whose top level is a mapping (a preset, a task); errors name the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: {what} must be a mapping")
+    return data

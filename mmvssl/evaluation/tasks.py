@@ -20,10 +20,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from ..errors import MmvsslError
-from ..resources import data_path
+from ..resources import data_path, read_yaml_mapping
 
 PROTOCOLS = ("zeroshot", "linear", "knn", "retrieval")
 DEFAULT_TEMPLATES = ["a video of {}.", "a photo of {}.", "{}."]
@@ -86,12 +85,7 @@ def _check_classes(names, where: str) -> list[str]:
 
 def load_task(name_or_path: str | Path) -> Task:
     path = resolve_task_path(str(name_or_path))
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise MmvsslError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise MmvsslError(f"{path}: a task must be a mapping")
+    raw = read_yaml_mapping(path, "a task")
     known = {"name", "classes", "classes_file", "templates", "modality", "label_key", "protocols", "data",
              "description", "source"}
     unknown = sorted(set(raw) - known)

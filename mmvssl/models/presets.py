@@ -6,10 +6,9 @@ import copy
 import os
 from pathlib import Path
 
-import yaml
 
 from ..errors import ConfigError
-from ..resources import data_path
+from ..resources import data_path, read_yaml_mapping
 from .multimodal import MultimodalModel
 
 
@@ -24,12 +23,7 @@ def load_preset(name_or_path: str | os.PathLike) -> dict:
         path = data_path("models", f"{name_or_path}.yaml")
         if not path.is_file():
             raise ConfigError(f"unknown model preset '{name_or_path}' (available: {', '.join(list_presets())})")
-    try:
-        preset = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(preset, dict):
-        raise ConfigError(f"{path}: a preset must be a mapping")
+    preset = read_yaml_mapping(path, "a preset")
     preset.setdefault("name", path.stem)
     return preset
 
