@@ -181,3 +181,32 @@ def test_cnn_gradient_checkpointing_gives_the_same_gradients():
     enc.grad_checkpointing = True
     for n, g in grads().items():
         assert torch.allclose(g, plain[n], atol=1e-5), n
+
+
+def test_conv_stem_gives_the_patch_grid_and_treats_every_frame_alike():
+    from mmvssl.models.encoders import VideoEncoder
+    torch.manual_seed(0)
+    enc = VideoEncoder(32, 1, 2, patch=(2, 8, 8), num_frames=4, image_size=32, stem="conv").eval()
+    assert [type(m).__name__ for m in enc.stem.layers][:3] == ["Conv2d", "BatchNorm2d", "ReLU"]
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in enc.stem.layers) == 3  # 8 = 2 ** 3
+    video = torch.randn(2, 3, 4, 32, 32)
+    out = enc(video)
+    assert out["tokens"].shape == (2, 2 * 4 * 4, 32) and out["frames"].shape == (2, 2, 32)
+    # per-frame stem: the features of frame k do not depend on the other frames
+    moved = video.clone()
+    moved[:, :, 1] = torch.randn(2, 3, 32, 32)
+    stem, stem_moved = enc.stem(video), enc.stem(moved)
+    assert torch.equal(stem[:, :, [0, 2, 3]], stem_moved[:, :, [0, 2, 3]])
+    assert not torch.allclose(stem[:, :, 1], stem_moved[:, :, 1])
+
+
+def test_conv_stem_rejects_a_patch_it_cannot_reach_naming_the_section():
+    from mmvssl.errors import ConfigError
+    from mmvssl.models.multimodal import MultimodalModel
+    preset = load_preset("vatt-tiny")
+    preset["video"].update(stem="conv", patch=[2, 12, 12], image_size=48)
+    with pytest.raises(ConfigError, match=r"vatt-tiny\.video: stem 'conv' needs a square power-of-two"):
+        MultimodalModel(preset)
+    preset["video"].update(stem="convs", patch=[2, 16, 16], image_size=64)
+    with pytest.raises(ConfigError, match="unknown stem 'convs'"):
+        MultimodalModel(preset)

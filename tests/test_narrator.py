@@ -230,3 +230,27 @@ def test_narrator_trains_through_the_engine(demo_shards, trained_run, tmp_path):
     dual = mmvssl.load_model(trained_run / "model")
     for name, p in narrator.visual.state_dict().items():
         assert torch.equal(p, dual.encoders["video"].state_dict()[name]), name
+
+
+@pytest.mark.parametrize("video", [{"width": 32, "depth": 1, "heads": 2, "patch": [2, 8, 8], "num_frames": 4,
+                                    "image_size": 32, "stem": "conv"},
+                                   {"type": "torchvision", "arch": "r3d_18", "num_frames": 4, "image_size": 32}])
+def test_any_video_encoder_serves_as_the_narrators_visual_side(video, tmp_path):
+    torch.manual_seed(0)
+    model = Narrator({**tiny_config(), "video": video}).eval()
+    open_gates(model, 0.5)
+    clip = torch.randn(2, 3, 4, 32, 32)
+    ids = torch.randint(4, 120, (2, 7))
+    with torch.no_grad():
+        logits = model(clip, ids)["logits"]
+        assert not torch.allclose(logits[0], model(clip.flip(0), ids)["logits"][0])  # the video matters
+    model.save_pretrained(tmp_path / "n")
+    with torch.no_grad():
+        assert torch.equal(Narrator.from_pretrained(tmp_path / "n").eval()(clip, ids)["logits"], logits)
+
+
+def test_a_modality_agnostic_model_is_refused_as_the_visual_side():
+    ncfg = SimpleNamespace(visual="vatt-tiny-ma", lm="tiny", num_queries=4, cross_every=1, freeze_lm=False,
+                           freeze_visual=True, max_length=16)
+    with pytest.raises(ConfigError, match="narrator.visual: 'vatt-tiny-ma' has no video encoder of its own"):
+        build_narrator(ncfg, SimpleNamespace(vocab_size=100, pad_id=0, bos_id=2, eos_id=3))

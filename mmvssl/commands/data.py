@@ -15,5 +15,5 @@ def register(sub) -> None:
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--num-train", type=int, default=384)
-    s.add_argument("--num-val", type=int, default=40)
+    s.add_argument("--num-val", type=int, default=120)
     s.set_defaults(func=_synth)

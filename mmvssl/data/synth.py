@@ -252,7 +252,7 @@ def write_split(split_dir: Path, split: str, combos, seed: int, split_id: int, s
     return captions
 
 
-def make_synthetic_dataset(out_dir, seed: int = 0, num_train: int = 384, num_val: int = 40, size: int = 96,
+def make_synthetic_dataset(out_dir, seed: int = 0, num_train: int = 384, num_val: int = 120, size: int = 96,
                            fps: int = 10, seconds: float = 4.0, sample_rate: int = 16000) -> dict:
     """Write the train/val demo dataset under ``out_dir`` and return a summary of what was written.
 

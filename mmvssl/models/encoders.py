@@ -74,31 +74,69 @@ class TokenEncoder(nn.Module):
         return {"pooled": x[:, 0], "tokens": x[:, 1:]}
 
 
+class ConvStem(nn.Module):
+    """A convolutional stem in place of the linear patch embedding (Xiao et al. 2021, "Early
+    convolutions help transformers see better"): log2(p) 3x3 convolutions of stride 2 on every
+    frame, each with BatchNorm and ReLU, channels doubling from max(16, width / 8) up to `width`. (B, C, T, H, W)
+    -> (B, channels, T, H / p, W / p); the tubelet's temporal merge and the projection to the
+    encoder's width follow as `patch_embed` (kernel t x 1 x 1). Small ViTs trained from scratch on
+    little data see shape far better through it. Frames go through Conv2d, much faster on CPU than
+    the equivalent 1 x 3 x 3 Conv3d."""
+
+    def __init__(self, in_channels: int, patch: tuple[int, int, int], width: int):
+        super().__init__()
+        _, ph, pw = patch
+        if ph != pw or ph < 2 or ph & (ph - 1):
+            raise ValueError(f"stem 'conv' needs a square power-of-two spatial patch, got {list(patch)}")
+        layers, channels, base = [], in_channels, max(16, width // 8)
+        for i in range(ph.bit_length() - 1):
+            out = min(width, base * 2 ** i)
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out),
+                       nn.ReLU(inplace=True)]
+            channels = out
+        self.layers, self.channels = nn.Sequential(*layers), channels
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        B, C, T, H, W = video.shape
+        x = self.layers(video.transpose(1, 2).reshape(B * T, C, H, W))  # every frame alike
+        return x.reshape(B, T, *x.shape[1:]).transpose(1, 2)  # (B, channels, T, h, w)
+
+
 class VideoEncoder(TokenEncoder):
-    """Tubelet embedding (Conv3d, kernel = stride = t x p x p) + factorised time/height/width positions."""
+    """Tubelet embedding (Conv3d, kernel = stride = t x p x p) + factorised time/height/width positions.
+    `stem: conv` puts a convolutional stem before a t x 1 x 1 tubelet projection instead."""
 
     def __init__(self, width: int, depth: int, heads: int, patch: tuple[int, int, int] = (4, 16, 16),
                  num_frames: int = 32, image_size: int = 224, mlp_ratio: float = 4.0,
-                 drop_token: float = 0.0, in_channels: int = 3, shared: Transformer | None = None):
+                 drop_token: float = 0.0, in_channels: int = 3, stem: str = "patch",
+                 shared: Transformer | None = None):
         super().__init__()
         self.patch = tuple(patch)
         self.drop_token = drop_token
         self.num_frames, self.image_size = num_frames, image_size
+        self.in_channels = in_channels
         t, p = num_frames // self.patch[0], image_size // self.patch[1]
-        self.patch_embed = nn.Conv3d(in_channels, width, kernel_size=self.patch, stride=self.patch)
+        if stem == "patch":
+            self.stem = None
+            self.patch_embed = nn.Conv3d(in_channels, width, kernel_size=self.patch, stride=self.patch)
+        elif stem == "conv":
+            self.stem = ConvStem(in_channels, self.patch, width)
+            kernel = (self.patch[0], 1, 1)
+            self.patch_embed = nn.Conv3d(self.stem.channels, width, kernel_size=kernel, stride=kernel)
+        else:
+            raise ValueError(f"unknown stem '{stem}' (expected: patch, conv)")
         self.pos_t = nn.Parameter(torch.randn(1, t, width) * 0.02)
         self.pos_h = nn.Parameter(torch.randn(1, p, width) * 0.02)
         self.pos_w = nn.Parameter(torch.randn(1, image_size // self.patch[2], width) * 0.02)
         self._init_backbone(width, depth, heads, mlp_ratio, shared)
 
     def forward(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
-        if video.ndim != 5 or video.shape[1] != self.patch_embed.in_channels:
-            raise ValueError(f"video encoder expects (B, {self.patch_embed.in_channels}, T, H, W), "
-                             f"got {tuple(video.shape)}")
+        if video.ndim != 5 or video.shape[1] != self.in_channels:
+            raise ValueError(f"video encoder expects (B, {self.in_channels}, T, H, W), got {tuple(video.shape)}")
         T, H, W = video.shape[2:]
         if T % self.patch[0] or H % self.patch[1] or W % self.patch[2]:
             raise ValueError(f"video of T x H x W = {T}x{H}x{W} is not divisible by the tubelet {self.patch}")
-        x = self.patch_embed(video)  # (B, D, t, h, w)
+        x = self.patch_embed(video if self.stem is None else self.stem(video))  # (B, D, t, h, w)
         B, D, t, h, w = x.shape
         x = x.permute(0, 2, 3, 4, 1)  # (B, t, h, w, D)
         if self.in_proj is not None:
@@ -119,8 +157,7 @@ class VideoEncoder(TokenEncoder):
         """Deflation for transformers: (B, C, H, W) stills -> the output of the static clip that
         repeats each image over the `num_frames` the encoder was built for."""
         if images.ndim != 4:
-            raise ValueError(f"image encoder expects (B, {self.patch_embed.in_channels}, H, W), "
-                             f"got {tuple(images.shape)}")
+            raise ValueError(f"image encoder expects (B, {self.in_channels}, H, W), got {tuple(images.shape)}")
         return self(images[:, :, None].expand(-1, -1, self.num_frames, -1, -1))  # (B, C, T, H, W)
 
 

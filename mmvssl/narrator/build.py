@@ -39,11 +39,15 @@ def build_narrator(ncfg, tokenizer: SentencePieceTokenizer) -> Narrator:
     visual_state = None
     if (visual_path / "config.json").is_file():  # a trained dual encoder: start from its video tower
         from safetensors.torch import load_file
-        video_cfg = json.loads((visual_path / "config.json").read_text())["video"]
+        source = json.loads((visual_path / "config.json").read_text())
         visual_state = {k[len("encoders.video."):]: v for k, v in load_file(str(visual_path / "model.safetensors")).items()
                         if k.startswith("encoders.video.")}
     else:
-        video_cfg = load_preset(ncfg.visual)["video"]
+        source = load_preset(ncfg.visual)
+    if "backbone" in source or "video" not in source:
+        raise ConfigError(f"narrator.visual: '{ncfg.visual}' has no video encoder of its own (a modality-agnostic "
+                          f"model shares one backbone); use a modality-specific model or preset")
+    video_cfg = source["video"]
     lm_state = None
     if Path(ncfg.lm).is_dir():
         from transformers import GPT2LMHeadModel

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.encoders import VideoEncoder
+from ..models.builders import build_encoders
 
 
 class AttentionPooler(nn.Module):
@@ -99,7 +99,8 @@ class Narrator(nn.Module):
         for key in config:
             if key not in known:
                 raise ConfigError(f"narrator config: unknown key '{key}' (expected: {', '.join(sorted(known))})")
-        self.visual = VideoEncoder(**config["video"])
+        # any mmvssl video encoder: the VATT transformer (either stem) or a torchvision network
+        self.visual = build_encoders({"video": config["video"]}, "narrator.visual", None)["video"]
         lm_cfg = dict(config["lm"])
         lm_cfg.pop("architectures", None)
         self.lm = GPT2LMHeadModel(GPT2Config(**lm_cfg))
