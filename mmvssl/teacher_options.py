@@ -1,6 +1,7 @@
 """The `teacher:` section of an experiment config (schema only): a frozen open_clip image model
 whose per-frame embeddings the video encoder is distilled towards (see mmvssl/models/teacher.py).
-Off by default (`arch` empty)."""
+Off by default (`arch` empty). With `cached`, the teacher is not run: its features come from
+the shards (see mmvssl/teacher_features.py, mmvssl/data/teacher_cache.py)."""
 
 from __future__ import annotations
 
@@ -14,3 +15,6 @@ class TeacherConfig:
     image_size: int = 0  # frames are resized to this before the teacher; 0: the teacher's own image size
     patch_tokens: bool = False  # also put the teacher's patch tokens in the batch (teacher_patches)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    # read the features `mmvssl shards add-features` cached in data.shards (nearest cached frame time
+    # for each sampled frame) instead of running the teacher; they must come from this arch/pretrained/size
+    cached: bool = False

@@ -1,4 +1,4 @@
-"""`mmvssl shards ...`: build, inspect and verify webdataset shards."""
+"""`mmvssl shards ...`: build, inspect and verify webdataset shards; add cached teacher features."""
 
 import json
 import os
@@ -39,6 +39,23 @@ def _verify(args) -> None:
         raise MmvsslError(f"{len(result['failed'])} samples failed to decode")
 
 
+def _add_features(args) -> None:
+    from ..teacher_features import add_teacher_features, parse_teacher_spec
+    arch, pretrained, image_size = parse_teacher_spec(args.teacher)
+    report = add_teacher_features(arch, pretrained, args.shards, args.out, fps=args.fps, size=args.size,
+                                  image_size=args.image_size or image_size, batch_size=args.batch_size,
+                                  device=args.device, overwrite=args.overwrite, progress=True)
+    shards = report["shards"]
+    skipped = [(name, item) for name, r in shards.items() for item in r["skipped"]]
+    print(f"teacher {report['teacher']['arch']} ({report['teacher']['pretrained']}, "
+          f"{report['teacher']['image_size']} px, D={report['teacher']['embed_dim']}) at {report['settings']['fps']:g} "
+          f"frames/s: {len(shards)} shards ({len(report['done_before'])} finished before), "
+          f"{sum(r['samples'] for r in shards.values())} samples, {sum(r['frames'] for r in shards.values())} "
+          f"frames, {len(skipped)} skipped -> {args.out} (details in {os.path.join(args.out, 'features_report.json')})")
+    for name, item in skipped[:10]:
+        print(f"  skipped {name} {item['key']}: {item['reason']}")
+
+
 def register(sub) -> None:
     shards = sub.add_parser("shards", help="webdataset shards").add_subparsers(dest="action", required=True)
     b = shards.add_parser("build", help="videos + captions.jsonl/csv -> tar shards, sizes.json, build_report.json")
@@ -64,3 +81,23 @@ def register(sub) -> None:
     v = shards.add_parser("verify", help="decode every sample and list the failures")
     v.add_argument("shards")
     v.set_defaults(func=_verify)
+    f = shards.add_parser("add-features", help="cache a frozen image teacher's per-frame features in new shards "
+                                               "(train with teacher.cached=true)")
+    f.add_argument("teacher", metavar="TEACHER_SPEC",
+                   help="ARCH[:PRETRAINED]: an open_clip model name, hf-hub:org/repo or a model-config JSON, then a "
+                        "weights tag or a local checkpoint file (ViT-B-32:openai, tiny.json:tiny.pt); or an "
+                        "experiment config YAML, whose teacher.arch / teacher.pretrained / teacher.image_size are used")
+    f.add_argument("--shards", required=True, help="input shards (folder, brace pattern or glob)")
+    f.add_argument("--out", required=True, help="folder for the new shards (same names), sizes.json and "
+                                                "features_report.json; re-running resumes")
+    f.add_argument("--fps", type=float, default=4.0, help="cached frames per second over the whole video (frame "
+                                                         "times 0, 1/F, 2/F, ...); training pairs each sampled "
+                                                         "frame with the nearest cached time")
+    f.add_argument("--size", type=int, default=0, help="decode frames (centre crop) at this size before the "
+                                                       "teacher's resize; 0: the teacher's image size; data.size "
+                                                       "gives exactly the online teacher's input")
+    f.add_argument("--image-size", type=int, default=0, help="teacher.image_size (0: the teacher's own)")
+    f.add_argument("--batch-size", type=int, default=64, help="frames per teacher call")
+    f.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available; bf16 on GPU)")
+    f.add_argument("--overwrite", action="store_true", help="replace features made with another teacher or settings")
+    f.set_defaults(func=_add_features)

@@ -7,6 +7,9 @@ fixed epochs; several shard sets are mixed by weight) and "epoch" reads every sa
 once over all processes and workers (mmvssl.data.shardio). A sample that fails to decode is
 skipped and counted, and the count travels with the next batch so it reaches the training log;
 video2dataset's failed downloads (metadata, no video) are skipped without counting as errors.
+With `SampleSpec.teacher_features` each sample also carries the cached teacher features of its
+frame times (mmvssl.data.teacher_cache); missing or foreign features stop the stream with an
+error naming the shard and key, never a silent skip.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .augment import Augmenter, AugmentOptions
 from .decode import DecodeError, decode_window, probe
 from .sampling import select_source_texts, view_windows
 from .shardio import VIDEO_EXTENSIONS, EpochSamples, list_shards, mix, parse_sources, tag_source
+from .teacher_cache import pair_cached_frames
 from .text import build_tokenizer
 
 __all__ = ["SampleSpec", "build_loader", "build_dataset", "collate", "list_shards", "VIDEO_EXTENSIONS"]
@@ -49,6 +53,9 @@ class SampleSpec:
     num_local: int = 2  # svt
     text_sources: tuple[str, ...] = ("human",)  # human, paraphrase, pseudo: one drawn per sample (LaViLa)
     augment: AugmentOptions = field(default_factory=AugmentOptions)
+    # the teacher fingerprint (models.teacher.teacher_identity) whose cached features each sample
+    # must carry: they become `teacher_frames` for the first view's frame times; None: not read
+    teacher_features: dict | None = None
 
     @property
     def multi_view(self) -> bool:
@@ -128,6 +135,11 @@ class DecodeSamples:
             duration = probe(raw[ext], check_decode=False).duration
         windows = view_windows(spec.sampler, duration, spec.window, rng, spec.train, spec.long_scale,
                                spec.num_clips, spec.num_global, spec.num_local)
+        cached = None
+        if spec.teacher_features is not None:  # the first view's frame times, as decode_window computes them
+            start, length = windows[0]
+            times = torch.from_numpy(start + np.arange(spec.num_frames) / (spec.num_frames / length))
+            cached = pair_cached_frames(raw, times, spec.teacher_features)  # (T, D) float16
         augment = self.augmenter.video_transform is not None
         videos, audio, first = [], None, None
         for v, (start, length) in enumerate(windows):
@@ -154,12 +166,15 @@ class DecodeSamples:
         window_meta = {"window": [first.start, first.end]}
         if len(windows) > 1:
             window_meta["views"] = [[s, s + n] for s, n in windows]
-        return {
+        sample = {
             "video": video, "audio": audio, "text": tokens, "text_mask": text_mask,
             "has_video": True, "has_audio": has_audio, "has_text": bool(texts), "text_generated": generated,
             "key": key, "meta": {**meta, **window_meta, "source_shard": raw.get("__url__"),
                                  "source_set": raw.get("__source__", "")},
         }
+        if cached is not None:
+            sample["teacher_frames"] = cached
+        return sample
 
 
 def _is_failed_download(raw: dict) -> bool:
@@ -183,6 +198,8 @@ def collate(samples: list[dict]) -> dict:
         "failed": torch.tensor(sum(s["_failed"] for s in samples)),  # samples skipped on the way
         "text_generated": torch.tensor([s["text_generated"] for s in samples], dtype=torch.bool),  # (B,)
     }
+    if "teacher_frames" in samples[0]:  # cached teacher features (teacher.cached)
+        batch["teacher_frames"] = torch.stack([s["teacher_frames"] for s in samples]).float()  # (B, T, D)
     for m in ("video", "audio", "text"):
         batch[f"has_{m}"] = torch.tensor([s[f"has_{m}"] for s in samples], dtype=torch.bool)
     return batch

@@ -11,10 +11,14 @@ mean 0.45 / std 0.225, undoes that normalisation, resizes every frame to the tea
 size, applies the teacher's own mean / std, and returns
 {"teacher_frames": (B, T, D)} (the pooled, projected image embedding of every frame, fp32) and,
 with `patch_tokens`, {"teacher_patches": (B, T, N, width)}.
+
+`teacher_identity(arch, pretrained, image_size)` is the fingerprint that cached features
+(`mmvssl shards add-features`, mmvssl/data/teacher_cache.py) carry and training checks.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -62,6 +66,41 @@ def load_teacher(arch: str, pretrained: str = "", image_size: int = 0, patch_tok
     size = image_size or _image_size(visual)
     teacher = ImageTeacher(visual, size, mean, std, patch_tokens)
     return teacher.to(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
+def _weights_id(pretrained: str) -> str:
+    """A local checkpoint is known by its content (sha256), a tag by its name."""
+    path = Path(pretrained)
+    if not pretrained or not path.is_file():
+        return pretrained
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def teacher_identity(arch: str, pretrained: str = "", image_size: int = 0,
+                     teacher: "ImageTeacher | None" = None) -> dict:
+    """The fingerprint of a teacher, for cached features: {arch (open_clip name), pretrained (tag or
+    file name), weights (tag, or sha256 of the checkpoint file), image_size (the size frames are
+    resized to), embed_dim}. Without a loaded `teacher`, size and width come from open_clip's model
+    config (the teacher is built on the CPU only when open_clip has none, e.g. an hf-hub model)."""
+    if not arch:
+        raise ConfigError("teacher.arch is empty: name an open_clip model (e.g. ViT-B-32) or a model-config JSON file")
+    name = _model_name(arch)
+    weights = _weights_id(pretrained) or (arch if arch.startswith("hf-hub:") else "")
+    identity = {"arch": name, "pretrained": Path(pretrained).name if Path(pretrained).is_file() else pretrained,
+                "weights": weights}
+    if teacher is None:
+        import open_clip
+        config = open_clip.get_model_config(name)
+        if config and "embed_dim" in config:
+            own = (config.get("vision_cfg") or {}).get("image_size", 224)
+            own = own[0] if isinstance(own, (tuple, list)) else own
+            return {**identity, "image_size": int(image_size or own), "embed_dim": int(config["embed_dim"])}
+        teacher = load_teacher(arch, pretrained, image_size=image_size, device="cpu", precision="fp32")
+    return {**identity, "image_size": int(teacher.image_size), "embed_dim": int(teacher.embed_dim)}
 
 
 def _image_size(visual: nn.Module) -> int:

@@ -12,7 +12,10 @@ data (the loader skips the consumed batches) and the same RNG state.
 
 A `teacher:` section (off by default) adds a frozen open_clip image model: on the device, each
 batch gets the teacher's per-frame embeddings (`teacher_frames`) before the forward pass; the
-objective's distillation terms read them. The teacher is neither optimised nor saved.
+objective's distillation terms read them. The teacher is neither optimised nor saved. With
+`teacher.cached: true` the teacher is not loaded at all: the loader pairs the features that
+`mmvssl shards add-features` stored in the shards with the sampled frames (same `teacher_frames`),
+after a check that every shard folder holds features of the teacher the config names.
 """
 
 from __future__ import annotations
@@ -50,13 +53,38 @@ def sample_spec(cfg: DictConfig, train: bool, seed_offset: int = 0) -> SampleSpe
 
 
 def build_teacher(cfg: DictConfig, device: torch.device):
-    """The frozen image teacher of the `teacher:` section, or None when teacher.arch is empty."""
+    """The frozen image teacher of the `teacher:` section, or None when teacher.arch is empty or
+    its features are cached in the shards."""
     t = cfg.teacher
-    if not t.arch:
+    if not t.arch or t.cached:
         return None
     from ..models.teacher import load_teacher
     return load_teacher(t.arch, t.pretrained, image_size=t.image_size, patch_tokens=t.patch_tokens,
                         device=device, precision=t.precision)
+
+
+def cached_teacher(cfg: DictConfig, spec: SampleSpec) -> dict | None:
+    """teacher.cached: the fingerprint of the config's teacher, checked against the features reports
+    of every shard folder (ConfigError naming the folder otherwise); None when not cached."""
+    t = cfg.teacher
+    if not t.cached:
+        return None
+    from ..data.shardio import parse_sources
+    from ..data.teacher_cache import check_feature_folders
+    from ..models.teacher import teacher_identity
+    if not t.arch:
+        raise ConfigError("teacher.cached needs teacher.arch and teacher.pretrained: the teacher whose features "
+                          "`mmvssl shards add-features` cached")
+    if t.patch_tokens:
+        raise ConfigError("teacher.patch_tokens: cached features hold pooled frame embeddings only; "
+                          "set teacher.cached=false to get patch tokens")
+    if spec.multi_view:
+        raise ConfigError(f"teacher.cached: data.sampler '{spec.sampler}' gives several views; teacher features "
+                          f"(cached or online) pair with one clip")
+    identity = teacher_identity(t.arch, t.pretrained, t.image_size)
+    urls = [url for s in parse_sources(cfg.data.shards) for url in s.urls]
+    identity["embed_dim"] = check_feature_folders(urls, identity)
+    return identity
 
 
 def init_from_clip(net: MultimodalModel, arch: str, pretrained: str) -> list[str]:
@@ -69,8 +97,9 @@ def init_from_clip(net: MultimodalModel, arch: str, pretrained: str) -> list[str
     return inflate_clip_into_video_encoder(net.encoders["video"], visual)
 
 
-def build_model(cfg: DictConfig, out: Path, accelerator: Accelerator, teacher=None):
-    """(model, objective, prepare_batch) for `model.kind`: the engine's only knowledge of kinds."""
+def build_model(cfg: DictConfig, out: Path, accelerator: Accelerator, teacher_dim: int | None = None):
+    """(model, objective, prepare_batch) for `model.kind`: the engine's only knowledge of kinds.
+    `teacher_dim`: the width of `teacher_frames` (online or cached teacher), None without one."""
     sampling = {"num_frames": cfg.data.num_frames, "fps": cfg.data.fps, "size": cfg.data.size,
                 "audio_rate": cfg.data.audio_rate}
     o = cfg.objective
@@ -101,8 +130,8 @@ def build_model(cfg: DictConfig, out: Path, accelerator: Accelerator, teacher=No
         init_from_clip(net, cfg.model.init_arch, cfg.model.init_pretrained)
         accelerator.print(f"video encoder initialised from {cfg.model.init_arch} ({cfg.model.init_pretrained or 'random'})")
     feature_dims = net.output_dims()
-    if teacher is not None:
-        feature_dims["teacher_frames"] = teacher.embed_dim
+    if teacher_dim:
+        feature_dims["teacher_frames"] = teacher_dim
     terms = to_dict(o.terms)
     net.frame_features = any("video_frames" in (term.get("inputs") or ()) for term in terms)
     objective = Objective(terms, temperature=o.temperature, learnable_temperature=o.learnable_temperature,
@@ -178,8 +207,11 @@ def pretrain(cfg: DictConfig) -> Path:
         save_config(cfg, out / "config.yaml")
         (out / "environment.json").write_text(json.dumps(environment(), indent=2))
 
+    spec = sample_spec(cfg, train=True, seed_offset=7919 * accelerator.process_index)
     teacher = build_teacher(cfg, accelerator.device)
-    net, objective, prepare_batch, modalities = build_model(cfg, out, accelerator, teacher)
+    spec.teacher_features = cached_teacher(cfg, spec)  # the loader pairs cached features with the frames
+    teacher_dim = teacher.embed_dim if teacher is not None else (spec.teacher_features or {}).get("embed_dim")
+    net, objective, prepare_batch, modalities = build_model(cfg, out, accelerator, teacher_dim)
     for module in net.modules():
         if hasattr(module, "grad_checkpointing"):
             module.grad_checkpointing = t.grad_checkpointing
@@ -234,7 +266,6 @@ def pretrain(cfg: DictConfig) -> Path:
 
     # each process streams its own resampled shards; a resumed run skips the consumed batches.
     # In epoch mode (data.mode=epoch) each pass over the data is one epoch and the next reseeds.
-    spec = sample_spec(cfg, train=True, seed_offset=7919 * accelerator.process_index)
     options = loader_options(cfg.data)
     epoch = 0
 
@@ -272,6 +303,7 @@ def pretrain(cfg: DictConfig) -> Path:
                 batch = _to_device(prepare_batch(batch), accelerator.device, modalities)
                 if teacher is not None and "video" in batch:
                     batch.update(teacher(batch["video"]))  # teacher_frames (B, T, D), no gradient
+                # (teacher.cached: the loader already put the cached teacher_frames (B, T, D) in the batch)
                 loss, terms = forward_backward(model, objective, batch, accelerator, t.accum_steps)
                 norm = grad_norm(accelerator, params, t.grad_clip)
                 # one flag for all processes, so that they all skip (or stop) together

@@ -1,0 +1,263 @@
+"""`mmvssl shards add-features`: the frozen image teacher's features of every video, computed
+once at fixed frame times and written into new shards, so that training reads them
+(`teacher.cached: true`) instead of running the teacher on every batch of every epoch.
+
+For each sample of each input shard: frames at 0, 1/F, 2/F, ... seconds over the whole video
+(F = `fps`), decoded with the loader's decoder (mmvssl.data.decode, centre-cropped to `size`),
+normalised as the loader normalises a batch, and embedded by the teacher exactly as the online
+path does (mmvssl.models.teacher: bf16 on GPU, fp32 on CPU), many frames of many samples per
+teacher call. The output shard of the same name holds every member of the input sample copied
+byte for byte plus `<key>.teacher.safetensors` (format: mmvssl/data/teacher_cache.py).
+
+A sample whose video cannot be decoded is left out and reported by key with its reason; the
+metadata-only records of video2dataset's failed downloads are copied as they are. Shards are
+written under a temporary name and renamed when complete; `features_report.json` (teacher
+fingerprint, settings, per-shard counts and skipped samples) and `sizes.json` are rewritten
+after every shard, so a re-run skips the finished shards. A folder made with another teacher
+or other settings is refused unless `overwrite`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.decode import DecodeError, decode_window, probe
+from .data.loader import frames_to_tensor
+from .data.shardio import VIDEO_EXTENSIONS, list_shards, shard_size
+from .data.teacher_cache import MEMBER, REPORT, cached_times, describe, encode_member, same_teacher
+from .errors import MmvsslError
+
+CHUNK_FRAMES = 256  # frames decoded per call: bounds the memory a long video takes
+
+
+def parse_teacher_spec(spec: str) -> tuple[str, str, int]:
+    """TEACHER_SPEC -> (arch, pretrained, image_size). Either `ARCH[:PRETRAINED]` (an open_clip name,
+    `hf-hub:org/repo` or a model-config JSON; a tag or a checkpoint file) or an experiment config
+    YAML, whose `teacher:` section is read (arch, pretrained, image_size)."""
+    if spec.endswith((".yaml", ".yml")):
+        from .config import load_config
+        t = load_config(spec).teacher
+        if not t.arch:
+            raise MmvsslError(f"{spec}: the config's teacher.arch is empty; it names no teacher")
+        return t.arch, t.pretrained, int(t.image_size)
+    head = "hf-hub:" if spec.startswith("hf-hub:") else ""
+    arch, _, pretrained = spec[len(head):].partition(":")
+    if not arch:
+        raise MmvsslError(f"teacher '{spec}': expected ARCH[:PRETRAINED], e.g. ViT-B-32:openai")
+    return head + arch, pretrained, 0
+
+
+@dataclass
+class _Pending:
+    """A sample on its way: its frames go to the teacher in batches shared with other samples."""
+    raw: dict
+    times: torch.Tensor | None = None  # (N,) cached frame times; None: copied without features
+    duration: float = 0.0
+    features: list[torch.Tensor] = field(default_factory=list)  # (n, D) float16 per teacher call
+    decoded: bool = False  # every frame queued
+    failed: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.failed is not None or self.times is None or (
+            self.decoded and sum(len(f) for f in self.features) == len(self.times))
+
+
+class _FeatureWriter:
+    """Queues decoded frames, runs the teacher on full batches, writes samples in input order."""
+
+    def __init__(self, teacher, identity: dict, fps: float, size: int, batch_size: int, writer, result: dict,
+                 progress):
+        self.teacher, self.identity, self.fps, self.size = teacher, identity, fps, size
+        self.batch_size, self.writer, self.result, self.progress = batch_size, writer, result, progress
+        self.device = next(teacher.parameters()).device
+        self.samples: list[_Pending] = []
+        self.queue: list[tuple[_Pending, np.ndarray]] = []  # (owner, uint8 frames (n, S, S, 3))
+        self.queued = 0
+
+    def add(self, raw: dict) -> None:
+        item = _Pending(raw)
+        self.samples.append(item)
+        chunks = self._decode(item)
+        while True:  # the teacher runs between chunks (bounded memory), outside the sample's error handling
+            try:
+                frames = next(chunks, None)
+            except (DecodeError, ValueError, KeyError, json.JSONDecodeError) as e:
+                self._fail(item, str(e) or type(e).__name__)
+                break
+            if frames is None:
+                item.decoded = True
+                break
+            self.queue.append((item, frames))
+            self.queued += len(frames)
+            self._run_teacher(final=False)
+        self._flush(final=False)
+
+    def _decode(self, item: _Pending):
+        """The sample's frames at the cached times, as uint8 (n, S, S, 3) chunks; DecodeError,
+        ValueError, KeyError or JSONDecodeError when the sample is broken."""
+        raw, key = item.raw, item.raw["__key__"]
+        ext = next((e for e in VIDEO_EXTENSIONS if e in raw), None)
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+        if not isinstance(meta, dict):
+            raise ValueError("metadata is not a JSON object")
+        if ext is None:
+            if meta.get("status") not in (None, "success"):  # video2dataset's failed download: copy as is
+                self.result["without_video"] += 1
+                return
+            raise DecodeError(f"sample {key} has no video member")
+        item.duration = float(meta.get("duration") or 0.0) or probe(raw[ext], check_decode=False).duration
+        item.times = cached_times(item.duration, self.fps)
+        for first in range(0, len(item.times), CHUNK_FRAMES):
+            count = min(CHUNK_FRAMES, len(item.times) - first)
+            yield decode_window(raw[ext], float(item.times[first]), count, self.fps, self.size, audio_rate=None).frames
+
+    def _fail(self, item: _Pending, reason: str) -> None:
+        item.failed = reason
+        dropped = sum(len(f) for owner, f in self.queue if owner is item)
+        self.queue = [(owner, f) for owner, f in self.queue if owner is not item]
+        self.queued -= dropped
+
+    def _run_teacher(self, final: bool) -> None:
+        while self.queued >= self.batch_size or (final and self.queued):
+            taken, n = [], 0
+            while self.queue and n < self.batch_size:
+                owner, frames = self.queue[0]
+                k = min(len(frames), self.batch_size - n)
+                taken.append((owner, frames[:k]))
+                self.queue[0] = (owner, frames[k:])
+                if k == len(frames):
+                    self.queue.pop(0)
+                n += k
+            # the loader's normalisation, then the teacher's own conversion (as online): (1, 3, n, S, S)
+            video = frames_to_tensor(np.concatenate([f for _, f in taken]))[None].to(self.device)
+            features = self.teacher(video)["teacher_frames"][0].to("cpu", torch.float16)  # (n, D)
+            offset = 0
+            for owner, frames in taken:
+                owner.features.append(features[offset:offset + len(frames)])
+                offset += len(frames)
+            self.queued -= n
+
+    def _flush(self, final: bool) -> None:
+        if final:
+            self._run_teacher(final=True)
+        while self.samples and self.samples[0].ready:
+            self._write(self.samples.pop(0))
+
+    def _write(self, item: _Pending) -> None:
+        raw = item.raw
+        self.progress.update(1)
+        if item.failed is not None:
+            self.result["skipped"].append({"key": raw["__key__"], "reason": item.failed})
+            return
+        members = {k: v for k, v in raw.items() if not k.startswith("__")}
+        if item.times is not None:
+            members[MEMBER] = encode_member(torch.cat(item.features), item.times, self.identity, self.fps,
+                                            self.size, item.duration)
+            self.result["frames"] += len(item.times)
+        self.writer.write({"__key__": raw["__key__"], **members})
+        self.result["samples"] += 1
+
+    def close(self) -> None:
+        self._flush(final=True)
+
+
+def _raw_samples(url: str):
+    """The samples of one shard as member bytes (nothing decoded, nothing unpickled)."""
+    import webdataset as wds
+    try:
+        yield from wds.WebDataset([url], shardshuffle=False, empty_check=False)
+    except (OSError, ValueError) as e:  # a truncated or foreign tar
+        raise MmvsslError(f"{url}: unreadable shard ({str(e).splitlines()[0]})") from None
+
+
+def _prepare_output(out: Path, identity: dict, settings: dict, overwrite: bool) -> dict:
+    """The report of an earlier run with the same teacher and settings, or a fresh one."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / REPORT
+    for partial in out.glob("*.tar.partial"):  # an interrupted shard is redone
+        partial.unlink()
+    if path.is_file() and not overwrite:
+        try:
+            report = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise MmvsslError(f"{path} is not JSON; pass --overwrite to start afresh") from None
+        if not same_teacher(report.get("teacher") or {}, identity) or report.get("settings") != settings:
+            raise MmvsslError(f"{out} holds features of teacher {describe(report.get('teacher') or {})} with "
+                              f"{report.get('settings')}; this run asks for {describe(identity)} with {settings}: "
+                              f"pass --overwrite to replace them, or choose another folder")
+        return report
+    if path.is_file():  # overwrite: our own files only; anything else in the folder is left alone
+        try:
+            old = json.loads(path.read_text()).get("shards") or {}
+        except (json.JSONDecodeError, AttributeError):
+            old = {}
+        for name in old:
+            (out / name).unlink(missing_ok=True)
+    elif any(out.glob("*.tar")) and not overwrite:
+        raise MmvsslError(f"{out} holds shards without a {REPORT}; pass --overwrite or choose another folder")
+    return {"teacher": identity, "settings": settings, "shards": {}}
+
+
+def _save(out: Path, report: dict) -> None:
+    sizes = {name: r["samples"] for name, r in report["shards"].items()}
+    for name, value in ((REPORT, report), ("sizes.json", sizes)):  # atomic: temporary file, then rename
+        (out / f".{name}.tmp").write_text(json.dumps(value, indent=2))
+        os.replace(out / f".{name}.tmp", out / name)
+
+
+def add_teacher_features(arch: str, pretrained: str, shards: str, out_dir: str | os.PathLike, fps: float = 4.0,
+                         size: int = 0, image_size: int = 0, batch_size: int = 64, device: str | None = None,
+                         overwrite: bool = False, progress: bool = True) -> dict:
+    """Write shards with cached teacher features to `out_dir`; returns the features report
+    ({teacher, settings, shards: {name: {source, samples, frames, without_video, skipped}}}) plus
+    `done_before`, the shards a previous run had finished. `size` 0: decode frames straight at the
+    teacher's image size (data.size reproduces the online path's frames exactly)."""
+    from .models.teacher import load_teacher, teacher_identity
+    urls = list_shards(shards)
+    out = Path(out_dir)
+    if out.resolve() in {Path(u).resolve().parent for u in urls}:
+        raise MmvsslError(f"--out {out} is the input shard folder: write the new shards elsewhere")
+    names = [os.path.basename(u) for u in urls]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise MmvsslError(f"shards from several folders share the names {twice[:3]}: run add-features per folder")
+    if fps <= 0 or size < 0 or batch_size < 1:
+        raise MmvsslError(f"need --fps > 0, --size >= 0 and --batch-size >= 1, got {fps}, {size}, {batch_size}")
+    if not pretrained and not arch.startswith("hf-hub:"):
+        raise MmvsslError(f"teacher '{arch}' has no weights: cached features of a randomly initialised teacher "
+                          f"match no later run's teacher; name a tag or checkpoint (ARCH:PRETRAINED)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = load_teacher(arch, pretrained, image_size=image_size, device=device)
+    identity = teacher_identity(arch, pretrained, image_size, teacher)
+    settings = {"fps": float(fps), "size": int(size or teacher.image_size)}
+    report = _prepare_output(out, identity, settings, overwrite)
+    done = {n for n in report["shards"] if (out / n).is_file()}
+    report["shards"] = {n: r for n, r in report["shards"].items() if n in done}
+    todo = [(u, n) for u, n in zip(urls, names) if n not in done]
+    from tqdm import tqdm
+    bar = tqdm(total=sum(shard_size(u) for u, _ in todo), desc="add-features", unit="sample", file=sys.stderr,
+               disable=not progress)
+    import webdataset as wds
+    with bar:
+        for url, name in todo:
+            result = {"source": os.path.abspath(url), "samples": 0, "frames": 0, "without_video": 0, "skipped": []}
+            partial = out / (name + ".partial")
+            with wds.TarWriter(str(partial), encoder=False) as writer:  # bytes as they are (no re-gzip of .gz)
+                batcher = _FeatureWriter(teacher, identity, settings["fps"], settings["size"], batch_size, writer,
+                                         result, bar)
+                for raw in _raw_samples(url):
+                    batcher.add(raw)
+                batcher.close()
+            os.replace(partial, out / name)
+            report["shards"][name] = result
+            _save(out, report)
+    _save(out, report)
+    return {**report, "done_before": sorted(done & set(names))}
