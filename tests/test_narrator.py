@@ -11,7 +11,7 @@ from mmvssl.narrator.generate import GenerationConfig, generate, sequence_logpro
 from mmvssl.narrator.model import Narrator
 from mmvssl.narrator.tokenizer import SentencePieceTokenizer, texts_from_shards, train_sentencepiece
 
-VIDEO = torch.randn(2, 3, 8, 64, 64)
+VIDEO = torch.randn(2, 3, 8, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
 def tiny_config(vocab=120, every=1):
@@ -85,6 +85,27 @@ def test_sampling_gives_scored_candidates_best_first_and_scores_are_mean_logprob
     assert sequence_logprob(model, VIDEO[:1], ids).item() == pytest.approx(greedy["score"], abs=1e-4)
     again = generate(model, VIDEO, GenerationConfig(num_candidates=4, max_length=10, seed=1))
     assert [[c["tokens"] for c in clip] for clip in again] == [[c["tokens"] for c in clip] for clip in out]
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_generation_never_emits_padding_or_the_start_token(strategy):
+    torch.manual_seed(0)
+    model = Narrator(tiny_config()).eval()
+    forward = model.lm_forward
+
+    def prefers_special(*args, **kwargs):  # a model whose favourite tokens are pad and bos
+        logits, cache = forward(*args, **kwargs)
+        logits = logits.clone()
+        logits[..., [model.pad_id, model.bos_id]] += 100.0
+        return logits, cache
+    model.lm_forward = prefers_special
+    out = generate(model, VIDEO, GenerationConfig(strategy=strategy, num_candidates=3, num_beams=2, max_length=8))
+    for clip in out:
+        for cand in clip:
+            generated = cand["tokens"][1:]
+            ended = generated.index(model.eos_id) if model.eos_id in generated else len(generated)
+            assert len(generated) > 0 and model.bos_id not in generated
+            assert model.pad_id not in generated[:ended]  # pad only fills after the end token
 
 
 def test_save_and_load_identical(tmp_path):

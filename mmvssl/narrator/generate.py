@@ -37,10 +37,20 @@ def _nucleus(logits: torch.Tensor, top_p: float, generator: torch.Generator | No
     return order.gather(1, choice).squeeze(1)
 
 
+def _forbid_special(logits: torch.Tensor, model: Narrator) -> torch.Tensor:
+    """Padding and the start token are never generated: an untrained (or briefly trained) model
+    could otherwise pick them, and a generated pad would read as the end of the sequence."""
+    banned = [i for i in {model.pad_id, model.bos_id} if i is not None and i >= 0 and i != model.eos_id]
+    if banned:
+        logits = logits.clone()
+        logits[..., banned] = float("-inf")
+    return logits
+
+
 def _step(model: Narrator, ids: torch.Tensor, visual: torch.Tensor, cache, use_cache: bool):
     inp = ids[:, -1:] if (use_cache and cache is not None) else ids
     logits, cache = model.lm_forward(inp, visual, cache=cache if use_cache else None, use_cache=use_cache)
-    return logits[:, -1].float(), cache
+    return _forbid_special(logits[:, -1].float(), model), cache
 
 
 @torch.no_grad()
@@ -124,8 +134,9 @@ def _beam_search(model: Narrator, video: torch.Tensor, cfg: GenerationConfig) ->
 
 
 def sequence_logprob(model: Narrator, video: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean log-probability of each given (B, L) token sequence (bos first, padded) for its clip."""
+    """Mean log-probability of each given (B, L) token sequence (bos first, padded) for its clip,
+    under the same distribution as generation (padding and the start token excluded)."""
     logits, _ = model.lm_forward(ids, model.encode_visual(video), attention_mask=(ids != model.pad_id).long())
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)
+    logp = F.log_softmax(_forbid_special(logits[:, :-1].float(), model), dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)
     mask = (ids[:, 1:] != model.pad_id).float()
     return (logp * mask).sum(1) / mask.sum(1).clamp(min=1)
