@@ -28,8 +28,9 @@ class ModelConfig:
     kind: str = "multimodal"  # multimodal (dual/tri-modal encoders) | narrator (see the narrator section)
     preset: str = "vatt-tiny"  # a name in models/ or a path to a preset YAML
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted preset keys, e.g. video.depth: 4
-    init_arch: str = ""  # CLIP initialisation of the video transformer: an open_clip ViT (name or config JSON)
-    init_pretrained: str = ""  # its weights: an open_clip tag or a local checkpoint file
+    init_arch: str = ""  # CLIP initialisation (LaViLa): an open_clip model (name or config JSON); empty = off
+    init_pretrained: str = ""  # its weights: an open_clip tag, an hf-hub name or a local checkpoint file
+    init_towers: list[str] = field(default_factory=lambda: ["video"])  # video and/or text (text needs text.causal)
 
 
 @dataclass

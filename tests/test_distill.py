@@ -166,11 +166,11 @@ def test_frame_means_follow_the_kept_tokens_under_droptoken():
 
 def test_clip_initialisation_inflates_patches_and_copies_blocks(tiny_teacher):
     import mmvssl
-    from mmvssl.train.engine import init_from_clip
+    from mmvssl.models.clip_init import init_from_clip
     net = mmvssl.create_model("vatt-tiny", **{"video.width": 32, "video.depth": 1, "video.heads": 2,
                                               "video.patch": [2, 8, 8]})
     done = init_from_clip(net, tiny_teacher["arch"], tiny_teacher["pretrained"])
-    assert {"patch_embed", "agg_token", "blocks.0", "norm"} <= set(done)
+    assert {"video.patch_embed", "video.agg_token", "video.blocks.0", "video.norm"} <= set(done)
     visual, enc = tiny_teacher["model"].visual, net.encoders["video"]
     image = torch.randn(1, 3, 32, 32)
     with torch.no_grad():

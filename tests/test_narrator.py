@@ -275,3 +275,21 @@ def test_a_modality_agnostic_model_is_refused_as_the_visual_side():
                            freeze_visual=True, max_length=16)
     with pytest.raises(ConfigError, match="narrator.visual: 'vatt-tiny-ma' has no video encoder of its own"):
         build_narrator(ncfg, SimpleNamespace(vocab_size=100, pad_id=0, bos_id=2, eos_id=3))
+
+
+def test_visual_overrides_reshape_a_preset_and_are_refused_for_a_trained_model(tmp_path):
+    tok = SimpleNamespace(vocab_size=100, pad_id=0, bos_id=2, eos_id=3)
+    ncfg = SimpleNamespace(visual="vatt-tiny", visual_overrides={"video.patch": [1, 8, 8], "video.num_frames": 4},
+                           lm="tiny", num_queries=4, cross_every=1, freeze_lm=False, freeze_visual=False, max_length=16)
+    narrator = build_narrator(ncfg, tok)
+    assert narrator.visual.patch == (1, 8, 8)
+    with torch.no_grad():
+        assert narrator.encode_visual(torch.randn(1, 3, 4, 64, 64)).shape[0] == 1
+    ncfg.visual_overrides = {"heads.vat_dim": 8}
+    with pytest.raises(ConfigError, match="keys must start with 'video.'"):
+        build_narrator(ncfg, tok)
+    import mmvssl
+    mmvssl.create_model("vatt-tiny").save_pretrained(tmp_path / "dual")
+    ncfg.visual, ncfg.visual_overrides = str(tmp_path / "dual"), {"video.patch": [1, 8, 8]}
+    with pytest.raises(ConfigError, match="narrator.visual_overrides: .* is a trained model"):
+        build_narrator(ncfg, tok)

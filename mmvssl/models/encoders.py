@@ -188,16 +188,22 @@ class AudioEncoder(TokenEncoder):
 
 class TextEncoder(TokenEncoder):
     """Token embeddings (open_clip BPE vocabulary by default, or a sentencepiece vocabulary's
-    size) + positions, bidirectional attention that ignores padding (id `pad_id`), an aggregation
-    token. `relative_buckets > 0` makes it T5-style (VATT's text transformer): no absolute
-    positions, a bucketed relative position bias in the attention instead."""
+    size) + positions, bidirectional attention that ignores padding, an aggregation token.
+    Padding is the run of `pad_id` tokens after the last other token (open_clip pads with id 0,
+    which is also the token '!', so a '!' inside the text stays a token).
+    `relative_buckets > 0` makes it T5-style (VATT's text transformer): no absolute positions, a
+    bucketed relative position bias in the attention instead.
+    `causal: true` makes it CLIP's text tower: causal attention, no aggregation token, the output
+    of the last real token (CLIP's end-of-text token) pooled; with the weights copied from an
+    open_clip model (`model.init_towers: [video, text]`) it computes open_clip's encode_text."""
 
     def __init__(self, width: int, depth: int, heads: int, vocab_size: int = 49408,
                  context_length: int = 77, mlp_ratio: float = 4.0, pad_id: int = 0,
-                 relative_buckets: int = 0, relative_max_distance: int = 128,
+                 relative_buckets: int = 0, relative_max_distance: int = 128, causal: bool = False,
                  shared: Transformer | None = None):
         super().__init__()
         self.pad_id = pad_id
+        self.causal = bool(causal)
         self.context_length = context_length
         self.token_embed = nn.Embedding(vocab_size, width)
         nn.init.normal_(self.token_embed.weight, std=0.02)
@@ -222,5 +228,15 @@ class TextEncoder(TokenEncoder):
             x = self.in_proj(x)
         if self.pos is not None:
             x = x + self.pos[:, :L]
-        keep = torch.cat([tokens.new_ones(B, 1, dtype=torch.bool), tokens != self.pad_id], dim=1)  # (B, 1 + L)
+        real = tokens != self.pad_id
+        length = torch.where(real.any(dim=1), L - real.flip(1).int().argmax(dim=1), 0)  # up to the last real token
+        keep = torch.arange(L, device=tokens.device)[None] < length[:, None]  # (B, L)
+        if self.causal:
+            keep[:, 0] = True  # an empty text still has one token to pool (and no all-masked row)
+            x = self.transformer(x, key_padding_mask=keep, causal=True)
+            if self.out_proj is not None:
+                x = self.out_proj(x)
+            last = (length - 1).clamp(min=0)
+            return {"pooled": x[torch.arange(B, device=x.device), last], "tokens": x}
+        keep = torch.cat([tokens.new_ones(B, 1, dtype=torch.bool), keep], dim=1)  # (B, 1 + L): agg token first
         return self._transform(x, keep)

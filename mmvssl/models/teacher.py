@@ -29,37 +29,46 @@ from ..data.loader import VIDEO_MEAN, VIDEO_STD
 from ..errors import ConfigError
 
 
-def _model_name(arch: str) -> str:
+def _model_name(arch: str, key: str = "teacher") -> str:
     """A model-config JSON file is registered with open_clip under its stem; names pass through."""
     if not arch.endswith(".json"):
         return arch
     path = Path(arch)
     if not path.is_file():
-        raise ConfigError(f"teacher.arch: model config file not found: {arch}")
+        raise ConfigError(f"{key}.arch: model config file not found: {arch}")
     import open_clip
     open_clip.add_model_config(path)
     return path.stem
+
+
+def create_open_clip(arch: str, pretrained: str = "", key: str = "teacher.arch") -> nn.Module:
+    """The whole open_clip model `arch` (a name or a model-config JSON file) with weights
+    `pretrained` (a tag, an hf-hub name or a local checkpoint file), fp32 on the CPU; errors
+    name the config key `key` (teacher.arch, model.init_arch)."""
+    import open_clip
+    section, _, field = key.rpartition(".")
+    if not arch:
+        raise ConfigError(f"{key} is empty: name an open_clip model (e.g. ViT-B-32) or a model-config JSON file")
+    name = _model_name(arch, section)
+    if pretrained and not Path(pretrained).is_file() and ("/" in pretrained or pretrained.endswith((".pt", ".bin",
+                                                                                                   ".safetensors"))):
+        raise ConfigError(f"{section}.{field.replace('arch', 'pretrained')}: checkpoint file not found: {pretrained}")
+    try:
+        return open_clip.create_model(name, pretrained=pretrained or None, device="cpu")
+    except RuntimeError as e:
+        raise ConfigError(f"{key} '{arch}' (pretrained '{pretrained}'): {str(e).splitlines()[0]}") from None
 
 
 def load_teacher(arch: str, pretrained: str = "", image_size: int = 0, patch_tokens: bool = False,
                  device: str | torch.device = "cpu", precision: str = "auto") -> "ImageTeacher":
     """The image tower of open_clip model `arch` with weights `pretrained`, frozen, on `device`."""
     import open_clip
-    if not arch:
-        raise ConfigError("teacher.arch is empty: name an open_clip model (e.g. ViT-B-32) or a model-config JSON file")
     device = torch.device(device)
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"teacher.precision '{precision}' is unknown (expected: auto, fp32, bf16)")
-    name = _model_name(arch)
-    if pretrained and not Path(pretrained).is_file() and ("/" in pretrained or pretrained.endswith((".pt", ".bin",
-                                                                                                   ".safetensors"))):
-        raise ConfigError(f"teacher.pretrained: checkpoint file not found: {pretrained}")
-    try:
-        model = open_clip.create_model(name, pretrained=pretrained or None, device="cpu")
-    except RuntimeError as e:
-        raise ConfigError(f"teacher (arch '{arch}', pretrained '{pretrained}'): {str(e).splitlines()[0]}") from None
+    model = create_open_clip(arch, pretrained)
     visual = model.visual
     cfg = getattr(visual, "preprocess_cfg", None) or {}
     mean, std = cfg.get("mean", open_clip.OPENAI_DATASET_MEAN), cfg.get("std", open_clip.OPENAI_DATASET_STD)

@@ -100,11 +100,17 @@ class Transformer(nn.Module):
                               if relative_buckets else None)
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, N, D); key_padding_mask (B, N) True = a real token -> (B, N, D)."""
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                causal: bool = False) -> torch.Tensor:
+        """x (B, N, D); key_padding_mask (B, N) True = a real token; `causal`: each token attends
+        only to itself and earlier ones (CLIP's text tower) -> (B, N, D)."""
         mask = None
         if key_padding_mask is not None:
             mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, N)
+        if causal:
+            n = x.shape[1]
+            tril = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()[None, None]  # (1, 1, N, N)
+            mask = tril if mask is None else mask & tril
         if self.relative_bias is not None:
             bias = self.relative_bias(x.shape[1]).to(x.dtype)  # (1, h, N, N)
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))

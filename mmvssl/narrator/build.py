@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from ..errors import ConfigError
-from ..models.presets import load_preset
+from ..models.presets import apply_overrides, load_preset
 from .model import Narrator
 from .tokenizer import SentencePieceTokenizer, texts_from_shards, train_sentencepiece
 
@@ -44,6 +45,18 @@ def build_narrator(ncfg, tokenizer: SentencePieceTokenizer) -> Narrator:
                         if k.startswith("encoders.video.")}
     else:
         source = load_preset(ncfg.visual)
+    overrides = getattr(ncfg, "visual_overrides", None) or {}
+    if isinstance(overrides, DictConfig):
+        overrides = OmegaConf.to_container(overrides)
+    if overrides:
+        if visual_state is not None:
+            raise ConfigError(f"narrator.visual_overrides: '{ncfg.visual}' is a trained model whose weights fix its "
+                              f"shape; overrides apply to a preset name or file")
+        bad = [k for k in overrides if k != "video" and not k.startswith("video.")]
+        if bad:
+            raise ConfigError(f"narrator.visual_overrides: keys must start with 'video.' (the narrator keeps only "
+                              f"the video encoder), got {', '.join(bad)}")
+        source = apply_overrides(source, overrides)
     if "backbone" in source or "video" not in source:
         raise ConfigError(f"narrator.visual: '{ncfg.visual}' has no video encoder of its own (a modality-agnostic "
                           f"model shares one backbone); use a modality-specific model or preset")

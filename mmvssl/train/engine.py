@@ -87,16 +87,6 @@ def cached_teacher(cfg: DictConfig, spec: SampleSpec) -> dict | None:
     return identity
 
 
-def init_from_clip(net: MultimodalModel, arch: str, pretrained: str) -> list[str]:
-    """The video transformer of `net` from open_clip model `arch` with weights `pretrained`."""
-    from ..models.clip_init import inflate_clip_into_video_encoder
-    from ..models.teacher import load_teacher
-    if "video" not in net.encoders:
-        raise ConfigError("model.init_arch: the preset has no video encoder to initialise")
-    visual = load_teacher(arch, pretrained, device="cpu", precision="fp32").visual
-    return inflate_clip_into_video_encoder(net.encoders["video"], visual)
-
-
 def build_model(cfg: DictConfig, out: Path, accelerator: Accelerator, teacher_dim: int | None = None):
     """(model, objective, prepare_batch) for `model.kind`: the engine's only knowledge of kinds.
     `teacher_dim`: the width of `teacher_frames` (online or cached teacher), None without one."""
@@ -127,8 +117,11 @@ def build_model(cfg: DictConfig, out: Path, accelerator: Accelerator, teacher_di
     preset["sampling"] = sampling  # the clip sampling travels in config.json, for evaluation
     net = MultimodalModel(preset)
     if cfg.model.init_arch:
-        init_from_clip(net, cfg.model.init_arch, cfg.model.init_pretrained)
-        accelerator.print(f"video encoder initialised from {cfg.model.init_arch} ({cfg.model.init_pretrained or 'random'})")
+        from ..models.clip_init import init_from_clip
+        towers = list(cfg.model.init_towers)
+        init_from_clip(net, cfg.model.init_arch, cfg.model.init_pretrained, towers)
+        accelerator.print(f"{' and '.join(towers)} tower(s) initialised from {cfg.model.init_arch} "
+                          f"({cfg.model.init_pretrained or 'random'})")
     feature_dims = net.output_dims()
     if teacher_dim:
         feature_dims["teacher_frames"] = teacher_dim
