@@ -1,6 +1,10 @@
 """Narration quality of a trained narrator on held-out shards.
 
-    python eval/narration.py MODEL --data SHARDS [--strategy greedy|sample|beam] [--out report.json]
+    python eval/narration.py MODEL --data SHARDS [--strategy beam|greedy|sample] [--out report.json]
+
+One narration per clip: by default the best of a 5-beam search (the usual decoding for caption
+metrics, as COCO captioning evaluates); `--strategy greedy` takes the most likely token at each
+step, `sample` the best-scored of LaViLa's 10 nucleus samples (top_p 0.95, temperature 0.7).
 
 Prints one JSON object: `object_accuracy` (the share of clips whose narration names the clip's
 object, i.e. its `label`, as a word), `chance` (1 / number of distinct labels: naming one at
@@ -39,7 +43,7 @@ def caption_metrics(references: dict[int, list[str]], hypotheses: dict[int, list
 
 
 @torch.no_grad()
-def evaluate_narrator(model_dir: str, shards: str, strategy: str = "greedy", batch_size: int = 16,
+def evaluate_narrator(model_dir: str, shards: str, strategy: str = "beam", batch_size: int = 16,
                       max_clips: int | None = None) -> dict:
     from mmvssl.data.loader import SampleSpec, build_loader
     from mmvssl.narrator.generate import GenerationConfig, generate
@@ -51,7 +55,8 @@ def evaluate_narrator(model_dir: str, shards: str, strategy: str = "greedy", bat
     s = model.config.get("sampling", {"num_frames": 8, "fps": 4.0, "size": 64})
     spec = SampleSpec(num_frames=s["num_frames"], fps=s["fps"], size=s["size"], audio_rate=8000,
                       context_length=8, num_candidates=1, train=False)
-    gen = GenerationConfig(strategy=strategy, num_candidates=1, max_length=model.config["lm"].get("n_positions", 64))
+    gen = GenerationConfig(strategy=strategy, num_candidates=10 if strategy == "sample" else 1, num_beams=5,
+                           max_length=model.config["lm"].get("n_positions", 64))
     labels, hits, refs, hyps, examples = [], 0, {}, {}, []
     for batch in build_loader(shards, spec, batch_size):
         for meta, candidates in zip(batch["meta"], generate(model, batch["video"], gen)):
@@ -80,7 +85,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
     p.add_argument("--data", required=True)
-    p.add_argument("--strategy", default="greedy", choices=["greedy", "sample", "beam"])
+    p.add_argument("--strategy", default="beam", choices=["beam", "greedy", "sample"])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-clips", type=int, default=None)
     p.add_argument("--out", default=None, help="also write the JSON here")

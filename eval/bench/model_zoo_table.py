@@ -52,6 +52,11 @@ NOTES = """
   linear 256); audio a ResNet-50 on 80-bin log-mel spectrograms; text word embeddings (300-d) ->
   Linear 2048 -> ReLU -> max over words. Video CNNs are torchvision's S3D (not S3D-G: no feature
   gating) and R(2+1)D-18; TSM-ResNet is not available.
+- **Options on any video transformer**: `video.stem: conv` replaces the tubelet projection by a
+  convolutional stem (Xiao et al., 2021, "Early convolutions help transformers see better": 3 x 3
+  stride-2 convolutions + BN + ReLU per frame down to the patch grid, then a (t, 1, 1) projection).
+  `text.causal: true` makes the text transformer CLIP's (causal attention, the end-of-text token
+  pooled), the form `model.init_towers: [video, text]` copies an open_clip text tower into.
 - **tiny presets** are for CPU tests and the demo (`vatt-tiny` is the demo's model).
 """
 
