@@ -239,6 +239,8 @@ def test_narrator_trains_through_the_engine(demo_shards, trained_run, tmp_path):
     cfg = load_config(data_path("configs", "demo", "narrator.yaml"), [
         f"data.shards={demo_shards['train']}", "data.batch_size=4", "data.num_workers=0",
         f"narrator.visual={trained_run / 'model'}", "narrator.vocab_size=150", "narrator.num_queries=4",
+        # the frozen dual-encoder recipe of the config's comment
+        "narrator.visual_overrides=null", "narrator.freeze_visual=true", "data.num_frames=8", "data.fps=4.0",
         "train.max_steps=3", "train.log_every=1", "train.warmup_steps=1", "train.save_every=0",
         "train.log_with=none", f"train.output_dir={tmp_path / 'run'}"])
     final = pretrain(cfg)

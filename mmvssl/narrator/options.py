@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 
 @dataclass
 class NarratorConfig:
     visual: str = "vatt-tiny"  # a saved mmvssl model folder (its video encoder and weights) or a preset name
-    visual_overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys on a preset, e.g. video.patch
+    visual_overrides: Optional[dict[str, Any]] = None  # dotted keys on a preset, e.g. video.patch; null: none
     lm: str = "tiny"  # a size in LM_SIZES, or a local folder holding GPT-2 weights (config.json + weights)
     tokenizer: str = ""  # a sentencepiece .model; "" fits one on data.shards' captions and narrations
     vocab_size: int = 1000
