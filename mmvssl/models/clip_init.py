@@ -92,17 +92,11 @@ def _copy_blocks(blocks, targets, tower: str) -> list[str]:
 
 
 def _text_head(heads: nn.Module) -> nn.Linear | None:
-    """The linear layer that takes the text encoder's pooled output into its space, whatever the head type."""
-    for name in ("text_to_vat", "to_vat.text", "proj.text_vt"):
-        module = heads
-        for part in name.split("."):
-            module = getattr(module, part, None) if not isinstance(module, nn.ModuleDict) else (
-                module[part] if part in module else None)
-            if module is None:
-                break
-        if isinstance(module, nn.Linear):
-            return module
-    return None
+    """The linear layer that takes the text encoder's pooled output into its space: FAC, shared or
+    disjoint heads (models/heads.py) name it differently."""
+    modules = dict(heads.named_modules())
+    return next((m for name in ("text_to_vat", "to_vat.text", "proj.text_vt")
+                 if isinstance(m := modules.get(name), nn.Linear)), None)
 
 
 @torch.no_grad()
@@ -162,7 +156,7 @@ def init_from_clip(net: nn.Module, arch: str, pretrained: str = "", towers=("vid
     for tower in towers:
         if tower not in net.encoders:
             raise ConfigError(f"model.init_towers: the preset has no {tower} encoder to initialise")
-    clip = create_open_clip(arch, pretrained, key="model.init_arch")
+    clip = create_open_clip(arch, pretrained, arch_key="model.init_arch", pretrained_key="model.init_pretrained")
     done = []
     if "video" in towers:
         done += [f"video.{n}" for n in inflate_clip_into_video_encoder(net.encoders["video"], clip.visual)]

@@ -29,34 +29,34 @@ from ..data.loader import VIDEO_MEAN, VIDEO_STD
 from ..errors import ConfigError
 
 
-def _model_name(arch: str, key: str = "teacher") -> str:
+def _model_name(arch: str, key: str = "teacher.arch") -> str:
     """A model-config JSON file is registered with open_clip under its stem; names pass through."""
     if not arch.endswith(".json"):
         return arch
     path = Path(arch)
     if not path.is_file():
-        raise ConfigError(f"{key}.arch: model config file not found: {arch}")
+        raise ConfigError(f"{key}: model config file not found: {arch}")
     import open_clip
     open_clip.add_model_config(path)
     return path.stem
 
 
-def create_open_clip(arch: str, pretrained: str = "", key: str = "teacher.arch") -> nn.Module:
+def create_open_clip(arch: str, pretrained: str = "", arch_key: str = "teacher.arch",
+                     pretrained_key: str = "teacher.pretrained") -> nn.Module:
     """The whole open_clip model `arch` (a name or a model-config JSON file) with weights
     `pretrained` (a tag, an hf-hub name or a local checkpoint file), fp32 on the CPU; errors
-    name the config key `key` (teacher.arch, model.init_arch)."""
+    name the config keys they came from."""
     import open_clip
-    section, _, field = key.rpartition(".")
     if not arch:
-        raise ConfigError(f"{key} is empty: name an open_clip model (e.g. ViT-B-32) or a model-config JSON file")
-    name = _model_name(arch, section)
+        raise ConfigError(f"{arch_key} is empty: name an open_clip model (e.g. ViT-B-32) or a model-config JSON file")
+    name = _model_name(arch, arch_key)
     if pretrained and not Path(pretrained).is_file() and ("/" in pretrained or pretrained.endswith((".pt", ".bin",
                                                                                                    ".safetensors"))):
-        raise ConfigError(f"{section}.{field.replace('arch', 'pretrained')}: checkpoint file not found: {pretrained}")
+        raise ConfigError(f"{pretrained_key}: checkpoint file not found: {pretrained}")
     try:
         return open_clip.create_model(name, pretrained=pretrained or None, device="cpu")
     except RuntimeError as e:
-        raise ConfigError(f"{key} '{arch}' (pretrained '{pretrained}'): {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{arch_key} '{arch}' ({pretrained_key} '{pretrained}'): {str(e).splitlines()[0]}") from None
 
 
 def load_teacher(arch: str, pretrained: str = "", image_size: int = 0, patch_tokens: bool = False,
