@@ -255,6 +255,26 @@ def test_narrator_trains_through_the_engine(demo_shards, trained_run, tmp_path):
         assert torch.equal(p, dual.encoders["video"].state_dict()[name]), name
 
 
+def test_the_demo_recipe_trains_its_own_conv_stem_tower(demo_shards, tmp_path):
+    from mmvssl.config import load_config
+    from mmvssl.models.encoders import ConvStem
+    from mmvssl.resources import data_path
+    from mmvssl.train.engine import pretrain
+    cfg = load_config(data_path("configs", "demo", "narrator.yaml"), [
+        f"data.shards={demo_shards['train']}", "data.batch_size=4", "data.num_workers=0", "narrator.vocab_size=150",
+        "train.max_steps=2", "train.warmup_steps=1", "train.save_every=0", "train.log_with=none",
+        f"train.output_dir={tmp_path / 'run'}"])
+    final = pretrain(cfg)
+    narrator = Narrator.from_pretrained(final).eval()
+    video = narrator.config["video"]
+    assert video["stem"] == "conv" and video["patch"] == [1, 8, 8] and video["num_frames"] == 4
+    stems = [m for m in narrator.visual.modules() if isinstance(m, ConvStem)]
+    assert len(stems) == 1
+    # the stem trained (the visual side is not frozen) and its BatchNorm statistics were saved
+    bn = next(m for m in stems[0].modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert int(bn.num_batches_tracked) == 2 and bool(bn.running_mean.abs().sum() > 0)
+
+
 @pytest.mark.parametrize("video", [{"width": 32, "depth": 1, "heads": 2, "patch": [2, 8, 8], "num_frames": 4,
                                     "image_size": 32, "stem": "conv"},
                                    {"type": "torchvision", "arch": "r3d_18", "num_frames": 4, "image_size": 32}])
