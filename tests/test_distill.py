@@ -182,3 +182,17 @@ def test_clip_initialisation_inflates_patches_and_copies_blocks(tiny_teacher):
     wide = mmvssl.create_model("vatt-tiny")
     with pytest.raises(ConfigError, match="video.width"):
         init_from_clip(wide, tiny_teacher["arch"], tiny_teacher["pretrained"])
+
+
+def test_the_evidence_scripts_distillation_only_student_keeps_just_the_teacher_terms():
+    import importlib.util
+    from mmvssl.losses.distill import DISTILL_LOSSES
+    spec = importlib.util.spec_from_file_location("distill_evidence", data_path("eval", "distill_evidence.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    full = load_config(data_path("configs", "demo", "distill.yaml")).objective.terms
+    only = load_config(data_path("configs", "demo", "distill.yaml"),
+                       [script.distill_terms_only("distill.yaml")]).objective.terms
+    assert [t.name for t in only] == [t.name for t in full if t.loss in DISTILL_LOSSES] == ["frame_distill", "clip_distill"]
+    assert [t.weight for t in only] == [t.weight for t in full if t.loss in DISTILL_LOSSES]
+    assert len(full) > len(only)
