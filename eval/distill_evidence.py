@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmvssl.config import load_config
+from mmvssl.config import load_config, to_dict
 from mmvssl.data.loader import build_loader
 from mmvssl.errors import MmvsslError
 from mmvssl.evaluation.features import extract_features
@@ -94,9 +94,8 @@ def train_teacher(train: str, test: str, out: Path, steps: int, seed: int = 0) -
 
 def distill_terms_only(config: str) -> str:
     """An `objective.terms=[...]` override keeping only the distillation terms of a demo config."""
-    from omegaconf import OmegaConf
     from mmvssl.losses.distill import DISTILL_LOSSES
-    terms = OmegaConf.to_container(load_config(data_path("configs", "demo", config)).objective.terms)
+    terms = to_dict(load_config(data_path("configs", "demo", config)).objective.terms)
     return "objective.terms=" + json.dumps([t for t in terms if t["loss"] in DISTILL_LOSSES])
 
 

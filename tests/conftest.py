@@ -43,6 +43,16 @@ def demo_shards(demo_data, tmp_path_factory) -> dict:
     return {"train": out / "train", "val": out / "val"}
 
 
+def load_eval_script(name: str):
+    """eval/<name>.py as a module (the eval scripts are not a package)."""
+    import importlib.util
+    from mmvssl.resources import data_path
+    spec = importlib.util.spec_from_file_location(name, data_path("eval", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

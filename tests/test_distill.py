@@ -17,7 +17,7 @@ from mmvssl.losses.distill import align_frames, distill_clip, distill_frames
 from mmvssl.losses.objective import Objective
 from mmvssl.models.teacher import load_teacher
 from mmvssl.resources import data_path
-from tests.conftest import read_jsonl
+from tests.conftest import load_eval_script, read_jsonl
 
 TINY_TEACHER = {
     "embed_dim": 16,
@@ -186,11 +186,8 @@ def test_clip_initialisation_inflates_patches_and_copies_blocks(tiny_teacher):
 
 
 def test_the_evidence_scripts_distillation_only_student_keeps_just_the_teacher_terms():
-    import importlib.util
     from mmvssl.losses.distill import DISTILL_LOSSES
-    spec = importlib.util.spec_from_file_location("distill_evidence", data_path("eval", "distill_evidence.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_eval_script("distill_evidence")
     full = load_config(data_path("configs", "demo", "distill.yaml")).objective.terms
     only = load_config(data_path("configs", "demo", "distill.yaml"),
                        [script.distill_terms_only("distill.yaml")]).objective.terms

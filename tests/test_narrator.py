@@ -10,6 +10,7 @@ from mmvssl.narrator.build import build_narrator, narration_for_window
 from mmvssl.narrator.generate import GenerationConfig, generate, sequence_logprob
 from mmvssl.narrator.model import Narrator
 from mmvssl.narrator.tokenizer import SentencePieceTokenizer, texts_from_shards, train_sentencepiece
+from tests.conftest import load_eval_script
 
 VIDEO = torch.randn(2, 3, 8, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -199,17 +200,8 @@ def test_narrate_reports_and_skips_unreadable_videos(tmp_path, video_factory):
     assert [f["source"] for f in counts["failed"]] == ["broken.mp4"]
 
 
-def _load_script(name):
-    import importlib.util
-    from mmvssl.resources import data_path
-    spec = importlib.util.spec_from_file_location(name, data_path("eval", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_caption_metrics_and_object_mentions():
-    script = _load_script("narration")
+    script = load_eval_script("narration")
     assert script.mentions("the red circle moves", "circle") and not script.mentions("the circles", "circle")
     perfect = script.caption_metrics({0: ["a red circle moves right"], 1: ["a blue ring"]},
                                      {0: ["a red circle moves right"], 1: ["a blue ring"]})
@@ -220,7 +212,7 @@ def test_caption_metrics_and_object_mentions():
 
 
 def test_narration_eval_reports_accuracy_and_chance(tmp_path, demo_shards):
-    script = _load_script("narration")
+    script = load_eval_script("narration")
     tok_file = train_sentencepiece(texts_from_shards(str(demo_shards["val"])), tmp_path / "t.model", 150)
     tok = SentencePieceTokenizer(tok_file)
     cfg = tiny_config(vocab=tok.vocab_size)
