@@ -8,7 +8,8 @@ step, `sample` the best-scored of LaViLa's 10 nucleus samples (top_p 0.95, tempe
 
 Prints one JSON object: `object_accuracy` (the share of clips whose narration names the clip's
 object, i.e. its `label`, as a word), `chance` (1 / number of distinct labels: naming one at
-random), and the captioning metrics BLEU-4, ROUGE-L and CIDEr (pycocoevalcap, the COCO caption
+random), `confusion` (for each label, how often each class was the first one named), and the
+captioning metrics BLEU-4, ROUGE-L and CIDEr (pycocoevalcap, the COCO caption
 implementation, pure Python) against the clip's caption and the narrations of its window.
 """
 
@@ -23,8 +24,28 @@ from pathlib import Path
 import torch
 
 
+def word_position(text: str, word: str) -> int | None:
+    match = re.search(rf"\b{re.escape(word.lower())}\b", text.lower())
+    return None if match is None else match.start()
+
+
 def mentions(text: str, word: str) -> bool:
-    return re.search(rf"\b{re.escape(word.lower())}\b", text.lower()) is not None
+    return word_position(text, word) is not None
+
+
+def first_named(text: str, classes: list[str]) -> str | None:
+    """The class the text names first (None: it names none)."""
+    found = [(pos, c) for c in classes if (pos := word_position(text, c)) is not None]
+    return min(found)[1] if found else None
+
+
+def confusion(labels: list[str], texts: list[str], classes: list[str]) -> dict[str, dict[str, int]]:
+    """For each true label, how often each class was the first one named ("none": no class named)."""
+    table = {label: {name: 0 for name in [*classes, "none"]} for label in classes}
+    for label, text in zip(labels, texts):
+        if label:
+            table[label][first_named(text, classes) or "none"] += 1
+    return table
 
 
 def caption_metrics(references: dict[int, list[str]], hypotheses: dict[int, list[str]]) -> dict:
@@ -57,12 +78,13 @@ def evaluate_narrator(model_dir: str, shards: str, strategy: str = "beam", batch
                       context_length=8, num_candidates=1, train=False)
     gen = GenerationConfig(strategy=strategy, num_candidates=10 if strategy == "sample" else 1, num_beams=5,
                            max_length=model.config["lm"].get("n_positions", 64))
-    labels, hits, refs, hyps, examples = [], 0, {}, {}, []
+    labels, texts, hits, refs, hyps, examples = [], [], 0, {}, {}, []
     for batch in build_loader(shards, spec, batch_size):
         for meta, candidates in zip(batch["meta"], generate(model, batch["video"], gen)):
             text = tokenizer.decode(candidates[0]["tokens"])
             i = len(labels)
             labels.append(str(meta.get("label", "")))
+            texts.append(text)
             hits += bool(labels[-1]) and mentions(text, labels[-1])
             start, end = meta["window"]
             window_refs = [n["text"] for n in meta.get("narrations") or []
@@ -77,7 +99,8 @@ def evaluate_narrator(model_dir: str, shards: str, strategy: str = "beam", batch
         raise SystemExit(f"error: no labelled clips in {shards} (object accuracy needs a 'label' in the metadata)")
     classes = sorted(set(label for label in labels if label))
     return {"object_accuracy": hits / len(labels), "chance": 1.0 / len(classes), "num_clips": len(labels),
-            "classes": classes, **caption_metrics(refs, hyps), "strategy": strategy, "examples": examples,
+            "classes": classes, "confusion": confusion(labels, texts, classes),
+            **caption_metrics(refs, hyps), "strategy": strategy, "examples": examples,
             "model": str(model_dir), "data": str(shards)}
 
 

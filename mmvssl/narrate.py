@@ -26,23 +26,30 @@ from .narrator.model import Narrator
 from .narrator.tokenizer import SentencePieceTokenizer
 
 
-def _videos(source: str) -> Iterator[tuple[str, str, bytes | None, dict, str | None]]:
-    """(source name, key, video bytes or None when unreadable, metadata, error) for each input video."""
+VIDEO_MEMBERS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
+
+
+def _videos(source: str) -> Iterator[tuple[str, str, bytes | None, dict, str | None, dict[str, bytes]]]:
+    """(source name, key, video bytes or None when unreadable, metadata, error, members) for each input
+    video; members are the sample's stored bytes by extension (a video file: its one member), which
+    --shards-out writes back unchanged beside the new metadata."""
     path = Path(source)
     if path.is_dir() and not list(path.glob("*.tar")):
         for i, f in enumerate(sorted(p for p in path.rglob("*") if p.suffix.lower() in MEDIA_SUFFIXES)):
             rel = str(f.relative_to(path))
             try:
-                yield rel, f"{i:09d}", f.read_bytes(), {"source": rel}, None
+                data = f.read_bytes()
+                yield rel, f"{i:09d}", data, {"source": rel}, None, {f.suffix.lower().lstrip("."): data}
             except OSError as e:
-                yield rel, f"{i:09d}", None, {}, f"unreadable ({e.strerror})"
+                yield rel, f"{i:09d}", None, {}, f"unreadable ({e.strerror})", {}
         return
     import webdataset as wds
     for sample in wds.WebDataset(list_shards(source), shardshuffle=False, empty_check=False):
         meta = json.loads(sample["json"]) if "json" in sample else {}
-        ext = next((e for e in ("mp4", "webm", "mkv", "avi", "mov", "m4v") if e in sample), None)
+        ext = next((e for e in VIDEO_MEMBERS if e in sample), None)
         name = meta.get("source", sample["__key__"])
-        yield name, sample["__key__"], sample.get(ext) if ext else None, meta, None if ext else "no video member"
+        members = {k: v for k, v in sample.items() if not k.startswith("__")}
+        yield name, sample["__key__"], sample.get(ext) if ext else None, meta, None if ext else "no video member", members
 
 
 def _written_rows(out_file: Path) -> dict[str, list[dict]]:
@@ -77,13 +84,15 @@ def narrate(model_dir: str, source: str, out_file: str, window_seconds: float | 
     if shards_out:
         import webdataset as wds
         Path(shards_out).mkdir(parents=True, exist_ok=True)
-        writer = wds.ShardWriter(os.path.join(shards_out, "shard-%06d.tar"), maxcount=256, verbose=0)
+        # encoder=False: every member is written as the bytes it was read as (webdataset's default
+        # encoder would gzip a `.gz` member a second time)
+        writer = wds.ShardWriter(os.path.join(shards_out, "shard-%06d.tar"), maxcount=256, verbose=0, encoder=False)
     iterator = _videos(source)
     if progress:
         from tqdm import tqdm
         iterator = tqdm(iterator, desc="narrate", unit="video", file=sys.stderr)
     with open(out_path, "a") as out:
-        for name, key, data, meta, error in iterator:
+        for name, key, data, meta, error, members in iterator:
             try:
                 if data is None:
                     raise DecodeError(error or "no video")
@@ -110,7 +119,7 @@ def narrate(model_dir: str, source: str, out_file: str, window_seconds: float | 
                     every = sorted(written.get(key, []) + rows, key=lambda r: r["start"])
                     pseudo = [{"start": r["start"], "end": r["end"], "text": r["candidates"][0]["text"],
                                "score": r["candidates"][0]["score"]} for r in every]
-                    writer.write({"__key__": key, "mp4": data,
+                    writer.write({"__key__": key, **members,  # audio, features, text: all kept
                                   "json": json.dumps({**meta, "pseudo_narrations": pseudo}).encode("utf-8")})
             except DecodeError as e:
                 counts["failed"].append({"source": name, "reason": str(e)})

@@ -43,6 +43,28 @@ def demo_shards(demo_data, tmp_path_factory) -> dict:
     return {"train": out / "train", "val": out / "val"}
 
 
+@pytest.fixture(scope="session")
+def val_shards_with_extra_members(demo_shards, tmp_path_factory) -> Path:
+    """The demo val shards, each sample with two more members: a gzipped one (`notes.txt.gz`) and
+    raw bytes (`extra.bin`); tools that rewrite shards must carry both over byte for byte."""
+    import gzip
+    import webdataset as wds
+    out = tmp_path_factory.mktemp("extra-members")
+    urls = sorted(map(str, Path(demo_shards["val"]).glob("*.tar")))
+    with wds.TarWriter(str(out / "shard-000000.tar"), encoder=False) as writer:
+        for sample in wds.WebDataset(urls, shardshuffle=False):
+            key = sample["__key__"]
+            writer.write({"__key__": key, **{k: v for k, v in sample.items() if not k.startswith("__")},
+                          "notes.txt.gz": gzip.compress(f"notes of {key}".encode()), "extra.bin": bytes(range(7))})
+    return out
+
+
+def raw_samples(folder) -> list[dict]:
+    """Every sample of the shards in `folder`, members as their stored bytes."""
+    import webdataset as wds
+    return list(wds.WebDataset(sorted(map(str, Path(folder).glob("*.tar"))), shardshuffle=False))
+
+
 def load_eval_script(name: str):
     """eval/<name>.py as a module (the eval scripts are not a package)."""
     import importlib.util

@@ -10,7 +10,7 @@ from mmvssl.narrator.build import build_narrator, narration_for_window
 from mmvssl.narrator.generate import GenerationConfig, generate, sequence_logprob
 from mmvssl.narrator.model import Narrator
 from mmvssl.narrator.tokenizer import SentencePieceTokenizer, texts_from_shards, train_sentencepiece
-from tests.conftest import load_eval_script
+from tests.conftest import load_eval_script, raw_samples
 
 VIDEO = torch.randn(2, 3, 8, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -178,10 +178,28 @@ def test_narrate_writes_resumes_and_merges_into_shards(tmp_path, demo_shards):
     assert len(rows[0]["candidates"]) == 2 and rows[0]["end"] - rows[0]["start"] == pytest.approx(2.0)
     again = narrate(str(tmp_path / "narrator"), str(demo_shards["val"]), str(out), stride=1.0, gen=gen, progress=False)
     assert again["windows"] == 0 and again["skipped_done"] == 24
-    import webdataset as wds
-    samples = list(wds.WebDataset(sorted(map(str, (tmp_path / "pseudo").glob("*.tar"))), shardshuffle=False))
+    samples = raw_samples(tmp_path / "pseudo")
     assert len(samples) == 12
     assert len(json.loads(samples[0]["json"])["pseudo_narrations"]) == 2
+
+
+def test_narrate_shards_out_keeps_every_member_byte_for_byte(tmp_path, val_shards_with_extra_members):
+    from mmvssl.narrate import narrate
+    tok_file = train_sentencepiece(["a red circle", "a blue ring moves"] * 20, tmp_path / "t.model", 40)
+    tok = SentencePieceTokenizer(tok_file)
+    cfg = tiny_config(vocab=tok.vocab_size)
+    cfg.update(pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id, sampling={"num_frames": 8, "fps": 4.0, "size": 64})
+    Narrator(cfg).save_pretrained(tmp_path / "narrator", tokenizer_file=tok_file)
+    narrate(str(tmp_path / "narrator"), str(val_shards_with_extra_members), str(tmp_path / "n.jsonl"),
+            shards_out=str(tmp_path / "pseudo"), gen=GenerationConfig(num_candidates=1, max_length=4), progress=False)
+    before, after = raw_samples(val_shards_with_extra_members), raw_samples(tmp_path / "pseudo")
+    assert [s["__key__"] for s in before] == [s["__key__"] for s in after] and len(after) == 12
+    for old, new in zip(before, after):
+        members = {k for k in old if not k.startswith("__")}
+        assert {"mp4", "notes.txt.gz", "extra.bin"} <= members == {k for k in new if not k.startswith("__")}
+        assert all(old[k] == new[k] for k in members - {"json"})  # a .gz member is not compressed twice
+        meta = json.loads(new["json"])
+        assert {k: v for k, v in meta.items() if k != "pseudo_narrations"} == json.loads(old["json"])
 
 
 def test_narrate_reports_and_skips_unreadable_videos(tmp_path, video_factory):
@@ -203,6 +221,13 @@ def test_narrate_reports_and_skips_unreadable_videos(tmp_path, video_factory):
 def test_caption_metrics_and_object_mentions():
     script = load_eval_script("narration")
     assert script.mentions("the red circle moves", "circle") and not script.mentions("the circles", "circle")
+    classes = ["circle", "ring", "square"]
+    assert script.first_named("a ring, then a circle", classes) == "ring"
+    assert script.first_named("the circles", classes) is None
+    table = script.confusion(["circle", "circle", "ring", ""], ["a red ring", "one circle", "nothing here", "a square"],
+                             classes)
+    assert table["circle"] == {"circle": 1, "ring": 1, "square": 0, "none": 0}
+    assert table["ring"]["none"] == 1 and sum(table["square"].values()) == 0
     perfect = script.caption_metrics({0: ["a red circle moves right"], 1: ["a blue ring"]},
                                      {0: ["a red circle moves right"], 1: ["a blue ring"]})
     worse = script.caption_metrics({0: ["a red circle moves right"], 1: ["a blue ring"]},
@@ -222,6 +247,8 @@ def test_narration_eval_reports_accuracy_and_chance(tmp_path, demo_shards):
     assert report["num_clips"] == 12 and 0.0 <= report["object_accuracy"] <= 1.0
     assert report["chance"] == pytest.approx(1 / len(report["classes"]))
     assert {"bleu4", "rouge_l", "cider"} <= set(report)
+    assert sum(sum(row.values()) for row in report["confusion"].values()) == 12
+    assert sum(report["confusion"][c][c] for c in report["classes"]) <= round(report["object_accuracy"] * 12)
 
 
 def test_narrator_trains_through_the_engine(demo_shards, trained_run, tmp_path):

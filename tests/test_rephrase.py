@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
-import webdataset as wds
 
 from mmvssl.cli import main
 from mmvssl.errors import MmvsslError
 from mmvssl.narrator.rephrase import RephraseConfig, load_paraphraser, paraphrase, rephrase_shards
 from mmvssl.narrator.tokenizer import texts_from_shards, train_sentencepiece
+from tests.conftest import raw_samples
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +34,6 @@ def t5_dir(demo_shards, tmp_path_factory):
     return folder
 
 
-def _samples(folder) -> list[dict]:
-    return list(wds.WebDataset(sorted(map(str, folder.glob("*.tar"))), shardshuffle=False))
-
-
 def test_the_local_tokenizer_knows_the_narration_words(t5_dir):
     _, tokenizer = load_paraphraser(t5_dir)
     ids = tokenizer(["paraphrase: a red circle"]).input_ids[0]
@@ -52,11 +48,11 @@ def test_paraphrase_gives_k_strings_per_text_in_batches(t5_dir, strategy):
     assert len(out) == 3 and all(len(p) == 3 and all(isinstance(t, str) for t in p) for p in out)
 
 
-def test_rephrase_writes_paraphrases_and_copies_every_other_member(t5_dir, demo_shards, tmp_path):
+def test_rephrase_writes_paraphrases_and_copies_every_other_member(t5_dir, val_shards_with_extra_members, tmp_path):
     cfg = RephraseConfig(k=2, max_length=6, batch_size=8)
-    counts = rephrase_shards(str(t5_dir), str(demo_shards["val"]), str(tmp_path / "out"), cfg,
+    counts = rephrase_shards(str(t5_dir), str(val_shards_with_extra_members), str(tmp_path / "out"), cfg,
                              samples_per_shard=5, progress=False)
-    before, after = _samples(demo_shards["val"]), _samples(tmp_path / "out")
+    before, after = raw_samples(val_shards_with_extra_members), raw_samples(tmp_path / "out")
     assert counts["samples"] == len(before) == len(after) == 12
     assert len(list((tmp_path / "out").glob("*.tar"))) == 3  # 5 samples per shard
     assert counts["paraphrases"] + counts["empty"] == 2 * counts["narrations"] > 0
@@ -65,7 +61,8 @@ def test_rephrase_writes_paraphrases_and_copies_every_other_member(t5_dir, demo_
         assert old["__key__"] == new["__key__"]
         members = {k for k in old if not k.startswith("__")}
         assert members == {k for k in new if not k.startswith("__")}
-        assert all(old[k] == new[k] for k in members - {"json"})  # video and caption bytes unchanged
+        assert "notes.txt.gz" in members and "extra.bin" in members
+        assert all(old[k] == new[k] for k in members - {"json"})  # video, caption, .gz bytes unchanged
         old_meta, new_meta = json.loads(old["json"]), json.loads(new["json"])
         assert {k: v for k, v in new_meta.items() if k != "paraphrases"} == old_meta
         for p in new_meta["paraphrases"]:

@@ -136,7 +136,10 @@ def rephrase_shards(t5_dir: str, shards: str, out_dir: str, cfg: RephraseConfig 
         samples = tqdm(samples, desc="rephrase", unit="sample", file=sys.stderr)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=samples_per_shard, verbose=0) as writer:
+        # encoder=False: members are written as the bytes they were read as (the default encoder
+        # would gzip a `.gz` member a second time)
+        with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=samples_per_shard, verbose=0,
+                             encoder=False) as writer:
             pending = _PendingSamples(model, tokenizer, cfg, writer, counts)
             for sample in samples:
                 try:
