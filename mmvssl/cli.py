@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from .commands import GROUPS
-from .errors import MmvsslError
+from .errors import MmvsslError, one_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,10 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except MmvsslError as e:
-        print(f"mmvssl: error: {e}", file=sys.stderr)
+        print(f"mmvssl: error: {one_line(e)}", file=sys.stderr)
         return 2
     except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        print(f"mmvssl: error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        where = f": {e.filename}" if e.filename else ""  # none when re-raised from a loader worker
+        print(f"mmvssl: error: {e.strerror or one_line(e)}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mmvssl: interrupted", file=sys.stderr)

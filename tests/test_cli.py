@@ -3,8 +3,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mmvssl.cli import main
+from mmvssl.errors import MmvsslError, one_line
 from mmvssl.resources import data_path
 
 
@@ -48,6 +50,40 @@ def test_missing_model_and_missing_videos(capsys, tmp_path):
     assert code == 2 and "config.json is missing" in _one_line(err)
     code, _, err = run_cli(capsys, "shards", "build", str(tmp_path / "novideos"), "--out", str(tmp_path / "s"))
     assert code == 2 and "videos folder not found" in _one_line(err)
+
+
+class _FailingStream(torch.utils.data.IterableDataset):
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def __iter__(self):
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [MmvsslError("shard-000003.tar: sample 7 has no video member"),
+                                   FileNotFoundError("no such file: a.tar")])
+def test_an_error_from_a_loader_worker_prints_as_its_own_one_line_message(error):
+    loader = torch.utils.data.DataLoader(_FailingStream(error), num_workers=1)
+    with pytest.raises(type(error)) as raised:
+        next(iter(loader))
+    assert "Original Traceback" in str(raised.value)  # what torch re-raises: the worker's traceback
+    assert one_line(raised.value) == str(error)
+
+
+def test_training_stopped_by_failing_samples_in_a_worker_is_one_line(capsys, tmp_path):
+    import io
+    import tarfile
+    with tarfile.open(tmp_path / "shard-000000.tar", "w") as tar:  # every sample's metadata is broken
+        for i in range(12):
+            for name, data in ((f"{i:03d}.mp4", b"not a video"), (f"{i:03d}.json", b"{not json")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    code, _, err = run_cli(capsys, "pretrain", str(data_path("configs", "demo", "tiny.yaml")),
+                           f"data.shards={tmp_path}", "data.num_workers=1", "data.batch_size=2",
+                           "train.max_steps=2", "train.log_with=none", f"train.output_dir={tmp_path / 'run'}")
+    line = _one_line("\n".join(x for x in err.splitlines() if not x.startswith("pretrain:")))  # the progress bar
+    assert code == 2 and "samples failed to decode" in line and "shard-000000.tar" in line
 
 
 def test_models_lists_presets(capsys):
