@@ -84,6 +84,25 @@ def test_too_many_failures_stop_with_the_shard_named(tmp_path):
         list(build_loader(str(path), SampleSpec(**SPEC, train=False), batch_size=8, max_error_rate=0.5))
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_an_unreadable_shard_is_reported_once_on_one_line_and_skipped(tmp_path, demo_shards, capsys, train):
+    import shutil
+    good = sorted(demo_shards["val"].glob("*.tar"))
+    for shard in good:
+        shutil.copy(shard, tmp_path / shard.name)
+    (tmp_path / "zz-garbage.tar").write_bytes(os.urandom(3000))  # not a tar at all
+    expected = {k for shard in good for k in (s["__key__"] for s in wds.WebDataset(str(shard), shardshuffle=False))}
+    loader = build_loader(str(tmp_path), SampleSpec(**SPEC, train=train, seed=0), batch_size=4)
+    if train:  # the endless stream draws the garbage shard again and again
+        keys = {k for _, batch in zip(range(12), loader) for k in batch["key"]}
+        assert keys <= expected and len(keys) > 4
+    else:
+        assert sorted(k for batch in loader for k in batch["key"]) == sorted(expected)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mmvssl: warning: skipped unreadable shard ")
+    assert "zz-garbage.tar" in lines[0] and "Traceback" not in lines[0]
+
+
 def test_list_shards_errors_name_the_path(tmp_path):
     with pytest.raises(MmvsslError, match="shard not found: .*nope.tar"):
         list_shards(str(tmp_path / "nope.tar"))

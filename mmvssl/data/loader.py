@@ -26,7 +26,8 @@ from ..errors import MmvsslError
 from .augment import Augmenter, AugmentOptions
 from .decode import DecodeError, decode_window, probe
 from .sampling import select_source_texts, view_windows
-from .shardio import VIDEO_EXTENSIONS, EpochSamples, list_shards, mix, parse_sources, tag_source
+from .shardio import (VIDEO_EXTENSIONS, EpochSamples, list_shards, mix, parse_sources, skip_unreadable_shard,
+                      tag_source)
 from .teacher_cache import pair_cached_frames
 from .text import build_tokenizer
 
@@ -247,7 +248,7 @@ def build_dataset(shards: str, spec: SampleSpec, batch_size: int, shuffle_buffer
         def one_set(s):
             return wds.DataPipeline(
                 wds.ResampledShards(s.urls, seed=spec.seed, deterministic=True, worker_seed=position.shard_seed),
-                wds.tarfile_to_samples(handler=wds.warn_and_continue), tag_source(s.name))
+                wds.tarfile_to_samples(handler=skip_unreadable_shard), tag_source(s.name))
         if len(sets) == 1:
             stages = [*one_set(sets[0]).pipeline]
         else:

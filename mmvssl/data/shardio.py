@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import random
+import sys
 import tarfile
 from dataclasses import dataclass
 
@@ -24,6 +25,25 @@ from braceexpand import braceexpand
 from ..errors import MmvsslError
 
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
+
+_reported_shards: set[str] = set()
+
+
+def report_unreadable_shard(url: str, reason: str) -> None:
+    """One line on stderr, once per shard and process; the stream goes on without the rest of it."""
+    if url not in _reported_shards:
+        _reported_shards.add(url)
+        print(f"mmvssl: warning: skipped unreadable shard {url}: {' '.join(reason.split())}", file=sys.stderr)
+
+
+def skip_unreadable_shard(exn: Exception) -> bool:
+    """tarfile_to_samples handler: a shard that is not a readable tar (truncated, not a tar at all)
+    is reported on one line (webdataset's warn_and_continue warns with a repr on every pass of a
+    resampled stream) and skipped."""
+    url = next((a for a in reversed(exn.args) if isinstance(a, str) and a != exn.args[0]), "?") if exn.args else "?"
+    reason = str(exn.args[0]).split(" @ ")[0] if exn.args else ""
+    report_unreadable_shard(url, f"{type(exn).__name__}: {reason}" if reason else type(exn).__name__)
+    return True
 
 
 def list_shards(spec: str) -> list[str]:
@@ -90,13 +110,16 @@ def shard_size(url: str) -> int:
         except (json.JSONDecodeError, ValueError, OSError):
             pass
     count, last = 0, None
-    with tarfile.open(url) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key = _key_of(member.name)
-            if key != last:
-                count, last = count + 1, key
+    try:
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key = _key_of(member.name)
+                if key != last:
+                    count, last = count + 1, key
+    except tarfile.TarError as e:  # the samples before the damage still count (and are read)
+        report_unreadable_shard(url, f"{type(e).__name__}: {e}")
     return count
 
 
@@ -133,7 +156,7 @@ class EpochSamples(IterableDataset):
             first, offset = offset, offset + self.sizes[i]
             if offset <= lo or first >= hi:
                 continue  # outside this slot's range: never opened
-            for j, raw in enumerate(wds.tarfile_to_samples(handler=wds.warn_and_continue)([{"url": url}])):
+            for j, raw in enumerate(wds.tarfile_to_samples(handler=skip_unreadable_shard)([{"url": url}])):
                 if lo <= first + j < hi:
                     raw["__source__"] = name
                     yield raw

@@ -27,6 +27,7 @@ import webdataset as wds
 
 from ..data.decode import DecodeError, decode_window, probe
 from ..data.loader import VIDEO_EXTENSIONS, SampleSpec, frames_to_tensor, list_shards
+from ..data.shardio import skip_unreadable_shard
 from ..data.sampling import uniform_windows
 from ..data.text import build_tokenizer
 from ..errors import MmvsslError
@@ -181,7 +182,7 @@ def extract_features(model, shards: str, options: ExtractOptions | None = None, 
     model.eval()
     spaces = model_spaces(model)
     pipeline = wds.DataPipeline(wds.SimpleShardList(list_shards(shards)), wds.split_by_worker,
-                                wds.tarfile_to_samples(handler=wds.warn_and_continue), DecodeViews(spec, options),
+                                wds.tarfile_to_samples(handler=skip_unreadable_shard), DecodeViews(spec, options),
                                 lambda src: _batches(src, options.batch_size))
     loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=options.num_workers)
     feats: dict[str, list[torch.Tensor]] = {}
