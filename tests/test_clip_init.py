@@ -45,6 +45,7 @@ def test_text_tower_from_clip_computes_open_clips_encode_text(tiny_clip):
     done = init_from_clip(net, tiny_clip["arch"], tiny_clip["pretrained"], ["text"])
     assert {"text.token_embed", "text.pos", "text.blocks.0", "text.blocks.1", "text.norm", "text.text_head"} <= set(done)
     assert not any(name.startswith("video.") for name in done)  # only the towers asked for
+    assert net.config["text"]["act"] == "gelu"  # the tiny CLIP's own activation
     # "!" is token id 0, the same id open_clip pads with: inside a text it must stay a token.
     ids = tokens(["a red circle moves left", "stop! a blue square", "", "a very long narration " * 6])
     with torch.no_grad():
@@ -126,3 +127,28 @@ def test_engine_initialises_the_towers_named_in_the_config(tiny_clip, tmp_path):
         torch.testing.assert_close(net.encode_text(ids), tiny_clip["model"].encode_text(ids, normalize=True),
                                    rtol=1e-5, atol=1e-5)
     assert load_config(data_path("configs", "demo", "tiny.yaml"), []).model.init_towers == ["video"]
+
+
+def test_an_openai_style_quick_gelu_clip_switches_the_towers_activation_and_it_reloads(tmp_path):
+    import open_clip
+    arch = tmp_path / "mmvssl-tiny-clip-quickgelu.json"
+    arch.write_text(json.dumps({**TINY_CLIP, "quick_gelu": True}))  # as OpenAI's weights were trained
+    open_clip.add_model_config(arch)
+    torch.manual_seed(0)
+    clip = open_clip.create_model(arch.stem).eval()
+    weights = tmp_path / "quick.pt"
+    torch.save(clip.state_dict(), weights)
+    net = mmvssl.create_model("vatt-tiny", **TEXT, **{"video.width": 32, "video.depth": 1, "video.heads": 2,
+                                                        "video.patch": [2, 8, 8]})
+    init_from_clip(net, str(arch), str(weights), ["video", "text"])
+    assert net.config["video"]["act"] == net.config["text"]["act"] == "quick_gelu"
+    ids = tokens(["a red circle moves left", "a blue square"])
+    net.eval()
+    with torch.no_grad():  # with GELU in its blocks the copy would not compute CLIP's embedding
+        torch.testing.assert_close(net.encode_text(ids), clip.encode_text(ids, normalize=True), rtol=1e-5, atol=1e-5)
+    net.save_pretrained(tmp_path / "model")
+    again = mmvssl.load_model(tmp_path / "model").eval()
+    video = torch.randn(2, 3, 8, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(again.encoders["video"](video)["pooled"], net.encoders["video"](video)["pooled"])
+        assert torch.equal(again.encode_text(ids), net.encode_text(ids))

@@ -6,8 +6,10 @@ and divided by t, so a static clip gives the image's patch features), the blocks
 attn.proj / norm2 / mlp.0 / mlp.2, same q, k, v layout), ln_post becomes the final norm and the
 class token the aggregation token. CLIP's joint 2-D position table is factorised into mmvssl's
 height and width tables (row means and centred column means, interpolated to the encoder's
-grid); the temporal table keeps its initialisation. CLIP's ln_pre has no counterpart, and
-OpenAI models use QuickGELU where mmvssl uses GELU: this is a starting point, not an exact copy.
+grid); the temporal table keeps its initialisation. CLIP's ln_pre has no counterpart: this is a
+starting point, not an exact copy. The blocks take CLIP's activation: OpenAI's weights were trained
+with QuickGELU, so a tower initialised from them switches to it (`act: quick_gelu` in the saved
+config, so the model reloads the same).
 
 The text tower (LaViLa starts both towers from CLIP) maps the same way: token and position
 embeddings, blocks, ln_final -> the final norm, and text_projection -> the text head's linear
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .transformer import activation
 
 BLOCK_MAP = {"ln_1": "norm1", "attn.in_proj_": "attn.qkv.", "attn.out_proj": "attn.proj", "ln_2": "norm2",
              "mlp.c_fc": "mlp.0", "mlp.c_proj": "mlp.2"}
@@ -77,9 +80,22 @@ def inflate_clip_into_video_encoder(encoder: nn.Module, visual: nn.Module) -> li
     return done
 
 
+def clip_activation(blocks, tower: str) -> str:
+    """The mmvssl name of the activation in a CLIP tower's MLPs: quick_gelu (OpenAI's models) or gelu."""
+    act = blocks[0].mlp.gelu
+    if type(act).__name__ == "QuickGELU":
+        return "quick_gelu"
+    if isinstance(act, nn.GELU) and act.approximate == "none":
+        return "gelu"
+    raise ConfigError(f"model.init_arch: the CLIP {tower} tower's MLP activation {act!r} has no counterpart "
+                      f"(expected GELU or QuickGELU)")
+
+
 def _copy_blocks(blocks, targets, tower: str) -> list[str]:
+    act = clip_activation(blocks, tower)
     done = []
     for i, (src, dst) in enumerate(zip(blocks, targets)):
+        dst.mlp[1] = activation(act)  # parameter-free: only what it computes changes
         target = dict(dst.named_parameters())
         for name, value in src.named_parameters():
             mapped = next((name.replace(a, b, 1) for a, b in BLOCK_MAP.items() if name.startswith(a)), None)
@@ -160,6 +176,8 @@ def init_from_clip(net: nn.Module, arch: str, pretrained: str = "", towers=("vid
     done = []
     if "video" in towers:
         done += [f"video.{n}" for n in inflate_clip_into_video_encoder(net.encoders["video"], clip.visual)]
+        net.config["video"]["act"] = clip_activation(list(clip.visual.transformer.resblocks), "video")
     if "text" in towers:
         done += [f"text.{n}" for n in init_clip_text_tower(net.encoders["text"], clip, net.heads)]
+        net.config["text"]["act"] = clip_activation(list(clip.transformer.resblocks), "text")
     return done

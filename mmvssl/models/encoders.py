@@ -54,11 +54,11 @@ class TokenEncoder(nn.Module):
     """The part every transformer encoder shares: [agg] + tokens -> (shared or own) transformer."""
 
     def _init_backbone(self, width: int, depth: int, heads: int, mlp_ratio: float,
-                       shared: Transformer | None, **transformer_kwargs) -> None:
+                       shared: Transformer | None, act: str = "gelu", **transformer_kwargs) -> None:
         self.width = width
         self.agg_token = nn.Parameter(torch.zeros(1, 1, width))
         if shared is None:
-            self.transformer = Transformer(width, depth, heads, mlp_ratio, **transformer_kwargs)
+            self.transformer = Transformer(width, depth, heads, mlp_ratio, act=act, **transformer_kwargs)
             self.in_proj = self.out_proj = None
         else:  # not registered here: the model owns the one shared backbone
             object.__setattr__(self, "transformer", shared)
@@ -108,7 +108,7 @@ class VideoEncoder(TokenEncoder):
 
     def __init__(self, width: int, depth: int, heads: int, patch: tuple[int, int, int] = (4, 16, 16),
                  num_frames: int = 32, image_size: int = 224, mlp_ratio: float = 4.0,
-                 drop_token: float = 0.0, in_channels: int = 3, stem: str = "patch",
+                 drop_token: float = 0.0, in_channels: int = 3, stem: str = "patch", act: str = "gelu",
                  shared: Transformer | None = None):
         super().__init__()
         self.patch = tuple(patch)
@@ -128,7 +128,7 @@ class VideoEncoder(TokenEncoder):
         self.pos_t = nn.Parameter(torch.randn(1, t, width) * 0.02)
         self.pos_h = nn.Parameter(torch.randn(1, p, width) * 0.02)
         self.pos_w = nn.Parameter(torch.randn(1, image_size // self.patch[2], width) * 0.02)
-        self._init_backbone(width, depth, heads, mlp_ratio, shared)
+        self._init_backbone(width, depth, heads, mlp_ratio, shared, act)
 
     def forward(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
         if video.ndim != 5 or video.shape[1] != self.in_channels:
@@ -200,7 +200,7 @@ class TextEncoder(TokenEncoder):
     def __init__(self, width: int, depth: int, heads: int, vocab_size: int = 49408,
                  context_length: int = 77, mlp_ratio: float = 4.0, pad_id: int = 0,
                  relative_buckets: int = 0, relative_max_distance: int = 128, causal: bool = False,
-                 shared: Transformer | None = None):
+                 act: str = "gelu", shared: Transformer | None = None):
         super().__init__()
         self.pad_id = pad_id
         self.causal = bool(causal)
@@ -215,7 +215,7 @@ class TextEncoder(TokenEncoder):
         else:
             self.pos = nn.Parameter(torch.randn(1, context_length, width) * 0.01)
             rel = {}
-        self._init_backbone(width, depth, heads, mlp_ratio, shared, **rel)
+        self._init_backbone(width, depth, heads, mlp_ratio, shared, act, **rel)
 
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):

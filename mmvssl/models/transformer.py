@@ -15,6 +15,23 @@ from torch.utils.checkpoint import checkpoint
 ATTENTION_IMPLS = ("sdpa", "math")
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP models were trained with; a
+    tower initialised from their weights needs it to compute what they compute."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
+def activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation '{name}' (expected: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]()
+
+
 def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     mask: torch.Tensor | None) -> torch.Tensor:
     """Plain matmul-softmax attention, the reference the SDPA path is benchmarked against. (B, h, N, d)"""
@@ -46,13 +63,13 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu"):
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), activation(act), nn.Linear(hidden, width))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), mask)
@@ -91,10 +108,10 @@ class RelativePositionBias(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0,
-                 relative_buckets: int = 0, relative_max_distance: int = 128):
+                 relative_buckets: int = 0, relative_max_distance: int = 128, act: str = "gelu"):
         super().__init__()
         self.width = width
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.relative_bias = (RelativePositionBias(heads, relative_buckets, relative_max_distance)
                               if relative_buckets else None)
