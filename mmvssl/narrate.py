@@ -19,14 +19,12 @@ import torch
 
 from .data.decode import DecodeError, decode_window, probe
 from .data.loader import frames_to_tensor, list_shards
+from .data.shardio import VIDEO_EXTENSIONS, skip_unreadable_shard
 from .data.shards import MEDIA_SUFFIXES
 from .errors import MmvsslError
 from .narrator.generate import GenerationConfig, generate
 from .narrator.model import Narrator
 from .narrator.tokenizer import SentencePieceTokenizer
-
-
-VIDEO_MEMBERS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
 
 
 def _videos(source: str) -> Iterator[tuple[str, str, bytes | None, dict, str | None, dict[str, bytes]]]:
@@ -44,9 +42,10 @@ def _videos(source: str) -> Iterator[tuple[str, str, bytes | None, dict, str | N
                 yield rel, f"{i:09d}", None, {}, f"unreadable ({e.strerror})", {}
         return
     import webdataset as wds
-    for sample in wds.WebDataset(list_shards(source), shardshuffle=False, empty_check=False):
+    for sample in wds.WebDataset(list_shards(source), shardshuffle=False, empty_check=False,
+                                 handler=skip_unreadable_shard):
         meta = json.loads(sample["json"]) if "json" in sample else {}
-        ext = next((e for e in VIDEO_MEMBERS if e in sample), None)
+        ext = next((e for e in VIDEO_EXTENSIONS if e in sample), None)
         name = meta.get("source", sample["__key__"])
         members = {k: v for k, v in sample.items() if not k.startswith("__")}
         yield name, sample["__key__"], sample.get(ext) if ext else None, meta, None if ext else "no video member", members

@@ -202,6 +202,25 @@ def test_narrate_shards_out_keeps_every_member_byte_for_byte(tmp_path, val_shard
         assert {k: v for k, v in meta.items() if k != "pseudo_narrations"} == json.loads(old["json"])
 
 
+def test_narrate_skips_an_unreadable_shard_with_one_line(tmp_path, demo_shards, capsys):
+    import os
+    import shutil
+    from mmvssl.narrate import narrate
+    for shard in demo_shards["val"].glob("*.tar"):
+        shutil.copy(shard, tmp_path / shard.name)
+    (tmp_path / "zz-garbage.tar").write_bytes(os.urandom(2000))
+    tok_file = train_sentencepiece(["a red circle", "a blue ring moves"] * 20, tmp_path / "t.model", 40)
+    tok = SentencePieceTokenizer(tok_file)
+    cfg = tiny_config(vocab=tok.vocab_size)
+    cfg.update(pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id, sampling={"num_frames": 8, "fps": 4.0, "size": 64})
+    Narrator(cfg).save_pretrained(tmp_path / "narrator", tokenizer_file=tok_file)
+    counts = narrate(str(tmp_path / "narrator"), str(tmp_path), str(tmp_path / "out" / "n.jsonl"),
+                     gen=GenerationConfig(num_candidates=1, max_length=4), progress=False)
+    assert counts["videos"] == 12  # every video of the readable shards
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "skipped unreadable shard" in lines[0] and "zz-garbage.tar" in lines[0]
+
+
 def test_narrate_reports_and_skips_unreadable_videos(tmp_path, video_factory):
     from mmvssl.narrate import narrate
     tok_file = train_sentencepiece(["a red circle", "a blue ring moves"] * 20, tmp_path / "t.model", 40)
@@ -249,6 +268,21 @@ def test_narration_eval_reports_accuracy_and_chance(tmp_path, demo_shards):
     assert {"bleu4", "rouge_l", "cider"} <= set(report)
     assert sum(sum(row.values()) for row in report["confusion"].values()) == 12
     assert sum(report["confusion"][c][c] for c in report["classes"]) <= round(report["object_accuracy"] * 12)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_frozen_conv_stem_tower_keeps_its_batchnorm_statistics_in_training(frozen):
+    cfg = tiny_config()
+    cfg["video"] = {**cfg["video"], "patch": [2, 8, 8], "stem": "conv"}
+    narrator = Narrator({**cfg, "freeze_visual": frozen}).train()
+    before = {k: v.clone() for k, v in narrator.visual.state_dict().items() if "running_" in k}
+    assert before  # the conv stem has BatchNorm layers
+    ids = torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]])
+    narrator(VIDEO, ids)["caption_loss"].backward()
+    after = narrator.visual.state_dict()
+    unchanged = all(torch.equal(before[k], after[k]) for k in before)
+    assert unchanged == frozen and narrator.training and narrator.visual.training == (not frozen)
+    assert narrator.pooler.training  # the new layers train either way
 
 
 def test_narrator_trains_through_the_engine(demo_shards, trained_run, tmp_path):

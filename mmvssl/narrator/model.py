@@ -117,11 +117,21 @@ class Narrator(nn.Module):
         self.set_frozen(config.get("freeze_lm", False), config.get("freeze_visual", True))
 
     def set_frozen(self, lm: bool, visual: bool) -> None:
-        """Freeze the language model and/or the visual encoder; the new layers always train."""
+        """Freeze the language model and/or the visual encoder; the new layers always train. A frozen
+        visual encoder also stays in eval mode, so the running statistics of its BatchNorm layers
+        (a conv stem's, a CNN's) keep the values it was trained with."""
         for p in self.visual.parameters():
             p.requires_grad_(not visual)
         for name, p in self.lm.named_parameters():
             p.requires_grad_(not lm or ".gated." in name)
+        self.visual_frozen = bool(visual)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "Narrator":
+        super().train(mode)
+        if getattr(self, "visual_frozen", False):
+            self.visual.eval()
+        return self
 
     @property
     def gated_blocks(self) -> list[GatedBlock]:

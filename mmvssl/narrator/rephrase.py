@@ -123,6 +123,7 @@ def rephrase_shards(t5_dir: str, shards: str, out_dir: str, cfg: RephraseConfig 
     {samples, narrations, paraphrases, generated, empty}."""
     import webdataset as wds
     from ..data.loader import list_shards
+    from ..data.shardio import skip_unreadable_shard
     urls = list_shards(shards)
     out = Path(out_dir)
     if out.resolve() in {Path(u).resolve().parent for u in urls}:
@@ -130,7 +131,8 @@ def rephrase_shards(t5_dir: str, shards: str, out_dir: str, cfg: RephraseConfig 
     model, tokenizer = load_paraphraser(t5_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = {"samples": 0, "narrations": 0, "paraphrases": 0, "generated": 0, "empty": 0}
-    samples = wds.WebDataset(urls, shardshuffle=False, empty_check=False)  # member bytes, nothing decoded
+    samples = wds.WebDataset(urls, shardshuffle=False, empty_check=False,  # member bytes, nothing decoded
+                             handler=skip_unreadable_shard)
     if progress:
         from tqdm import tqdm
         samples = tqdm(samples, desc="rephrase", unit="sample", file=sys.stderr)
