@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mmvssl
-from mmvssl.config import load_config
+from mmvssl.config import load_config, to_dict
 from mmvssl.resources import data_path
 from mmvssl.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from mmvssl.train.engine import pretrain
@@ -166,7 +166,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(demo_shards, tmp_path):
     [ckpt] = list_checkpoints(out / "checkpoints")
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl")]
     assert int(ckpt.name.split("_")[1]) == steps[-1] < 500
-    model = mmvssl.create_model("vatt-tiny")
+    demo = load_config(data_path("configs", "demo", "tiny.yaml"))
+    model = mmvssl.create_model(demo.model.preset, **to_dict(demo.model.overrides))  # the demo's architecture
     opt = build_optimizer(model, 1e-3, 0.05)
     assert load_checkpoint(ckpt, model, opt, warmup_cosine(opt, 1, 500))["step"] == steps[-1]
 
