@@ -22,6 +22,22 @@ def tiny_config(vocab=120, every=1):
             "pad_id": 0, "bos_id": 2, "eos_id": 3}
 
 
+WORDS = ["a red circle", "a blue ring moves"] * 20
+SAMPLING = {"num_frames": 8, "fps": 4.0, "size": 64}
+
+
+def save_untrained_narrator(tmp_path, texts=WORDS, vocab=40, sampling=SAMPLING, image_size=None) -> str:
+    """A tiny untrained narrator with a sentencepiece tokenizer fitted on `texts`, saved to tmp_path/narrator."""
+    tok_file = train_sentencepiece(list(texts), tmp_path / "t.model", vocab)
+    tok = SentencePieceTokenizer(tok_file)
+    cfg = tiny_config(vocab=tok.vocab_size)
+    cfg.update(pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id, sampling=sampling)
+    if image_size:
+        cfg["video"] = {**cfg["video"], "image_size": image_size}
+    Narrator(cfg).save_pretrained(tmp_path / "narrator", tokenizer_file=tok_file)
+    return str(tmp_path / "narrator")
+
+
 def open_gates(model, value=0.7):
     for block in model.gated_blocks:
         torch.nn.init.constant_(block.gated.attn_gate, value)
@@ -161,13 +177,8 @@ def test_narration_for_window_picks_the_most_overlapping():
 
 def test_narrate_writes_resumes_and_merges_into_shards(tmp_path, demo_shards):
     from mmvssl.narrate import narrate
-    tok_file = train_sentencepiece(texts_from_shards(str(demo_shards["val"])), tmp_path / "t.model", 150)
-    tok = SentencePieceTokenizer(tok_file)
-    cfg = tiny_config(vocab=tok.vocab_size)
-    cfg.update(pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
-               sampling={"num_frames": 8, "fps": 4.0, "size": 64})
     torch.manual_seed(0)
-    Narrator(cfg).save_pretrained(tmp_path / "narrator", tokenizer_file=tok_file)
+    save_untrained_narrator(tmp_path, texts_from_shards(str(demo_shards["val"])), 150)
     gen = GenerationConfig(num_candidates=2, max_length=8)
     out = tmp_path / "narrations.jsonl"
     counts = narrate(str(tmp_path / "narrator"), str(demo_shards["val"]), str(out), stride=1.0,
@@ -185,11 +196,7 @@ def test_narrate_writes_resumes_and_merges_into_shards(tmp_path, demo_shards):
 
 def test_narrate_shards_out_keeps_every_member_byte_for_byte(tmp_path, val_shards_with_extra_members):
     from mmvssl.narrate import narrate
-    tok_file = train_sentencepiece(["a red circle", "a blue ring moves"] * 20, tmp_path / "t.model", 40)
-    tok = SentencePieceTokenizer(tok_file)
-    cfg = tiny_config(vocab=tok.vocab_size)
-    cfg.update(pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id, sampling={"num_frames": 8, "fps": 4.0, "size": 64})
-    Narrator(cfg).save_pretrained(tmp_path / "narrator", tokenizer_file=tok_file)
+    save_untrained_narrator(tmp_path)
     narrate(str(tmp_path / "narrator"), str(val_shards_with_extra_members), str(tmp_path / "n.jsonl"),
             shards_out=str(tmp_path / "pseudo"), gen=GenerationConfig(num_candidates=1, max_length=4), progress=False)
     before, after = raw_samples(val_shards_with_extra_members), raw_samples(tmp_path / "pseudo")
@@ -209,11 +216,7 @@ def test_narrate_skips_an_unreadable_shard_with_one_line(tmp_path, demo_shards, 
     for shard in demo_shards["val"].glob("*.tar"):
         shutil.copy(shard, tmp_path / shard.name)
     (tmp_path / "zz-garbage.tar").write_bytes(os.urandom(2000))
-    tok_file = train_sentencepiece(["a red circle", "a blue ring moves"] * 20, tmp_path / "t.model", 40)
-    tok = SentencePieceTokenizer(tok_file)
-    cfg = tiny_config(vocab=tok.vocab_size)
-    cfg.update(pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id, sampling={"num_frames": 8, "fps": 4.0, "size": 64})
-    Narrator(cfg).save_pretrained(tmp_path / "narrator", tokenizer_file=tok_file)
+    save_untrained_narrator(tmp_path)
     counts = narrate(str(tmp_path / "narrator"), str(tmp_path), str(tmp_path / "out" / "n.jsonl"),
                      gen=GenerationConfig(num_candidates=1, max_length=4), progress=False)
     assert counts["videos"] == 12  # every video of the readable shards
@@ -223,12 +226,7 @@ def test_narrate_skips_an_unreadable_shard_with_one_line(tmp_path, demo_shards, 
 
 def test_narrate_reports_and_skips_unreadable_videos(tmp_path, video_factory):
     from mmvssl.narrate import narrate
-    tok_file = train_sentencepiece(["a red circle", "a blue ring moves"] * 20, tmp_path / "t.model", 40)
-    tok = SentencePieceTokenizer(tok_file)
-    cfg = tiny_config(vocab=tok.vocab_size)
-    cfg.update(pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id, sampling={"num_frames": 4, "fps": 2.0, "size": 32})
-    cfg["video"] = {**cfg["video"], "image_size": 32}
-    Narrator(cfg).save_pretrained(tmp_path / "narrator", tokenizer_file=tok_file)
+    save_untrained_narrator(tmp_path, sampling={"num_frames": 4, "fps": 2.0, "size": 32}, image_size=32)
     video_factory(tmp_path / "videos" / "good.mp4", seconds=2.0)
     (tmp_path / "videos" / "broken.mp4").write_bytes(b"not a video")
     counts = narrate(str(tmp_path / "narrator"), str(tmp_path / "videos"), str(tmp_path / "n.jsonl"),
@@ -257,11 +255,7 @@ def test_caption_metrics_and_object_mentions():
 
 def test_narration_eval_reports_accuracy_and_chance(tmp_path, demo_shards):
     script = load_eval_script("narration")
-    tok_file = train_sentencepiece(texts_from_shards(str(demo_shards["val"])), tmp_path / "t.model", 150)
-    tok = SentencePieceTokenizer(tok_file)
-    cfg = tiny_config(vocab=tok.vocab_size)
-    cfg.update(pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id, sampling={"num_frames": 8, "fps": 4.0, "size": 64})
-    Narrator(cfg).save_pretrained(tmp_path / "narrator", tokenizer_file=tok_file)
+    save_untrained_narrator(tmp_path, texts_from_shards(str(demo_shards["val"])), 150)
     report = script.evaluate_narrator(str(tmp_path / "narrator"), str(demo_shards["val"]))
     assert report["num_clips"] == 12 and 0.0 <= report["object_accuracy"] <= 1.0
     assert report["chance"] == pytest.approx(1 / len(report["classes"]))

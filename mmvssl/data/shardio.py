@@ -40,8 +40,9 @@ def skip_unreadable_shard(exn: Exception) -> bool:
     """tarfile_to_samples handler: a shard that is not a readable tar (truncated, not a tar at all)
     is reported on one line (webdataset's warn_and_continue warns with a repr on every pass of a
     resampled stream) and skipped."""
-    url = next((a for a in reversed(exn.args) if isinstance(a, str) and a != exn.args[0]), "?") if exn.args else "?"
-    reason = str(exn.args[0]).split(" @ ")[0] if exn.args else ""
+    args = exn.args
+    url = args[-1] if len(args) > 1 and isinstance(args[-1], str) else "?"  # webdataset appends the url
+    reason = str(args[0]).split(" @ ")[0] if args else ""
     report_unreadable_shard(url, f"{type(exn).__name__}: {reason}" if reason else type(exn).__name__)
     return True
 

@@ -129,7 +129,7 @@ class Narrator(nn.Module):
 
     def train(self, mode: bool = True) -> "Narrator":
         super().train(mode)
-        if getattr(self, "visual_frozen", False):
+        if self.visual_frozen:
             self.visual.eval()
         return self
 
