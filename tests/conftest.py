@@ -8,6 +8,22 @@ from pathlib import Path
 import pytest
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The environment checks (tests/test_environment.py) run before everything else."""
+    items.sort(key=lambda item: item.get_closest_marker("environment") is None)  # stable sort
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A broken environment stops the session after its own failure: with a torchaudio built
+    against another torch, the one failing check names both versions, and the rest of the suite,
+    which would only fail again for the same reason, does not run."""
+    report = yield
+    if report.failed and item.get_closest_marker("environment"):
+        item.session.shouldstop = f"the installed environment is broken ({item.name}); see its message above"
+    return report
+
+
 def make_video(path, seconds: float = 3.0, fps: int = 10, size=(96, 80), audio_rate: int | None = 16000,
                tone_hz: float = 440.0, codec: str = "libx264", container_format: str | None = None) -> Path:
     """A video whose red channel ramps with the frame index (frame i has red = 255 * i / n)

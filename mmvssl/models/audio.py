@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torchaudio
 import torchvision
 from torch import nn
 
@@ -28,6 +27,9 @@ class LogMel(nn.Module):
         win = int(round(sample_rate * win_ms / 1000))
         self.hop = int(round(sample_rate * hop_ms / 1000))
         self.n_mels = n_mels
+        # Imported here, not at module level: a torchaudio whose extension does not load beside the
+        # installed torch then breaks only the log-mel encoders, not every import of mmvssl.models.
+        import torchaudio
         with torch.device("cpu"):  # the filterbank is computed with .item(), which meta tensors refuse
             self.mel = torchaudio.transforms.MelSpectrogram(
                 sample_rate=sample_rate, n_fft=win, win_length=win, hop_length=self.hop, n_mels=n_mels, center=True)

@@ -21,13 +21,18 @@ def git_commit() -> str | None:
 
 
 def environment() -> dict:
-    import accelerate
-    import torchaudio
-    import torchvision
-    import webdataset
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchaudio": torchaudio.__version__,
-            "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,
-            "webdataset": getattr(webdataset, "__version__", "?"), "git_commit": git_commit()}
+    """Versions of the packages a run depends on, read from their metadata (importing torchaudio
+    just for its version would make a broken torchaudio break every run, audio or not)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            **{name: installed(name) for name in ("torchaudio", "torchvision", "accelerate", "webdataset")},
+            "git_commit": git_commit()}
 
 
 def available_trackers(log_with: str) -> tuple[list[str], str | None]:
