@@ -79,7 +79,7 @@ def test_chance_recall_matches_the_counting_argument():
 
 def test_average_precision_by_hand():
     sim = torch.tensor([[0.9, 0.8, 0.7, 0.6]])
-    rel = torch.tensor([[1.0, 0.0, 1.0, 0.5]])  # relevant (==1) at ranks 1 and 3; 0.5 is not relevant for mAP
+    rel = torch.tensor([[1.0, 0.0, 1.0, 0.5]])  # exact (==1) at ranks 1 and 3; the 0.5 after them adds nothing
     assert average_precision(sim, rel).item() == pytest.approx((1 / 1 + 2 / 3) / 2)
 
 
@@ -96,11 +96,11 @@ def _ap_loop(sim, rel):
     out = []
     for s, r in zip(sim, rel):
         order = np.argsort(-s, kind="stable")
-        hits, total = 0, 0.0
+        graded, total = 0.0, 0.0  # EK-100's AP: graded relevancy so far, at the exact matches
         for k, j in enumerate(order, start=1):
+            graded += r[j]
             if r[j] == 1:
-                hits += 1
-                total += hits / k
+                total += graded / k
         out.append(total / (r == 1).sum())
     return np.mean(out)
 

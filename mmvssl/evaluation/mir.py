@@ -1,17 +1,31 @@
 """EPIC-KITCHENS-100 multi-instance retrieval (MIR): mAP and nDCG from a relevancy matrix.
 
-Definitions as in the EK-100 MIR challenge code that LaViLa uses (Wray et al.):
-  - mAP counts an item as relevant when its relevancy is exactly 1 (same verb and noun classes);
-    AP = sum over ranks k of precision@k * rel(k), divided by the number of relevant items.
-  - nDCG uses the graded relevancy in [0, 1]; a query's DCG sums rel_i / log2(i + 1) over its
-    first n_i retrieved items, n_i = number of items with relevancy > 0, and is divided by
-    the DCG of the ideal order (IDCG).
-  - Both are computed for video->text (rows) and text->video (columns) and averaged.
+Definitions of the EK-100 MIR challenge code (Wray et al.) as LaViLa ships it
+(lavila/utils/evaluation_ek100mir.py: `calculate_mAP`, `calculate_nDCG`), which every published
+EK-100 MIR number uses (LaViLa's 36.1 mAP among them):
+  - mAP: rank the items; at every rank k whose item has relevancy exactly 1, take the
+    cumulative *graded* relevancy of the first k items divided by k; sum, and divide by the
+    number of items with relevancy exactly 1. Partially relevant items (0 < r < 1) therefore
+    raise the precision of the exact matches ranked after them, but never count as hits.
+  - nDCG: graded relevancy; a query's DCG sums rel_i / log2(i + 1) over its first n_i retrieved
+    items, n_i = number of items with relevancy > 0, divided by the DCG of the ideal order.
+  - Both for video->text (rows) and text->video (the transposed matrices), and their mean.
 
-Ties in similarity are broken against the model (non-relevant, then less relevant, first), as in
-metrics.query_ranks, so a collapsed model cannot score by luck of the sort order. Written here
-rather than imported because the reference is a script, not a package; tests check it against an
-independent loop-based implementation.
+Where mmvssl departs from the reference, on purpose:
+  - Ties. The reference orders items with numpy's default (unstable) argsort: `(-sim).argsort()`
+    for mAP, `argsort(sim)[:, ::-1]` for nDCG, so tied similarities land in an order that depends
+    on numpy's sort implementation. mmvssl breaks ties deterministically against the model: among
+    equal scores the less relevant items come first (metrics.query_ranks does the same for R@K), so
+    a collapsed model cannot score by luck of the sort order (for nDCG this is the worst order of a
+    tie; for graded mAP it puts every exact match after its tied partial matches, which is not
+    always the very lowest AP). Without ties the two agree exactly, and with ties mmvssl equals
+    the reference fed the same tie order (tests/test_mir_reference.py).
+  - Queries without an item of relevancy 1 (mAP) or above 0 (nDCG). The reference divides by
+    zero and its mean becomes NaN; mmvssl leaves such queries out of the mean and reports how
+    many it left out (`excluded_v2t`, `excluded_t2v`). With every query valid, the numbers are
+    the reference's. (EK-100's test matrix has none: each clip's own narration is relevant.)
+
+Written here rather than imported because the reference is a script, not a package.
 """
 
 from __future__ import annotations
@@ -32,10 +46,13 @@ def _ranked_relevancy(similarity: torch.Tensor, relevancy: torch.Tensor) -> torc
 
 
 def average_precision(similarity: torch.Tensor, relevancy: torch.Tensor) -> torch.Tensor:
-    """Per-query AP (Q,) with relevant = (relevancy == 1); NaN for a query with no relevant item."""
-    hits = (_ranked_relevancy(similarity.double(), relevancy.double()) == 1).double()  # (Q, N)
-    precision = hits.cumsum(dim=1) / torch.arange(1, hits.shape[1] + 1, dtype=torch.double)
-    return (precision * hits).sum(dim=1) / hits.sum(dim=1)
+    """Per-query AP (Q,) as the EK-100 reference computes it: at the ranks k where relevancy == 1,
+    the cumulative graded relevancy of the first k items over k; summed, divided by the number of
+    items with relevancy == 1. NaN for a query without such an item."""
+    ranked = _ranked_relevancy(similarity.double(), relevancy.double())  # (Q, N)
+    exact = (ranked == 1).double()
+    precision = ranked.cumsum(dim=1) / torch.arange(1, ranked.shape[1] + 1, dtype=torch.double)
+    return (precision * exact).sum(dim=1) / exact.sum(dim=1)
 
 
 def ndcg(similarity: torch.Tensor, relevancy: torch.Tensor) -> torch.Tensor:
@@ -53,13 +70,16 @@ def ndcg(similarity: torch.Tensor, relevancy: torch.Tensor) -> torch.Tensor:
 def expected_ap_random(relevancy: torch.Tensor) -> torch.Tensor:
     """Expected AP (Q,) of a uniformly random ranking: the chance level of mAP.
 
-    With R relevant among N, item at rank k is relevant with probability R/N and then has on
-    average (k-1)(R-1)/(N-1) relevant items above it, so E[AP] = 1/N sum_k (1 + (k-1)(R-1)/(N-1)) / k.
+    With R items of relevancy 1 among N and graded total T, the item at rank k is an exact match
+    with probability R/N, and then the other k - 1 items above it carry on average
+    (k - 1)(T - 1)/(N - 1) relevancy, so E[AP] = 1/N sum_k (1 + (k - 1)(T - 1)/(N - 1)) / k.
     """
-    n = relevancy.shape[1]
-    r = (relevancy == 1).double().sum(dim=1, keepdim=True)  # (Q, 1)
+    rel = relevancy.double()
+    n = rel.shape[1]
+    r = (rel == 1).sum(dim=1, keepdim=True)  # (Q, 1)
+    total = rel.sum(dim=1, keepdim=True)
     k = torch.arange(1, n + 1, dtype=torch.double)
-    frac = (r - 1) / max(n - 1, 1)
+    frac = (total - 1) / max(n - 1, 1)
     expected = ((1 + (k - 1) * frac) / k).sum(dim=1) / n
     return expected.masked_fill(r[:, 0] == 0, float("nan"))
 
@@ -80,14 +100,17 @@ def _mean_over_valid(values: torch.Tensor) -> float:
 
 def mir_metrics(similarity: torch.Tensor, relevancy: torch.Tensor) -> dict:
     """EK-100 MIR numbers in percent: mAP and nDCG for v2t (rows), t2v (columns) and their mean,
-    each with its chance level. similarity, relevancy: (num_videos, num_texts)."""
+    each with its chance level and the number of queries left out for lack of a relevant item.
+    similarity, relevancy: (num_videos, num_texts)."""
     out = {}
     for name, fn, chance in (("mAP", average_precision, expected_ap_random),
                              ("nDCG", ndcg, expected_ndcg_random)):
-        v2t = _mean_over_valid(fn(similarity, relevancy))
-        t2v = _mean_over_valid(fn(similarity.T, relevancy.T))
+        per_v2t, per_t2v = fn(similarity, relevancy), fn(similarity.T, relevancy.T)
+        v2t, t2v = _mean_over_valid(per_v2t), _mean_over_valid(per_t2v)
         c_v2t = _mean_over_valid(chance(relevancy))
         c_t2v = _mean_over_valid(chance(relevancy.T))
         out[name] = {"v2t": 100 * v2t, "t2v": 100 * t2v, "avg": 100 * (v2t + t2v) / 2,
-                     "chance_avg": 100 * (c_v2t + c_t2v) / 2}
+                     "chance_avg": 100 * (c_v2t + c_t2v) / 2,
+                     "excluded_v2t": int(torch.isnan(per_v2t).sum()),
+                     "excluded_t2v": int(torch.isnan(per_t2v).sum())}
     return out
