@@ -257,6 +257,15 @@ def _decode_audio(container, aus, start: float, end: float, rate: int) -> np.nda
     return out
 
 
+def decode_audio(source: bytes | str | os.PathLike, start: float, seconds: float, rate: int = 16000) -> np.ndarray:
+    """(round(seconds * rate),) float32 mono of [start, start + seconds) from any file with an audio
+    track, video or not (a search query may be a .wav or .mp3); zero-padded past the audio's end."""
+    with _open(source) as container:
+        if not container.streams.audio:
+            raise DecodeError("no audio stream")
+        return _decode_audio(container, container.streams.audio[0], start, start + seconds, rate)
+
+
 def decode_all(source: bytes | str | os.PathLike, size: int | tuple[int, int] | None = None,
                audio_rate: int | None = 16000) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Every frame of the video, upright: (frames (N, H, W, 3) uint8, their times (N,) in seconds,

@@ -157,7 +157,9 @@ def _batches(src, batch_size: int):
 
 
 @torch.no_grad()
-def _embed(model, modality: str, x: torch.Tensor, spaces) -> dict:
+def embed_modality(model, modality: str, x: torch.Tensor, spaces) -> dict:
+    """(B, ...) input of one modality -> its pooled encoder output (B, width) and an L2-normalised
+    (B, D) embedding per space (`<modality>_<space>`); the search index embeds windows with it too."""
     pooled = model.encoders[modality](x)["pooled"]
     out = {f"{modality}_pooled": pooled}
     for space in spaces:
@@ -197,13 +199,13 @@ def extract_features(model, shards: str, options: ExtractOptions | None = None, 
         out = {}
         if "video" in model.encoders:
             video = torch.cat([s["video"] for s in samples])  # (B * V, 3, T, H, W)
-            out.update(_mean_views(_embed(model, "video", video, spaces["video"]), B, video.shape[0] // B))
+            out.update(_mean_views(embed_modality(model, "video", video, spaces["video"]), B, video.shape[0] // B))
         if "audio" in model.encoders:
             audio = torch.cat([s["audio"] for s in samples])  # (B * C, S)
-            out.update(_mean_views(_embed(model, "audio", audio, spaces["audio"]), B, audio.shape[0] // B))
+            out.update(_mean_views(embed_modality(model, "audio", audio, spaces["audio"]), B, audio.shape[0] // B))
         tokens = torch.cat([s["tokens"] for s in samples])
         if "text" in model.encoders and len(tokens):
-            out.update(_embed(model, "text", tokens, spaces["text"]))  # (M, D), one row per caption
+            out.update(embed_modality(model, "text", tokens, spaces["text"]))  # (M, D), one row per caption
         for name, x in out.items():
             feats.setdefault(name, []).append(x)
         for s in samples:
