@@ -101,9 +101,13 @@ def load_relevancy(path: str | Path) -> dict:
 
 
 def mir_from_relevancy(emb: dict, relevancy: dict, text_embeddings: torch.Tensor) -> dict:
-    """EK-100 MIR mAP / nDCG: the relevancy's rows are samples (by key), its columns the texts
+    """EK-100 MIR mAP / nDCG: the relevancy's rows are samples (by shard key, or by the `id` in
+    their metadata: the narration_id `datasets convert ek100-mir` writes), its columns the texts
     (embedded by the caller, (M, D) in vat)."""
     row = {k: i for i, k in enumerate(emb["keys"])}
+    for i, meta in enumerate(emb.get("metas") or []):  # `datasets convert` keeps the dataset's id
+        if isinstance(meta, dict) and meta.get("id") is not None:
+            row.setdefault(str(meta["id"]), i)
     absent = [k for k in relevancy["keys"] if k not in row]
     if absent:
         raise MmvsslError(f"relevancy names {len(absent)} sample key(s) the data lacks, e.g. {absent[:3]}")
