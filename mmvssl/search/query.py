@@ -116,7 +116,7 @@ class Searcher:
             img = ImageOps.fit(Image.open(io.BytesIO(data)).convert("RGB"), (self.spec.size, self.spec.size))
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             raise MmvsslError(f"query image: not a readable image ({e})") from None
-        image = frames_to_tensor(np.asarray(img)[None])[:, 0][None]  # (1, 3, H, W)
+        image = frames_to_tensor(np.array(img)[None])[:, 0][None]  # (1, 3, H, W)
         return self._visual_terms(lambda space: self.model.encode_image(image, space))
 
     def _visual_terms(self, encode) -> list[Term]:
