@@ -12,7 +12,7 @@ UV     := $(BIN)/uv
 # One resolution for every supported Python (3.10 to 3.12) and platform, with hashes.
 LOCK_FLAGS := --extra dev --universal --python-version 3.10 --generate-hashes
 
-.PHONY: install lock demo test clean
+.PHONY: install lock demo test clean browser
 
 # uv pip sync: the venv becomes the lock, verifying every hash (a no-op when it already is);
 # sync removes what the lock does not list, mmvssl itself included, so it is installed again
@@ -39,8 +39,15 @@ demo: install
 	$(BIN)/python eval/compare_random_init.py $(DEMO)/train/model --train $(DEMO)/shards/train --test $(DEMO)/shards/val --out $(DEMO)/eval-random-init
 	$(BIN)/mmvssl eval retrieval $(DEMO)/train/model --data $(DEMO)/shards/val --out $(DEMO)/eval
 
+# The browser test of `mmvssl serve` drives Debian's chromium (tests/test_search_browser.py): install it
+# when missing (CI runs as root); if that is impossible the test fails with a one-line message.
+CHROMIUM := /usr/bin/chromium
+browser:
+	test -x $(CHROMIUM) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || \
+	  echo "warning: could not install chromium; the browser test will fail"
+
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
-test: install
+test: install browser
 	$(BIN)/python -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest ran no test"; exit 1; fi; exit $$rc
 
 clean:
