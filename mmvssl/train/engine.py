@@ -21,6 +21,7 @@ after a check that every shard folder holds features of the teacher the config n
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from omegaconf import DictConfig
@@ -46,10 +48,9 @@ from .optim import build_optimizer, warmup_cosine
 from .step import forward_backward, grad_norm
 
 
-def sample_spec(cfg: DictConfig, train: bool, seed_offset: int = 0) -> SampleSpec:
+def sample_spec(cfg: DictConfig, train: bool) -> SampleSpec:
     d = cfg.data
-    seed = d.seed if d.seed is not None else cfg.train.seed
-    return data_sample_spec(d, train, seed + seed_offset)
+    return data_sample_spec(d, train, d.seed if d.seed is not None else cfg.train.seed)
 
 
 def build_teacher(cfg: DictConfig, device: torch.device):
@@ -165,6 +166,14 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def _global_mean(accelerator: Accelerator, loss: torch.Tensor, terms: dict) -> tuple[torch.Tensor, dict]:
+    """The loss and terms averaged over processes (one all-reduce); as they are in one process."""
+    if accelerator.num_processes == 1:
+        return loss, terms
+    values = accelerator.reduce(torch.stack([loss.float(), *(v.float() for v in terms.values())]), "mean")
+    return values[0], dict(zip(terms, values[1:]))
+
+
 def _rng_states() -> dict:
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)}
@@ -176,6 +185,40 @@ def _set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state(states["cuda"])
 
 
+def _has_accelerator_device() -> bool:
+    if torch.cuda.is_available():
+        return True
+    return bool(getattr(torch, "accelerator", None) and torch.accelerator.is_available())
+
+
+def make_accelerator(t: DictConfig, trackers: list[str], out: Path) -> Accelerator:
+    """The Accelerator for `train:`, with one process group over every process the launcher
+    started, or a one-line error; never processes that each train a copy alone.
+
+    Without a GPU (or another accelerator device) accelerate runs on the CPU only when told to:
+    otherwise, under torchrun on a CPU machine with a CUDA build of torch, it creates a process
+    group of backend "undefined", reports DistributedType.NO and one process, and every process
+    trains alone. So cpu=True whenever no device is present: DistributedType.MULTI_CPU on gloo."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_size > 1:
+        missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+        if missing:
+            raise MmvsslError(f"WORLD_SIZE={world_size} says several processes, but {', '.join(missing)} "
+                              f"{'is' if len(missing) == 1 else 'are'} not set: start them with torchrun or "
+                              f"accelerate launch, or unset WORLD_SIZE to train in one process")
+    accelerator = Accelerator(cpu=t.cpu or not _has_accelerator_device(), mixed_precision=t.mixed_precision,
+                              log_with=trackers or None, project_dir=str(out),
+                              kwargs_handlers=[DistributedDataParallelKwargs(
+                                  find_unused_parameters=t.find_unused_parameters)])
+    if world_size > 1 and (accelerator.num_processes != world_size or not dist.is_initialized()):
+        raise MmvsslError(f"the launcher started {world_size} processes (WORLD_SIZE) but accelerate set up "
+                          f"{accelerator.num_processes} (distributed type {accelerator.distributed_type.value}, "
+                          f"process group {'present' if dist.is_initialized() else 'absent'}): they would "
+                          f"each train alone; check the launcher's configuration (accelerate config, "
+                          f"ACCELERATE_* variables)")
+    return accelerator
+
+
 def pretrain(cfg: DictConfig) -> Path:
     """Train the model the config describes; returns the folder of the final model (or, when a
     signal stopped the run, of the checkpoint it saved)."""
@@ -185,10 +228,7 @@ def pretrain(cfg: DictConfig) -> Path:
                           f"{cfg.data.batch_size}")
     trackers, tracker_note = available_trackers(t.log_with)
     out = Path(t.output_dir)
-    accelerator = Accelerator(cpu=t.cpu, mixed_precision=t.mixed_precision, log_with=trackers or None,
-                              project_dir=str(out),
-                              kwargs_handlers=[DistributedDataParallelKwargs(
-                                  find_unused_parameters=t.find_unused_parameters)])
+    accelerator = make_accelerator(t, trackers, out)
     sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
     if t.accum_steps > 1 and accelerator.distributed_type.value == "DEEPSPEED":
         raise ConfigError("train.accum_steps > 1 is not supported under DeepSpeed (its engine steps on every "
@@ -200,7 +240,10 @@ def pretrain(cfg: DictConfig) -> Path:
         save_config(cfg, out / "config.yaml")
         (out / "environment.json").write_text(json.dumps(environment(), indent=2))
 
-    spec = sample_spec(cfg, train=True, seed_offset=7919 * accelerator.process_index)
+    # one seed for every process: the loader derives each process's (and worker's) shard and window
+    # draws from (seed, rank, slot) itself, and data.mode=epoch needs the same shard order in every
+    # process to split one epoch between them (a per-process seed made them read overlapping parts)
+    spec = sample_spec(cfg, train=True)
     teacher = build_teacher(cfg, accelerator.device)
     spec.teacher_features = cached_teacher(cfg, spec)  # the loader pairs cached features with the frames
     teacher_dim = teacher.embed_dim if teacher is not None else (spec.teacher_features or {}).get("embed_dim")
@@ -336,6 +379,9 @@ def pretrain(cfg: DictConfig) -> Path:
                 log.advance()
                 if step % t.log_every == 0 or step == t.max_steps:
                     elapsed = time.perf_counter() - window_start
+                    # each process's loss is its share of the global one (contrastive.py): log the
+                    # mean over processes, the loss of the global batch (every process gets here)
+                    loss, terms = _global_mean(accelerator, loss, terms)
                     log.write({"step": step, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
                                "lr": scheduler.get_last_lr()[0], "samples_per_s": window_samples / max(elapsed, 1e-9),
                                "data_wait": data_wait / max(elapsed, 1e-9), "failed_samples": failed_total,
@@ -360,6 +406,6 @@ def pretrain(cfg: DictConfig) -> Path:
         if ema is not None:
             ema.module.save_pretrained(out / "model_ema")
         accelerator.print(f"saved the model to {final}")
+    accelerator.wait_for_everyone()  # before log.close(): accelerate's end_training destroys the process group
     log.close()
-    accelerator.wait_for_everyone()
     return final
