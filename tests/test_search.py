@@ -324,3 +324,22 @@ def test_uploads_are_limited_held_in_memory_and_never_run(served, videos):
     assert status == 200 and len(results) == 3
     status, data, response = request(served, "GET", results[0]["thumb"])
     assert status == 200 and response.getheader("Content-Type") == "image/jpeg" and data[:2] == b"\xff\xd8"
+
+
+def test_narrations_are_stored_and_mixed_into_text_scores_as_documented(models, videos, tmp_path):
+    from tests.test_narrator import save_untrained_narrator
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for name in ("clip0.mp4", "clip1.mp4"):
+        shutil.copy(videos / "clips" / name, clips / name)
+    out = tmp_path / "idx"
+    build_index(models["a"], str(clips), str(out), window=1.0, narrator=save_untrained_narrator(tmp_path))
+    windows = dump(out)["windows"]
+    assert len(windows) == 5 and all(n for n, _ in windows.values())  # a narration per window
+    assert all("narration_vat" in vecs for _, vecs in windows.values())
+    searcher = Searcher(str(out), narration_weight=0.3)
+    q = searcher.text_terms("a red circle")[0].vector
+    for r in searcher.query(text="a red circle", k=5):
+        narration, vecs = windows[(r["video"], r["start"], r["end"])]
+        assert r["narration"] == narration
+        assert r["score"] == pytest.approx(0.7 * vecs["video_vat"] @ q + 0.3 * vecs["narration_vat"] @ q, abs=1e-4)
