@@ -183,7 +183,7 @@ def test_add_changed_vanished_and_rejected_videos(models, videos, tmp_path):
         build_index(models["a"], str(clips), str(out), window=2.0)
 
 
-def test_query_with_another_model_names_both(models, index, capsys):
+def test_query_with_another_model_names_both(models, videos, index, capsys):
     with pytest.raises(MmvsslError) as e:
         Searcher(str(index), model_dir=models["b"])
     message = str(e.value)
@@ -192,7 +192,7 @@ def test_query_with_another_model_names_both(models, index, capsys):
     err = capsys.readouterr().err
     assert err.startswith("mmvssl: error: search index") and len(err.strip().splitlines()) == 1
     with pytest.raises(MmvsslError, match="was built with model"):
-        build_index(models["b"], "unused", str(index))
+        build_index(models["b"], str(videos / "clips"), str(index))
 
 
 def test_corrupt_index_files_are_detected(index, tmp_path, capsys):
@@ -343,3 +343,23 @@ def test_narrations_are_stored_and_mixed_into_text_scores_as_documented(models, 
         narration, vecs = windows[(r["video"], r["start"], r["end"])]
         assert r["narration"] == narration
         assert r["score"] == pytest.approx(0.7 * vecs["video_vat"] @ q + 0.3 * vecs["narration_vat"] @ q, abs=1e-4)
+
+
+def test_a_shard_set_is_indexed_and_its_videos_served_from_the_shards(models, videos, tmp_path):
+    from mmvssl.data.shards import build_shards
+    from mmvssl.search.server import make_server
+    build_shards(videos / "clips", tmp_path / "shards", samples_per_shard=3)
+    counts = build_index(models["a"], str(tmp_path / "shards"), str(tmp_path / "idx"), window=1.0)
+    assert (counts["videos"], counts["windows"]) == (4, 14)
+    server = make_server(str(tmp_path / "idx"), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        status, data, _ = request(server, "GET", "/api/search?q=circle&k=20")
+        results = json.loads(data)["results"]
+        assert len(results) == 14 and {r["video"] for r in results} == {f"{i:09d}" for i in range(4)}
+        status, data, _ = request(server, "GET", "/media/1/000000002")
+        assert status == 200 and data == (videos / "clips" / "clip2.mp4").read_bytes()
+        assert request(server, "GET", "/media/1/000000002.json")[0] == 404
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -292,8 +292,6 @@ def finalize(db, folder: Path, approx_threshold: int = store.APPROX_THRESHOLD) -
 def _run(db, folder: Path, model, model_path: str, source: str, settings: dict, batch_size: int,
          progress: bool, approx_threshold: int) -> dict:
     from ..evaluation.features import model_fingerprint
-    if not (Path(source).exists() or any(c in source for c in "*?[{,")):
-        raise MmvsslError(f"index input not found: {source} (a folder of videos, or shards)")
     with db:
         store.set_info(db, "model", {"name": model.name, "path": model_path, "fingerprint": model_fingerprint(model)})
         store.set_info(db, "settings", settings)
@@ -307,12 +305,18 @@ def _run(db, folder: Path, model, model_path: str, source: str, settings: dict, 
             "windows": total, "index": str(folder)}
 
 
+def check_input(source: str) -> None:
+    if not (Path(source).exists() or any(c in source for c in "*?[{,")):
+        raise MmvsslError(f"index input not found: {source} (a folder of videos, or shards)")
+
+
 def build_index(model_dir: str, source: str, out: str, window: float | None = None, stride: float | None = None,
                 narrator: str | None = None, batch_size: int = 16, progress: bool = False,
                 approx_threshold: int = store.APPROX_THRESHOLD) -> dict:
     """Create (or resume, or bring up to date) the index `out` of `source` embedded by `model_dir`."""
     from ..evaluation.features import eval_spec, model_fingerprint
     from ..models.presets import load_model
+    check_input(source)
     model = load_model(model_dir)
     folder = Path(out)
     db = store.connect(folder, create=True)
@@ -341,6 +345,7 @@ def add_to_index(index_dir: str, source: str, batch_size: int = 16, progress: bo
     """Take the videos of `source` into an existing index, with the model and settings it records."""
     from ..evaluation.features import model_fingerprint
     from ..models.presets import load_model
+    check_input(source)
     folder = Path(index_dir)
     db = store.connect(folder)
     try:

@@ -127,6 +127,10 @@ class Searcher:
     # ---- terms -> ranked windows
     def search(self, terms: list[Term], k: int = 10) -> list[dict]:
         k = max(1, min(int(k), 1000))
+        missing = [t.space for t in terms if t.space not in self.faiss]
+        terms = [t for t in terms if t.space in self.faiss]
+        if not terms:
+            raise MmvsslError(f"search index {self.folder} has no {', '.join(missing)} vectors (no video indexed?)")
         candidates: set[int] = set()
         for t in terms:
             index = self.faiss[t.space]
