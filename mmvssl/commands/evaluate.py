@@ -73,10 +73,14 @@ def _suite(args) -> None:
                              model_path=args.model, feature=args.feature)
     for protocol, r in summary["results"].items():
         if "top1" in r:
-            print(f"{protocol:<10} top1 {r['top1']:6.1f}  top5 {r['top5']:6.1f}  (chance top1 {r['chance_top1']:.1f})")
+            over = f"  [{r['aggregate']}]" if "aggregate" in r else ""
+            print(f"{protocol:<10} top1 {r['top1']:6.1f}  top5 {r['top5']:6.1f}  (chance top1 {r['chance_top1']:.1f}){over}")
         else:
             for d, m in r["retrieval"].items():
-                print(f"{protocol:<10} {d} R@1 {m['R@1']:6.1f}  R@5 {m['R@5']:6.1f}  (chance R@1 {m['chance_R@1']:.1f})")
+                print(f"{protocol:<10} {d} R@1 {m['R@1']:6.1f}  R@5 {m['R@5']:6.1f}  R@10 {m['R@10']:6.1f}  "
+                      f"MedR {m['MedR']:.1f}  (chance R@1 {m['chance_R@1']:.1f})")
+            for name, m in r.get("mir", {}).items():
+                print(f"{protocol:<10} EK-100 MIR {name}: v2t {m['v2t']:.1f}  t2v {m['t2v']:.1f}  avg {m['avg']:.1f}")
     print(f"reports: {out}/<protocol>/report.html, summary {out}/report.json")
 
 

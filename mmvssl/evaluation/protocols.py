@@ -69,7 +69,7 @@ def evaluate_retrieval(model, data: str, out_dir: str, options: ExtractOptions |
         raise MmvsslError(f"{data}: nothing to retrieve; the model and data share no pair of modalities "
                           f"(need captions or audio beside the video)")
     n = len(emb["keys"])
-    report = _base(model, model_path, data, "retrieval", {"extract": emb["info"]["sampling"],
+    report = _base(model, model_path, data_name(data), "retrieval", {"extract": emb["info"]["sampling"],
                                                            "relevancy": relevancy})
     report.update(retrieval={name: m for name, (m, _, _) in directions.items()}, **{"chance_R@1": 100.0 / n},
                   num_samples=n, failed_samples=emb["failed"], preset=model.name, sampling=emb["info"]["sampling"])
@@ -90,7 +90,7 @@ def evaluate_retrieval(model, data: str, out_dir: str, options: ExtractOptions |
     if any(label is not None for label in emb["labels"]):
         labels = [str(label) for label in emb["labels"]]
         figures.append(("video embeddings (vat), PCA", plots.projection_plot(emb["video_vat"], labels, "video vat, PCA")))
-    write_report(out_dir, report, f"retrieval: {model.name} on {data}", figures, _examples_html(emb, directions))
+    write_report(out_dir, report, f"retrieval: {model.name} on {data_name(data)}", figures, _examples_html(emb, directions))
     return report
 
 
@@ -119,7 +119,7 @@ def evaluate_zeroshot(model, data: str, out_dir: str, task: Task, options: Extra
         embeddings, targets = embeddings[ok], targets[ok]
     weights = class_embeddings(model, task.classes, task.templates)
     metrics, scores = zeroshot_classify(embeddings, targets, weights)
-    report = _base(model, model_path, data, "zeroshot", {"task": task.name, "modality": task.modality,
+    report = _base(model, model_path, data_name(data), "zeroshot", {"task": task.name, "modality": task.modality,
                                                           "templates": task.templates, "classes": task.source,
                                                           "extract": features["info"]["sampling"]})
     report.update(metrics, classes=task.classes)
@@ -174,13 +174,56 @@ def evaluate_probe(kind: str, model, train, test, out_dir: str | None, classes: 
 
 # ---- suite
 
+def _strip(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k not in ("confusion", "classes", "model", "config")}
+
+
+def _run_protocol(protocol: str, model, task: Task, train, test, where: str, options, model_path, feature) -> dict:
+    if protocol == "zeroshot":
+        return evaluate_zeroshot(model, test, where, task, options, model_path)
+    if protocol == "retrieval":
+        return evaluate_retrieval(model, test, where, options, model_path, relevancy=task.relevancy)
+    if train is None:
+        raise MmvsslError(f"{task.source}: protocol '{protocol}' needs training data; give --train SHARDS "
+                          f"or set data.train in the task")
+    return evaluate_probe(protocol, model, train, test, where, task.classes, task.source, task.label_key, feature,
+                          options, model_path)
+
+
+def _suite_over_splits(model, task: Task, pool: dict, out: Path, options, model_path, feature) -> dict:
+    """Every protocol on every official split of one feature set; each split's numbers and the
+    mean over splits (the number the papers report)."""
+    from .splits import mean_over_splits, split_indices, subset_features
+    parts = {}
+    for split in task.splits:
+        train_idx, test_idx = split_indices(pool, split, f"{task.source} ({data_name(pool)})")
+        parts[split.name] = (subset_features(pool, train_idx, f"{split.name} train") if train_idx else None,
+                             subset_features(pool, test_idx, f"{split.name} test"))
+    results = {}
+    for protocol in task.protocols:
+        if protocol == "retrieval":
+            results[protocol] = _strip(_run_protocol(protocol, model, task, None, pool, str(out / protocol), options,
+                                                     model_path, feature))
+            continue
+        per_split = {name: _strip(_run_protocol(protocol, model, task, tr, te, str(out / protocol / name), options,
+                                                model_path, feature))
+                     for name, (tr, te) in parts.items()}
+        results[protocol] = {**mean_over_splits(per_split), "splits": per_split,
+                             "aggregate": f"mean over {len(per_split)} splits"}
+    return results
+
+
 def evaluate_suite(model, task: Task, out_dir: str, train: str | None = None, test: str | None = None,
                    options: ExtractOptions | None = None, model_path: str | None = None,
                    feature: str | None = None) -> dict:
-    """Everything the task lists in `protocols`, features extracted once per split."""
+    """Everything the task lists in `protocols`, features extracted once per split. A task with
+    official `splits` (UCF101, HMDB51, ESC-50) takes one shard set holding every sample (`test`,
+    or `train` when only that is given) and runs each split inside it."""
     from .features import save_features
     options = options or ExtractOptions()
     train, test = train or task.data.get("train"), test or task.data.get("test")
+    if task.splits:
+        train, test = None, test or train
     if not test:
         raise MmvsslError(f"{task.source}: no test data; give --test SHARDS or set data.test in the task")
     out = Path(out_dir)
@@ -195,22 +238,16 @@ def evaluate_suite(model, task: Task, out_dir: str, train: str | None = None, te
         elif data:
             cached[split] = data
     feature = feature or f"{task.modality}_pooled"
-    results = {}
-    for protocol in task.protocols:
-        where = str(out / protocol)
-        if protocol == "zeroshot":
-            r = evaluate_zeroshot(model, cached["test"], where, task, options, model_path)
-        elif protocol == "retrieval":
-            r = evaluate_retrieval(model, cached["test"], where, options, model_path)
-        else:
-            if "train" not in cached:
-                raise MmvsslError(f"{task.source}: protocol '{protocol}' needs training data; give --train SHARDS "
-                                  f"or set data.train in the task")
-            r = evaluate_probe(protocol, model, cached["train"], cached["test"], where, task.classes, task.source,
-                               task.label_key, feature, options, model_path)
-        results[protocol] = {k: v for k, v in r.items() if k not in ("confusion", "classes", "model", "config")}
+    if task.splits:
+        pool = features_for(model, cached["test"], options, model_path)
+        results = _suite_over_splits(model, task, pool, out, options, model_path, feature)
+    else:
+        results = {protocol: _strip(_run_protocol(protocol, model, task, cached.get("train"), cached["test"],
+                                                  str(out / protocol), options, model_path, feature))
+                   for protocol in task.protocols}
     summary = _base(model, model_path, {"train": train, "test": test}, "suite",
-                    {"task": task.name, "protocols": task.protocols, "extract": asdict(options), "feature": feature})
+                    {"task": task.name, "protocols": task.protocols, "extract": asdict(options), "feature": feature,
+                     "splits": [s.name for s in task.splits]})
     summary["results"] = results
     write_report(out, summary, f"suite {task.name}: {model.name}")
     return summary

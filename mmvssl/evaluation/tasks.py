@@ -9,6 +9,11 @@ A task file:
     label_key: label           # metadata key holding the label (default: label)
     protocols: [zeroshot, linear, knn]   # what `mmvssl eval suite` runs
     data: {train: SHARDS, test: SHARDS}  # optional default shards for the suite
+    splits:                    # optional official splits / folds inside one shard set (splits.py):
+      - {name: split1, key: split1, train: train, test: test}   # each run, then the mean reported
+    relevancy: FILE.npz        # optional EK-100 MIR relevancy for the retrieval protocol
+
+A task whose protocols are only `retrieval` needs no classes.
 
 Labels are matched to class names exactly as written; prompts use a readable form of the name
 (`ApplyEyeMakeup` -> `apply eye makeup`, `air_drumming` -> `air drumming`).
@@ -23,6 +28,7 @@ from pathlib import Path
 
 from ..errors import MmvsslError
 from ..resources import data_path, read_yaml_mapping
+from .splits import parse_splits
 
 PROTOCOLS = ("zeroshot", "linear", "knn", "retrieval")
 DEFAULT_TEMPLATES = ["a video of {}.", "a photo of {}.", "{}."]
@@ -38,6 +44,8 @@ class Task:
     protocols: list[str] = field(default_factory=lambda: ["zeroshot", "linear", "knn"])
     data: dict = field(default_factory=dict)
     source: str = "<inline>"
+    splits: list = field(default_factory=list)  # splits.Split
+    relevancy: str | None = None
 
 
 def prompt_name(name: str) -> str:
@@ -87,12 +95,15 @@ def load_task(name_or_path: str | Path) -> Task:
     path = resolve_task_path(str(name_or_path))
     raw = read_yaml_mapping(path, "a task")
     known = {"name", "classes", "classes_file", "templates", "modality", "label_key", "protocols", "data",
-             "description", "source"}
+             "description", "source", "splits", "relevancy"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise MmvsslError(f"{path}: unknown key '{unknown[0]}' (expected: {', '.join(sorted(known))})")
+    retrieval_only = set(raw.get("protocols") or []) == {"retrieval"}
     if "classes_file" in raw:
         classes = read_class_file(path.parent / raw["classes_file"])
+    elif retrieval_only and not raw.get("classes"):
+        classes = []
     else:
         classes = _check_classes(raw.get("classes"), str(path))
     templates = raw.get("templates", DEFAULT_TEMPLATES)
@@ -108,7 +119,7 @@ def load_task(name_or_path: str | Path) -> Task:
             raise MmvsslError(f"{path}: unknown protocol '{p}' (expected: {', '.join(PROTOCOLS)})")
     return Task(name=raw.get("name", path.stem), classes=classes, templates=list(templates), modality=modality,
                 label_key=raw.get("label_key", "label"), protocols=list(protocols), data=dict(raw.get("data") or {}),
-                source=str(path))
+                source=str(path), splits=parse_splits(raw.get("splits"), str(path)), relevancy=raw.get("relevancy"))
 
 
 def match_labels(labels: list, classes: list[str], where: str, class_source: str, label_key: str = "label") -> list[int]:
