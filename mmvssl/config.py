@@ -24,8 +24,13 @@ from .train.options import ObjectiveConfig, TrainConfig
 
 
 @dataclass
+class MethodConfig:
+    name: str = "contrastive"  # mmvssl.methods: contrastive (VATT, MMV, iBoot), narrator, simclr, svt, teg, carl
+    options: dict[str, Any] = field(default_factory=dict)  # the method's own options, checked by the method
+
+
+@dataclass
 class ModelConfig:
-    kind: str = "multimodal"  # multimodal (dual/tri-modal encoders) | narrator (see the narrator section)
     preset: str = "vatt-tiny"  # a name in models/ or a path to a preset YAML
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted preset keys, e.g. video.depth: 4
     init_arch: str = ""  # CLIP initialisation (LaViLa): an open_clip model (name or config JSON); empty = off
@@ -35,6 +40,7 @@ class ModelConfig:
 
 @dataclass
 class ExperimentConfig:
+    method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -49,20 +55,42 @@ def _describe(e: OmegaConfBaseException) -> str:
     return f"{msg} (key '{key}')" if key and key not in msg else msg
 
 
+def read_config_file(path: str | os.PathLike, _chain: tuple = ()) -> dict:
+    """A config YAML as a dict, merged over the file(s) its `base:` names (a path relative to it, or
+    a list of them, merged in order): a method config names the data and model config it starts
+    from instead of repeating it. Lists are replaced, mappings merged key by key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (the base of {_chain[-1]})" if _chain else ""))
+    if path.resolve() in _chain:
+        raise ConfigError(f"{path}: `base:` chain loops back to itself ({' -> '.join(map(str, _chain))})")
+    try:
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    bases = loaded.pop("base", None) or []
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else list(bases):
+        merged = _merge(merged, read_config_file(path.parent / base, (*_chain, path.resolve())))
+    return _merge(merged, loaded)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> DictConfig:
-    """Schema <- YAML file <- `key=value` overrides; every step validated against the schema."""
+    """Schema <- YAML file (over its `base:` files) <- `key=value` overrides; every step validated
+    against the schema."""
     cfg = OmegaConf.structured(ExperimentConfig)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            with open(path) as f:
-                loaded = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        loaded = read_config_file(path)
         try:
             cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as e:

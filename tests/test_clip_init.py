@@ -116,12 +116,14 @@ def test_engine_initialises_the_towers_named_in_the_config(tiny_clip, tmp_path):
     from accelerate import Accelerator
     from mmvssl.config import load_config
     from mmvssl.resources import data_path
-    from mmvssl.train.engine import build_model
+    from mmvssl.methods import BuildContext, build_method
+    from mmvssl.train.engine import sample_spec
     overrides = [f"model.overrides.{k}={json.dumps(v)}" for k, v in TEXT.items()]
     cfg = load_config(data_path("configs", "demo", "tiny.yaml"), [
         *overrides, f"model.init_arch={tiny_clip['arch']}", f"model.init_pretrained={tiny_clip['pretrained']}",
         "model.init_towers=[text]"])
-    net = build_model(cfg, tmp_path, Accelerator(cpu=True))[0].eval()
+    ctx = BuildContext(accelerator=Accelerator(cpu=True), out=tmp_path, spec=sample_spec(cfg, train=True))
+    net = build_method(cfg, ctx)[0].eval()
     ids = tokens(["a green triangle"])
     with torch.no_grad():
         torch.testing.assert_close(net.encode_text(ids), tiny_clip["model"].encode_text(ids, normalize=True),

@@ -224,7 +224,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(demo_shards, tmp_
     assert [r["step"] for r in records] == [1, 2] and records[-1]["bad_steps"] == 1 and len(calls) == 3
     assert records[-1]["temperature/va_nce"] != pytest.approx(0.07, abs=1e-9)  # it learnt
     [ckpt] = list_checkpoints(run / "checkpoints")
-    assert (ckpt / "objective.safetensors").is_file() and (ckpt / "ema.safetensors").is_file()
+    assert (ckpt / "method.safetensors").is_file() and (ckpt / "ema.safetensors").is_file()
     assert mmvssl.load_model(run / "model_ema").config["name"] == "vatt-tiny"
 
     monkeypatch.setitem(contrastive.LOSSES, "nce", lambda *a, **k: real(*a, **k) * float("nan"))

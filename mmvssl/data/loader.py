@@ -47,7 +47,7 @@ class SampleSpec:
     num_candidates: int = 2
     train: bool = True
     seed: int = 0
-    sampler: str = "random"  # random (center when not training), uniform, cvrl, teg, svt: see sampling.view_windows
+    sampler: str = "random"  # random (center when not training), uniform, same, cvrl, teg, svt: see sampling.view_windows
     num_clips: int = 1  # uniform: clips per video
     long_scale: float = 2.0  # teg/svt: the long/global window is this many times num_frames / fps
     num_global: int = 2  # svt
@@ -60,7 +60,7 @@ class SampleSpec:
 
     @property
     def multi_view(self) -> bool:
-        return self.sampler in ("cvrl", "teg", "svt") or (self.sampler == "uniform" and self.num_clips > 1)
+        return self.sampler in ("cvrl", "teg", "svt") or (self.sampler in ("uniform", "same") and self.num_clips > 1)
 
     @property
     def window(self) -> float:
@@ -144,9 +144,10 @@ class DecodeSamples:
         augment = self.augmenter.video_transform is not None
         videos, audio, first = [], None, None
         for v, (start, length) in enumerate(windows):
-            clip = decode_window(raw[ext], start, spec.num_frames, spec.num_frames / length,
-                                 None if augment else spec.size, spec.audio_rate if v == 0 else None,
-                                 short_side=round(spec.size * spec.augment.decode_short_side) if augment else None)
+            if v == 0 or windows[v] != windows[v - 1]:  # a repeated window (sampler `same`) is decoded once
+                clip = decode_window(raw[ext], start, spec.num_frames, spec.num_frames / length,
+                                     None if augment else spec.size, spec.audio_rate if v == 0 else None,
+                                     short_side=round(spec.size * spec.augment.decode_short_side) if augment else None)
             frames = torch.from_numpy(clip.frames)  # (T, H, W, 3) uint8
             frames = self.augmenter.video(frames, rng) if augment else frames
             videos.append(frames.permute(3, 0, 1, 2))  # uint8 (C, T, H, W); collate normalises the batch

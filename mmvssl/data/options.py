@@ -42,8 +42,8 @@ class DataConfig:
     seed: int | None = None  # defaults to train.seed
     mode: str = "resampled"  # resampled (endless, seeded per process/worker) or epoch (each sample once)
     epoch_length: int | None = None  # resampled: batches per process per epoch
-    sampler: str = "random"  # random, uniform, cvrl, teg, svt (multi-view: video is (B, V, C, T, H, W))
-    num_clips: int = 1  # uniform sampler
+    sampler: str = "random"  # random, uniform, same, cvrl, teg, svt (multi-view: video is (B, V, C, T, H, W))
+    num_clips: int = 1  # uniform: clips spread over the video; same: views of one window (SimCLR)
     long_scale: float = 2.0  # teg / svt: long (global) window = long_scale x num_frames / fps
     num_global: int = 2  # svt
     num_local: int = 2  # svt

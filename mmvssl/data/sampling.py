@@ -119,7 +119,8 @@ def view_windows(sampler: str, duration: float, window: float, rng: random.Rando
                  num_local: int = 2) -> list[tuple[float, float]]:
     """(start, length) of every view a sampler asks for; the first view's audio is kept.
 
-    random/center: one clip; uniform: `num_clips` evenly spread; cvrl: two clips;
+    random/center: one clip; uniform: `num_clips` evenly spread; same: `num_clips` copies of one
+    window; cvrl: two clips;
     teg: [long, short]; svt: globals then locals (long = long_scale x window)."""
     long_window = window * long_scale
     if sampler in ("random", "center"):
@@ -127,6 +128,9 @@ def view_windows(sampler: str, duration: float, window: float, rng: random.Rando
         return [(start, window)]
     if sampler == "uniform":
         return [(s, window) for s in uniform_windows(duration, window, num_clips)]
+    if sampler == "same":  # SimCLR on video: `num_clips` views of one window (decoded once, augmented apart)
+        start = random_window(duration, window, rng) if train else center_window(duration, window)
+        return [(start, window)] * num_clips
     if sampler == "cvrl":
         return [(s, window) for s in cvrl_pair(duration, window, rng)]
     if sampler == "teg":
@@ -135,4 +139,4 @@ def view_windows(sampler: str, duration: float, window: float, rng: random.Rando
     if sampler == "svt":
         starts = global_local_windows(duration, long_window, window, num_global, num_local, rng)
         return [(s, long_window if i < num_global else window) for i, s in enumerate(starts)]
-    raise ValueError(f"unknown sampler '{sampler}' (random, center, uniform, cvrl, teg, svt)")
+    raise ValueError(f"unknown sampler '{sampler}' (random, center, uniform, same, cvrl, teg, svt)")

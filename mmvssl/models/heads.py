@@ -106,4 +106,35 @@ class DisjointHeads(_Heads):
                 if name.split("_")[0] in pooled}
 
 
-HEADS = {"fac": FACHeads, "shared": SharedHeads, "disjoint": DisjointHeads}
+class ProjectionHeads(_Heads):
+    """Single-modality self-supervision (SimCLR, CVRL, SVT, ...): one space `ssl`, reached by an MLP
+    projection head per modality present: Linear-BN-ReLU, `layers - 1` times, then Linear
+    (SimCLR's g: 2 layers; CVRL's: 3). The methods read `video_ssl` (B, V, D) per view."""
+
+    spaces = {"video": ("ssl",), "audio": ("ssl",), "text": ("ssl",)}
+
+    def __init__(self, video_width: int | None = None, audio_width: int | None = None,
+                 text_width: int | None = None, dim: int = 128, hidden: int = 2048, layers: int = 2):
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"projection heads need layers >= 1, got {layers}")
+        widths = {"video": video_width, "audio": audio_width, "text": text_width}
+        self.mlp = nn.ModuleDict()
+        for modality, width in widths.items():
+            if width is None:
+                continue
+            blocks, d = [], width
+            for _ in range(layers - 1):
+                blocks += [nn.Linear(d, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+                d = hidden
+            self.mlp[modality] = nn.Sequential(*blocks, nn.Linear(d, dim))
+
+    def project(self, modality: str, pooled: torch.Tensor, space: str) -> torch.Tensor:
+        self._check(modality, space)
+        return self.mlp[modality](pooled)
+
+    def embed(self, pooled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {f"{m}_ssl": self.mlp[m](x) for m, x in pooled.items() if m in self.mlp}
+
+
+HEADS = {"fac": FACHeads, "shared": SharedHeads, "disjoint": DisjointHeads, "projection": ProjectionHeads}

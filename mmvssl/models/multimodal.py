@@ -104,12 +104,19 @@ class MultimodalModel(nn.Module):
         return dims
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Every embedding the heads define for the modalities in `batch`, normalised."""
-        pooled, text_shape = {}, None
+        """Every embedding the heads define for the modalities in `batch`, normalised.
+
+        Several views of each clip, video (B, V, C, T, H, W), are folded into the batch once
+        (B * V clips through the encoder and heads, so BatchNorm sees every view) and every video
+        output comes back per view: `video_<space>` (B, V, D), `video_frames` (B, V, t, width)."""
+        pooled, text_shape, views = {}, None, None
         for modality, enc in self.encoders.items():
             if modality not in batch:
                 continue
             x = batch[modality]
+            if modality == "video" and x.ndim == 6:
+                views = x.shape[:2]  # (B, V)
+                x = x.flatten(0, 1)  # (B * V, C, T, H, W)
             if modality == "text" and x.ndim == 3:
                 text_shape = x.shape[:2]  # (B, K)
                 x = x.reshape(-1, x.shape[-1])  # (B * K, L)
@@ -123,9 +130,13 @@ class MultimodalModel(nn.Module):
         out = {}
         for key, z in self.heads.embed(pooled).items():
             z = F.normalize(z, dim=-1)
-            out[key] = z.view(*text_shape, -1) if key.startswith("text_") and text_shape else z
+            if key.startswith("text_") and text_shape:
+                z = z.view(*text_shape, -1)  # (B, K, D)
+            elif key.startswith("video_") and views:
+                z = z.view(*views, -1)  # (B, V, D)
+            out[key] = z
         if self.frame_features and "video" in pooled:
-            out["video_frames"] = frames
+            out["video_frames"] = frames.view(*views, *frames.shape[1:]) if views else frames
         return out
 
     # ---- persistence: config.json + model.safetensors, written atomically, loaded without pickle

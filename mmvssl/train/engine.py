@@ -1,21 +1,17 @@
 """The training loop: setup -> one explicit loop over accelerate -> final model. No Trainer class.
 
-The loop knows no method: the model returns named embeddings, the objective (built from the
-config's terms) turns them into a weighted loss. `data.batch_size` is per process; the global
-batch is batch_size x processes, and `train.accum_steps` splits each process's batch into
-micro-batches without losing negatives (see step.py).
+The loop knows no method: `method.name` picks a method unit (mmvssl/methods/), which builds the
+model it trains and turns embeddings into a loss; per step the engine calls prepare -> embed ->
+loss -> backward -> optimizer step -> after_step, and checkpoints the method's state beside the
+model's. `data.batch_size` is per process; the global batch is batch_size x processes, and
+`train.accum_steps` splits each process's batch into micro-batches without losing negatives
+(see step.py).
 
 Faults: a step whose loss or gradient is not finite is skipped and counted; `train.max_bad_steps`
 in a row stop the run, naming the step and the term. SIGTERM / SIGINT finish the current step,
 save a checkpoint and return; `train.resume=latest` continues at the same step with the same
-data (the loader skips the consumed batches) and the same RNG state.
-
-A `teacher:` section (off by default) adds a frozen open_clip image model: on the device, each
-batch gets the teacher's per-frame embeddings (`teacher_frames`) before the forward pass; the
-objective's distillation terms read them. The teacher is neither optimised nor saved. With
-`teacher.cached: true` the teacher is not loaded at all: the loader pairs the features that
-`mmvssl shards add-features` stored in the shards with the sampled frames (same `teacher_frames`),
-after a check that every shard folder holds features of the teacher the config names.
+data (the loader skips the consumed batches), the same RNG state and the same method state
+(teachers, centres, temperatures).
 """
 
 from __future__ import annotations
@@ -39,9 +35,7 @@ from ..data.loader import SampleSpec, build_loader
 from ..data.options import loader_options
 from ..data.options import sample_spec as data_sample_spec
 from ..errors import ConfigError, MmvsslError
-from ..losses.objective import Objective
-from ..models.multimodal import MultimodalModel
-from ..models.presets import apply_overrides, load_preset
+from ..methods import BuildContext, build_method
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .monitor import RunLog, available_trackers, environment, flat_scalars, keep_metrics_until
 from .optim import build_optimizer, warmup_cosine
@@ -51,87 +45,6 @@ from .step import forward_backward, grad_norm
 def sample_spec(cfg: DictConfig, train: bool) -> SampleSpec:
     d = cfg.data
     return data_sample_spec(d, train, d.seed if d.seed is not None else cfg.train.seed)
-
-
-def build_teacher(cfg: DictConfig, device: torch.device):
-    """The frozen image teacher of the `teacher:` section, or None when teacher.arch is empty or
-    its features are cached in the shards."""
-    t = cfg.teacher
-    if not t.arch or t.cached:
-        return None
-    from ..models.teacher import load_teacher
-    return load_teacher(t.arch, t.pretrained, image_size=t.image_size, patch_tokens=t.patch_tokens,
-                        device=device, precision=t.precision)
-
-
-def cached_teacher(cfg: DictConfig, spec: SampleSpec) -> dict | None:
-    """teacher.cached: the fingerprint of the config's teacher, checked against the features reports
-    of every shard folder (ConfigError naming the folder otherwise); None when not cached."""
-    t = cfg.teacher
-    if not t.cached:
-        return None
-    from ..data.shardio import parse_sources
-    from ..data.teacher_cache import check_feature_folders
-    from ..models.teacher import teacher_identity
-    if not t.arch:
-        raise ConfigError("teacher.cached needs teacher.arch and teacher.pretrained: the teacher whose features "
-                          "`mmvssl shards add-features` cached")
-    if t.patch_tokens:
-        raise ConfigError("teacher.patch_tokens: cached features hold pooled frame embeddings only; "
-                          "set teacher.cached=false to get patch tokens")
-    if spec.multi_view:
-        raise ConfigError(f"teacher.cached: data.sampler '{spec.sampler}' gives several views; teacher features "
-                          f"(cached or online) pair with one clip")
-    identity = teacher_identity(t.arch, t.pretrained, t.image_size)
-    urls = [url for s in parse_sources(cfg.data.shards) for url in s.urls]
-    identity["embed_dim"] = check_feature_folders(urls, identity)
-    return identity
-
-
-def build_model(cfg: DictConfig, out: Path, accelerator: Accelerator, teacher_dim: int | None = None):
-    """(model, objective, prepare_batch) for `model.kind`: the engine's only knowledge of kinds.
-    `teacher_dim`: the width of `teacher_frames` (online or cached teacher), None without one."""
-    sampling = {"num_frames": cfg.data.num_frames, "fps": cfg.data.fps, "size": cfg.data.size,
-                "audio_rate": cfg.data.audio_rate}
-    o = cfg.objective
-    if cfg.model.kind == "narrator":
-        from ..narrator.build import build_narrator, narration_targets, resolve_tokenizer
-        from ..narrator.tokenizer import SentencePieceTokenizer
-        if cfg.train.accum_steps > 1:
-            raise ConfigError("train.accum_steps > 1 is for contrastive objectives; the narrator's "
-                              "cross-entropy accumulates like any loss: raise data.batch_size instead")
-        with accelerator.main_process_first():  # the main process fits the tokenizer, the others read it
-            tokenizer_file = resolve_tokenizer(cfg.narrator, cfg.data.shards, out)
-        tokenizer = SentencePieceTokenizer(tokenizer_file)
-        net = build_narrator(cfg.narrator, tokenizer)
-        net.config["sampling"] = sampling
-        net.tokenizer_file = str(tokenizer_file)
-        objective = Objective([{"name": "caption_ce", "loss": "model", "inputs": ["caption_loss"]}])
-
-        def prepare(batch: dict) -> dict:
-            batch["narration"], batch["has_narration"] = narration_targets(batch, tokenizer, cfg.narrator.max_length)
-            return batch
-        return net, objective, prepare, {"video"}
-    if cfg.model.kind != "multimodal":
-        raise ConfigError(f"model.kind '{cfg.model.kind}' is unknown (expected: multimodal, narrator)")
-    preset = apply_overrides(load_preset(cfg.model.preset), to_dict(cfg.model.overrides))
-    preset["sampling"] = sampling  # the clip sampling travels in config.json, for evaluation
-    net = MultimodalModel(preset)
-    if cfg.model.init_arch:
-        from ..models.clip_init import init_from_clip
-        towers = list(cfg.model.init_towers)
-        init_from_clip(net, cfg.model.init_arch, cfg.model.init_pretrained, towers)
-        accelerator.print(f"{' and '.join(towers)} tower(s) initialised from {cfg.model.init_arch} "
-                          f"({cfg.model.init_pretrained or 'random'})")
-    feature_dims = net.output_dims()
-    if teacher_dim:
-        feature_dims["teacher_frames"] = teacher_dim
-    terms = to_dict(o.terms)
-    net.frame_features = any("video_frames" in (term.get("inputs") or ()) for term in terms)
-    objective = Objective(terms, temperature=o.temperature, learnable_temperature=o.learnable_temperature,
-                          min_temperature=o.min_temperature, max_temperature=o.max_temperature,
-                          feature_dims=feature_dims)
-    return net, objective, (lambda batch: batch), objective.modalities
 
 
 def _to_device(batch: dict, device: torch.device, modalities: set[str]) -> dict:
@@ -244,22 +157,19 @@ def pretrain(cfg: DictConfig) -> Path:
     # draws from (seed, rank, slot) itself, and data.mode=epoch needs the same shard order in every
     # process to split one epoch between them (a per-process seed made them read overlapping parts)
     spec = sample_spec(cfg, train=True)
-    teacher = build_teacher(cfg, accelerator.device)
-    spec.teacher_features = cached_teacher(cfg, spec)  # the loader pairs cached features with the frames
-    teacher_dim = teacher.embed_dim if teacher is not None else (spec.teacher_features or {}).get("embed_dim")
-    net, objective, prepare_batch, modalities = build_model(cfg, out, accelerator, teacher_dim)
+    net, method = build_method(cfg, BuildContext(accelerator=accelerator, out=out, spec=spec))
     for module in net.modules():
         if hasattr(module, "grad_checkpointing"):
             module.grad_checkpointing = t.grad_checkpointing
-    objective.to(accelerator.device)
-    optimizer = build_optimizer(net, t.lr, t.weight_decay, no_decay_modules=(objective,))
+    method.to(accelerator.device)
+    optimizer = build_optimizer(net, t.lr, t.weight_decay, method=method)
     scheduler = warmup_cosine(optimizer, t.warmup_steps, t.max_steps)
     model, optimizer = accelerator.prepare(net, optimizer)
     ema = None
     if t.ema_decay > 0:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
         ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
-    modules = {name: m for name, m in (("objective", objective), ("ema", ema))
+    modules = {name: m for name, m in (("method", method), ("ema", ema))
                if m is not None and len(m.state_dict())}
 
     step = batches_consumed = failed_total = bad_total = 0
@@ -308,7 +218,7 @@ def pretrain(cfg: DictConfig) -> Path:
     def make_loader(start_batch: int):
         return build_loader(cfg.data.shards, spec, cfg.data.batch_size, start_batch=start_batch, epoch=epoch, **options)
     loader = make_loader(batches_consumed)
-    params = list(net.parameters()) + list(objective.parameters())
+    params = list(net.parameters()) + [p for p in method.parameters() if p.requires_grad]
     log = RunLog(accelerator, out, t.max_steps, step, use_trackers=bool(trackers))
 
     if tracker_note and accelerator.is_main_process:
@@ -336,11 +246,8 @@ def pretrain(cfg: DictConfig) -> Path:
                 batches_consumed += 1
                 data_wait += time.perf_counter() - tic
                 failed_total += int(batch["failed"])
-                batch = _to_device(prepare_batch(batch), accelerator.device, modalities)
-                if teacher is not None and "video" in batch:
-                    batch.update(teacher(batch["video"]))  # teacher_frames (B, T, D), no gradient
-                # (teacher.cached: the loader already put the cached teacher_frames (B, T, D) in the batch)
-                loss, terms = forward_backward(model, objective, batch, accelerator, t.accum_steps)
+                batch = method.prepare(_to_device(batch, accelerator.device, method.modalities))
+                loss, terms = forward_backward(model, method, batch, accelerator, t.accum_steps)
                 norm = grad_norm(accelerator, params, t.grad_clip)
                 # one flag for all processes, so that they all skip (or stop) together
                 flags = torch.stack([~torch.isfinite(loss), ~torch.isfinite(norm), torch.tensor(bool(stop.received))
@@ -375,6 +282,7 @@ def pretrain(cfg: DictConfig) -> Path:
                 if ema is not None:
                     ema.update_parameters(net)
                 step += 1
+                method.after_step(net, step)
                 window_samples += cfg.data.batch_size * accelerator.num_processes
                 log.advance()
                 if step % t.log_every == 0 or step == t.max_steps:
@@ -385,7 +293,7 @@ def pretrain(cfg: DictConfig) -> Path:
                     log.write({"step": step, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
                                "lr": scheduler.get_last_lr()[0], "samples_per_s": window_samples / max(elapsed, 1e-9),
                                "data_wait": data_wait / max(elapsed, 1e-9), "failed_samples": failed_total,
-                               "bad_steps": bad_total, **objective.temperatures()})
+                               "bad_steps": bad_total, **method.log_values()})
                     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
                 if t.save_every > 0 and step % t.save_every == 0 and step < t.max_steps:
                     checkpoint()

@@ -24,12 +24,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, method: nn.Module | None = None,
                     no_decay_modules: tuple[nn.Module, ...] = ()) -> torch.optim.Optimizer:
-    """AdamW over `model` (param_groups) and, never decayed, the parameters of `no_decay_modules`
-    (the objective's learnable temperatures and biases)."""
+    """AdamW over `model` (param_groups) and the trainable parameters of the method: its
+    `decayed_modules()` (projection heads) as the model's, every other one (temperatures, biases,
+    predictors of the objective) never decayed, like those of `no_decay_modules`."""
     decay, no_decay = param_groups(model, weight_decay)
-    no_decay["params"] += [p for m in no_decay_modules for p in m.parameters() if p.requires_grad]
+    decayed = list(method.decayed_modules()) if method is not None else []
+    for module in decayed:
+        d, n = param_groups(module, weight_decay)
+        decay["params"] += d["params"]
+        no_decay["params"] += n["params"]
+    seen = {id(p) for p in decay["params"] + no_decay["params"]}
+    for module in [*no_decay_modules, *([method] if method is not None else [])]:
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                no_decay["params"].append(p)
     return torch.optim.AdamW([decay, no_decay], lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 

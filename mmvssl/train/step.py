@@ -52,7 +52,7 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
 
 
 def _sync_objective_grads(objective: torch.nn.Module) -> None:
-    """The objective (temperatures) lives outside DDP: average its gradients by hand."""
+    """The method (heads, temperatures) lives outside DDP: average its gradients by hand."""
     rank, size = world()
     if size == 1:
         return
@@ -62,12 +62,19 @@ def _sync_objective_grads(objective: torch.nn.Module) -> None:
             p.grad /= size
 
 
+def _embed(objective, model, batch: dict) -> dict:
+    """A method's embeddings (it may run a teacher beside the model); a bare Objective's are the model's."""
+    embed = getattr(objective, "embed", None)
+    return embed(model, batch) if embed is not None else model(batch)
+
+
 def forward_backward(model, objective, batch: dict, accelerator, accum_steps: int = 1
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss and per-term values (detached) of `batch`; gradients accumulated into the parameters."""
+    """Loss and per-term values (detached) of `batch`; gradients accumulated into the parameters.
+    `objective`: a method (mmvssl.methods) or a bare Objective, called on the embeddings and the batch."""
     if accum_steps <= 1:
         with accelerator.autocast():
-            embeddings = model(batch)
+            embeddings = _embed(objective, model, batch)
         loss, terms = objective(embeddings, batch)
         accelerator.backward(loss)
         _sync_objective_grads(objective)
@@ -80,7 +87,7 @@ def forward_backward(model, objective, batch: dict, accelerator, accum_steps: in
         for chunk in chunks:
             states.append(_rng_state(device))
             with accelerator.autocast():
-                cached.append(model(chunk))
+                cached.append(_embed(objective, model, chunk))
     after = _rng_state(device)
     embeddings = {k: torch.cat([c[k] for c in cached]).detach().float().requires_grad_()
                   for k in cached[0]}  # (B, ...) each
@@ -95,7 +102,7 @@ def forward_backward(model, objective, batch: dict, accelerator, accum_steps: in
         with sync:
             _set_rng_state(states[i], device)
             with accelerator.autocast():
-                out = model(chunk)
+                out = _embed(objective, model, chunk)
             surrogate = sum((out[k].float() * g[i]).sum() for k, g in grads.items())  # d/d out = g
             surrogate.backward()
     with torch.no_grad():

@@ -1,0 +1,37 @@
+"""Methods: one module each (see base.py for the unit the engine calls). `method.name` in a config
+picks one; several papers' recipes share a module and differ only in their config
+(`configs/methods/*.yaml`: SimCLR and CVRL are both `simclr`, VATT, MMV and iBoot are all
+`contrastive`)."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import ConfigError
+from .base import BuildContext, Method
+
+# name -> module; imported on use, so that listing methods stays cheap
+MODULES = {
+    "contrastive": "contrastive",
+    "narrator": "narrator",
+    "simclr": "simclr",
+    "svt": "svt",
+    "teg": "teg",
+    "carl": "carl",
+}
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in MODULES:
+        raise ConfigError(f"method.name '{name}' is unknown (available: {', '.join(MODULES)})")
+    module = importlib.import_module(f"{__name__}.{MODULES[name]}")
+    return next(obj for obj in vars(module).values()
+                if isinstance(obj, type) and issubclass(obj, Method) and obj is not Method and obj.name == name)
+
+
+def build_method(cfg, ctx: BuildContext):
+    """(student model, method) for `method.name`."""
+    return get_method(cfg.method.name).build(cfg, ctx)
+
+
+__all__ = ["BuildContext", "Method", "MODULES", "build_method", "get_method"]

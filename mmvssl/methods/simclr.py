@@ -1,0 +1,64 @@
+"""`simclr`: two views of each clip embedded by the same network and contrasted with NT-Xent.
+
+One module, two papers, told apart by their configs (configs/methods/):
+- SimCLR (Chen et al. 2020) applied to video: two augmentations of the same window
+  (`data.sampler: same`, `data.num_clips: 2`: the window is decoded once), an MLP projection head.
+- CVRL (Qian et al. 2021): two clips of one video at a gap drawn from a linearly decreasing
+  distribution (`data.sampler: cvrl`), temporally consistent strong augmentation
+  (`data.augment`), a 3-layer MLP head, InfoNCE at temperature 0.1.
+
+The model returns `video_<space>` (B, V, D), normalised, for V >= 2 views; every pair of views
+(v, w) with v < w is one NT-Xent term (averaged), so SimCLR's two views give exactly NT-Xent.
+Negatives are gathered across processes (losses/contrastive.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+
+from omegaconf import DictConfig
+
+from ..errors import ConfigError
+from ..losses.contrastive import nt_xent_loss
+from .base import BuildContext, Method
+from .contrastive import build_student
+
+
+@dataclass
+class SimCLROptions:
+    temperature: float = 0.1  # SimCLR's best at batch 4096 is 0.1 (table 5); CVRL uses 0.1
+    space: str = "ssl"  # the embedding `video_<space>` (a projection head's output)
+
+
+class SimCLR(Method):
+    name = "simclr"
+    paper = "SimCLR (Chen et al. 2020) on video; CVRL (Qian et al. 2021) with its sampler and augmentation"
+    Options = SimCLROptions
+
+    def __init__(self, options: SimCLROptions):
+        super().__init__()
+        self.temperature, self.key = options.temperature, f"video_{options.space}"
+        self.modalities = {"video"}
+
+    @classmethod
+    def build(cls, cfg: DictConfig, ctx: BuildContext):
+        options = cls.options(cfg)
+        if not ctx.spec.multi_view:
+            raise ConfigError(f"method '{cls.name}' contrasts views: data.sampler '{ctx.spec.sampler}' gives one "
+                              f"(use same with data.num_clips=2, or cvrl)")
+        return build_student(cfg, ctx.accelerator), cls(options)
+
+    def forward(self, embeddings: dict, batch: dict):
+        if self.key not in embeddings:
+            raise ConfigError(f"method '{self.name}' reads '{self.key}', but the model gives only: "
+                              f"{', '.join(sorted(embeddings))} (method.options.space)")
+        views = embeddings[self.key].float()  # (B, V, D), normalised
+        pairs = list(combinations(range(views.shape[1]), 2))
+        loss = sum(nt_xent_loss(views[:, v], views[:, w], self.temperature) for v, w in pairs) / len(pairs)
+        return loss, {"nt_xent": loss.detach()}
+
+    def log_values(self) -> dict[str, float]:
+        return {}
+
+
