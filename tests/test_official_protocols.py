@@ -125,3 +125,40 @@ def test_ek100_task_reads_its_relevancy_and_reports_map(val_features, tmp_path):
     summary = evaluate_suite(model, load_task(task_file), str(tmp_path / "out"), test=str(path))
     mir = summary["results"]["retrieval"]["mir"]
     assert 0 <= mir["mAP"]["avg"] <= 100 and mir["mAP"]["excluded_v2t"] == 0 and "nDCG" in mir
+
+
+def test_from_the_official_split_lists_to_the_mean_over_three_splits(trained_run, demo_data, tmp_path):
+    """UCF101's release format end to end: ucfTrainTestlist/ -> datasets convert -> shards build ->
+    eval suite with the three splits; the split roles travel through the shards' metadata."""
+    import json
+    import shutil
+
+    from mmvssl.data.recipes import convert_dataset
+    from mmvssl.data.shards import build_shards
+    entries = [json.loads(line) for line in (demo_data / "val" / "captions.jsonl").read_text().splitlines()]
+    videos, lists = tmp_path / "UCF-101", tmp_path / "ucfTrainTestlist"
+    lists.mkdir()
+    classes = sorted({e["label"] for e in entries})
+    (lists / "classInd.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(classes, start=1)))
+    names = []
+    for g, e in enumerate(entries, start=1):
+        rel = f"{e['label']}/v_{e['label']}_g{g:02d}_c01.avi"  # UCF101's layout (the bytes stay MP4)
+        (videos / e["label"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(demo_data / "val" / e["video"], videos / rel)
+        names.append((rel, classes.index(e["label"]) + 1))
+    for k in (1, 2, 3):
+        test = {i for i in range(len(names)) if i % 3 == k - 1}
+        (lists / f"trainlist0{k}.txt").write_text("".join(f"{r} {c}\n" for i, (r, c) in enumerate(names) if i not in test))
+        (lists / f"testlist0{k}.txt").write_text("".join(f"{r}\n" for i, (r, _) in enumerate(names) if i in test))
+    report = convert_dataset("ucf101", [lists], tmp_path / "conv", videos=videos)
+    assert report["entries"] == len(names) and report["num_problems"] == 0
+    build_shards(videos, tmp_path / "shards", captions=tmp_path / "conv" / "captions.jsonl", samples_per_shard=8)
+    task_file = tmp_path / "ucf.yaml"
+    task_file.write_text("name: ucf_like\nclasses: [" + ", ".join(classes) + "]\nprotocols: [knn]\nsplits:\n"
+                         + "".join(f"- {{name: split{k}, key: split{k}, train: train, test: test}}\n" for k in (1, 2, 3)))
+    summary = evaluate_suite(load_model(trained_run / "model"), load_task(task_file), str(tmp_path / "out"),
+                             test=str(tmp_path / "shards"))
+    knn = summary["results"]["knn"]
+    assert [knn["splits"][f"split{k}"]["num_samples"] for k in (1, 2, 3)] == [4, 4, 4]
+    assert knn["top1"] == pytest.approx(sum(knn["splits"][f"split{k}"]["top1"] for k in (1, 2, 3)) / 3)
+    assert knn["aggregate"] == "mean over 3 splits"
