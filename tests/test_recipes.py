@@ -344,3 +344,28 @@ def test_mir_finds_the_relevancy_rows_by_the_converted_id(tmp_path):
            "metas": [{"id": "P01_11_2"}, {"id": "P01_11_0"}, {"id": "P01_11_1"}], "video_vat": eye[[2, 0, 1]]}
     m = mir_from_relevancy(emb, relevancy, torch.from_numpy(rel))  # similarity = relevancy: a perfect ranking
     assert m["mAP"]["avg"] == pytest.approx(100.0) and m["nDCG"]["avg"] == pytest.approx(100.0)
+
+
+def test_wrap_audio_makes_mp4s_that_shards_build_accepts(tmp_path, capsys):
+    import wave
+
+    from mmvssl.data.decode import decode_audio, probe
+    audio = tmp_path / "ESC-50-master" / "audio"
+    audio.mkdir(parents=True)
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(1.5 * 8000)) / 8000) * 32767).astype(np.int16)
+    with wave.open(str(audio / "1-100032-A-0.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000), w.writeframes(tone.tobytes())
+    (audio / "5-9032-A-0.wav").write_bytes(b"RIFF not really a wave file")
+    out = tmp_path / "wrapped"
+    assert main(["datasets", "wrap-audio", str(audio), "--out", str(out), "--rate", "16000"]) in (0, None)
+    printed = capsys.readouterr().out
+    assert "1 written" in printed and "1 failed" in printed and "5-9032-A-0.wav" in printed
+    data = (out / "1-100032-A-0.mp4").read_bytes()
+    info = probe(data)
+    assert info.has_audio and info.duration == pytest.approx(1.5, abs=0.15)
+    heard = decode_audio(data, 0.2, 1.0, 16000)
+    assert np.abs(heard).max() > 0.1  # the tone is there, not silence
+    assert main(["datasets", "wrap-audio", str(audio), "--out", str(out)]) in (0, None)
+    assert "1 already there" in capsys.readouterr().out
+    from mmvssl.data.shards import build_shards
+    assert build_shards(out, tmp_path / "shards")["num_accepted"] == 1

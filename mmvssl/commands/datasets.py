@@ -19,6 +19,15 @@ def _convert(args) -> None:
         print(f"  ... {report['num_problems'] - 10} more in convert_report.json")
 
 
+def _wrap_audio(args) -> None:
+    from ..data.recipes.media import wrap_audio_folder
+    r = wrap_audio_folder(args.audio_dir, args.out, rate=args.rate)
+    print(f"{r['found']} audio files: {r['written']} written, {r['already_there']} already there, "
+          f"{len(r['failed'])} failed -> {args.out}")
+    for item in r["failed"][:10]:
+        print(f"  {item['file']}: {item['reason']}")
+
+
 def register(sub) -> None:
     ds = sub.add_parser("datasets", help="dataset recipes").add_subparsers(dest="action", required=True)
     c = ds.add_parser("convert", help="official annotation files -> captions.jsonl + split lists for shards build")
@@ -33,3 +42,8 @@ def register(sub) -> None:
                    help="ek100-mir: allow reading the relevancy pickle (numpy arrays only) for this one conversion")
     c.add_argument("--ego4d-alpha", type=float, help="ego4d: EgoVLP's window scale (default: the file's mean gap)")
     c.set_defaults(func=_convert)
+    w = ds.add_parser("wrap-audio", help="audio files (ESC-50's WAVs) -> MP4 with a black picture, for shards build")
+    w.add_argument("audio_dir")
+    w.add_argument("--out", required=True, help="folder for <same relative path>.mp4")
+    w.add_argument("--rate", type=int, default=44100, help="audio sample rate of the MP4 (ESC-50: 44100)")
+    w.set_defaults(func=_wrap_audio)

@@ -4,8 +4,8 @@ src_file, take; the clips in audio/<filename> (5 s, 44.1 kHz mono WAV). One entr
 runs the five folds (train on four, test on the fifth) and reports the mean.
 
 `shards build` needs a video stream, so the clips are first wrapped into MP4 files with a still
-black picture (datasets/esc50/README.md gives the command); the entries point at
-`audio/<stem>.mp4`, and `--videos` finds the wrapped files by stem."""
+black picture (`mmvssl datasets wrap-audio`, media.py); the entries point at `audio/<stem>.mp4`,
+and `--videos` finds the wrapped files by stem."""
 
 from __future__ import annotations
 

@@ -1,0 +1,61 @@
+"""Audio-only releases (ESC-50's WAV clips) as MP4 files `shards build` accepts: the audio
+re-encoded as AAC beside a still black picture (4 frames per second, 32 x 32), written with PyAV,
+so no FFmpeg command line is needed. Audio models read the audio track; the picture is a carrier."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import av
+import numpy as np
+
+from ..decode import DecodeError, decode_audio
+from ..synth import write_mp4
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".m4a"}
+
+
+def wrap_audio(source: Path, target: Path, rate: int = 44100, fps: int = 4, size: int = 32) -> float:
+    """Write `target` (.mp4): the audio of `source` at `rate` Hz mono and a black picture; its seconds."""
+    try:
+        with av.open(str(source)) as container:
+            if not container.streams.audio:
+                raise DecodeError("no audio stream")
+            stream = container.streams.audio[0]
+            if stream.duration is not None and stream.time_base is not None:
+                seconds = float(stream.duration * stream.time_base)
+            elif container.duration:
+                seconds = container.duration / av.time_base
+            else:
+                raise DecodeError("unknown duration")
+    except av.error.FFmpegError as e:
+        raise DecodeError(f"unreadable audio ({type(e).__name__})") from None
+    if seconds <= 0:
+        raise DecodeError("empty audio")
+    audio = decode_audio(source, 0.0, seconds, rate)
+    frames = np.zeros((max(1, math.ceil(seconds * fps)), size, size, 3), dtype=np.uint8)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp_{target.name}")
+    write_mp4(tmp, frames, audio, fps, rate)
+    tmp.rename(target)
+    return seconds
+
+
+def wrap_audio_folder(source_dir: str | Path, out_dir: str | Path, rate: int = 44100) -> dict:
+    """Every audio file under `source_dir` -> `out_dir/<same relative path>.mp4`; files already
+    written are kept (re-running resumes); unreadable ones are listed with the reason."""
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    files = sorted(p for p in source_dir.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+    done, skipped, failed = 0, 0, []
+    for path in files:
+        target = out_dir / path.relative_to(source_dir).with_suffix(".mp4")
+        if target.is_file():
+            skipped += 1
+            continue
+        try:
+            wrap_audio(path, target, rate)
+            done += 1
+        except (DecodeError, OSError) as e:
+            failed.append({"file": str(path.relative_to(source_dir)), "reason": str(e)})
+    return {"found": len(files), "written": done, "already_there": skipped, "failed": failed}
