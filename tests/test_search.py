@@ -307,6 +307,8 @@ def test_uploads_are_limited_held_in_memory_and_never_run(served, videos):
     try:
         status, data, _ = request(served, "POST", "/api/search?kind=video", body=b"\x00" * (600 * 1024))
         assert status == 413 and b"exceeds the limit" in data
+        status, data, _ = request(served, "POST", "/api/search?kind=video", headers={"Content-Length": str(10**10)})
+        assert status == 413  # answered from the header alone, nothing read
         status, data, _ = request(served, "POST", "/api/search?kind=video", body=b"#!/bin/sh\ntouch /tmp/pwned\n")
         assert status == 400 and b"not a readable media file" in data
         clip = (videos / "clips" / "clip3.mp4").read_bytes()

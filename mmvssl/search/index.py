@@ -48,15 +48,27 @@ class Video:
 
 @dataclass
 class Pending:
-    """A decoded video waiting for its batch to be embedded and committed."""
+    """A video whose windows are being embedded; committed once all of them are."""
     video: Video
     sha256: str
     duration: float
     replaces: int | None
     starts: list[float]
-    frames: list[torch.Tensor] = field(default_factory=list)    # per window (3, T, H, W)
-    audio: list[np.ndarray | None] = field(default_factory=list)  # per window (S,) or None
     thumbs: list[bytes | None] = field(default_factory=list)
+    vectors: dict[str, list[np.ndarray | None]] = field(default_factory=dict)  # space -> per window (D,)
+    narrations: list[tuple[str, float] | None] = field(default_factory=list)
+
+    def put(self, space: str, w: int, vec: np.ndarray) -> None:
+        self.vectors.setdefault(space, [None] * len(self.starts))[w] = vec
+
+
+@dataclass
+class Queued:
+    """One decoded window waiting for a full batch: (3, T, H, W) frames, (S,) audio or None."""
+    item: Pending
+    w: int
+    frames: torch.Tensor
+    audio: np.ndarray | None
 
 
 def window_starts(duration: float, window: float, stride: float) -> list[float]:
@@ -119,74 +131,65 @@ class Indexer:
                                                                                                      "tokenizer.model"))
             self.narrator_sampling = self.narrator.config.get("sampling", {"num_frames": 8, "fps": 4.0, "size": 64})
 
-    def decode(self, video: Video, sha: str, replaces: int | None) -> Pending:
+    def open(self, video: Video, sha: str, replaces: int | None) -> Pending:
         duration = float(probe(video.data).duration)
-        item = Pending(video, sha, duration, replaces, window_starts(duration, self.window, self.stride))
-        for start in item.starts:
-            clip = decode_window(video.data, start, self.spec.num_frames, self.fps, self.spec.size,
-                                 self.spec.audio_rate if "audio" in self.model.encoders else None)
-            item.frames.append(frames_to_tensor(clip.frames))  # (3, T, H, W)
-            item.audio.append(clip.audio)
-            mid = min(start + self.window / 2, max(duration - 0.05, 0.0))
-            try:
-                thumb = decode_window(video.data, mid, 1, 1.0, None, None, short_side=THUMB_SHORT_SIDE).frames[0]
-                item.thumbs.append(jpeg(thumb))
-            except DecodeError:
-                item.thumbs.append(None)
-        return item
+        return Pending(video, sha, duration, replaces, window_starts(duration, self.window, self.stride))
+
+    def decode(self, item: Pending, w: int) -> Queued:
+        """Window w of the item, decoded as the model sees it; its thumbnail goes into the item."""
+        start, data = item.starts[w], item.video.data
+        clip = decode_window(data, start, self.spec.num_frames, self.fps, self.spec.size,
+                             self.spec.audio_rate if "audio" in self.model.encoders else None)
+        mid = min(start + self.window / 2, max(item.duration - 0.05, 0.0))
+        try:
+            item.thumbs.append(jpeg(decode_window(data, mid, 1, 1.0, None, None, short_side=THUMB_SHORT_SIDE).frames[0]))
+        except DecodeError:
+            item.thumbs.append(None)
+        return Queued(item, w, frames_to_tensor(clip.frames), clip.audio)
 
     @torch.no_grad()
-    def embed(self, items: list[Pending]) -> tuple[list[dict[str, list[np.ndarray | None]]], dict]:
-        """(per item, per space, one (D,) vector per window (None: the window has no audio),
-        {(item, window): (narration, score)} when there is a narrator)."""
+    def embed(self, queue: list[Queued]) -> None:
+        """Every queued window's vectors (and narration) into its item; at most batch_size per model call."""
         from ..evaluation.features import embed_modality
-        flat = [(i, w) for i, item in enumerate(items) for w in range(len(item.starts))]
-        out = [{} for _ in items]
-
-        def put(name: str, rows: list[tuple[int, int]], x: torch.Tensor):
-            for (i, w), v in zip(rows, x.numpy()):
-                out[i].setdefault(name, [None] * len(items[i].starts))[w] = v
-
-        for c in range(0, len(flat), self.batch_size):
-            rows = flat[c:c + self.batch_size]
+        for c in range(0, len(queue), self.batch_size):
+            rows = queue[c:c + self.batch_size]
             if "video" in self.model.encoders:
-                video = torch.stack([items[i].frames[w] for i, w in rows])  # (B, 3, T, H, W)
+                video = torch.stack([q.frames for q in rows])  # (B, 3, T, H, W)
                 for name, x in embed_modality(self.model, "video", video, self.spaces["video"]).items():
                     if not name.endswith("_pooled"):
-                        put(name, rows, x)
-            heard = [(i, w) for i, w in rows if items[i].audio[w] is not None]
+                        for q, v in zip(rows, x.numpy()):
+                            q.item.put(name, q.w, v)
+            heard = [q for q in rows if q.audio is not None]
             if heard and "audio" in self.model.encoders:
-                audio = torch.stack([torch.from_numpy(items[i].audio[w]) for i, w in heard])  # (B, S)
+                audio = torch.stack([torch.from_numpy(q.audio) for q in heard])  # (B, S)
                 for name, x in embed_modality(self.model, "audio", audio, self.spaces["audio"]).items():
                     if not name.endswith("_pooled"):
-                        put(name, heard, x)
-        narrations = self.narrate(items, flat, out) if self.narrator is not None else {}
-        return out, narrations
+                        for q, v in zip(heard, x.numpy()):
+                            q.item.put(name, q.w, v)
+            if self.narrator is not None:
+                self.narrate(rows)
 
-    def narrate(self, items: list[Pending], flat, out) -> dict:
+    def narrate(self, rows: list[Queued]) -> None:
         """The narrator's best (greedy) narration of each window, and its embedding in the text spaces."""
         from ..evaluation.features import embed_modality
         from ..narrator.generate import GenerationConfig, generate
         s = self.narrator_sampling
         gen = GenerationConfig(num_candidates=1, strategy="greedy", max_length=NARRATION_MAX_TOKENS)
-        narrations = {}
-        for c in range(0, len(flat), self.batch_size):
-            rows = flat[c:c + self.batch_size]
-            clips = [decode_window(items[i].video.data, items[i].starts[w], s["num_frames"],
-                                   s["num_frames"] / self.window, s["size"], None) for i, w in rows]
-            video = torch.stack([frames_to_tensor(clip.frames) for clip in clips])  # (B, 3, T, H, W)
-            best = [cands[0] for cands in generate(self.narrator, video, gen)]
-            texts = [self.narrator_tok.decode(b["tokens"]) for b in best]
-            for (i, w), text, b in zip(rows, texts, best):
-                narrations[(i, w)] = (text, float(b["score"]))
-            if "text" in self.model.encoders:
-                tokens = self.tokenizer(texts)  # (B, L)
-                for name, x in embed_modality(self.model, "text", tokens, self.spaces["text"]).items():
-                    if not name.endswith("_pooled"):
-                        for (i, w), v in zip(rows, x.numpy()):
-                            key = name.replace("text_", "narration_", 1)
-                            out[i].setdefault(key, [None] * len(items[i].starts))[w] = v
-        return narrations
+        clips = [decode_window(q.item.video.data, q.item.starts[q.w], s["num_frames"], s["num_frames"] / self.window,
+                               s["size"], None) for q in rows]
+        video = torch.stack([frames_to_tensor(clip.frames) for clip in clips])  # (B, 3, T, H, W)
+        best = [cands[0] for cands in generate(self.narrator, video, gen)]
+        texts = [self.narrator_tok.decode(b["tokens"]) for b in best]
+        for q, text, b in zip(rows, texts, best):
+            if not q.item.narrations:
+                q.item.narrations = [None] * len(q.item.starts)
+            q.item.narrations[q.w] = (text, float(b["score"]))
+        if "text" in self.model.encoders:
+            tokens = self.tokenizer(texts)  # (B, L)
+            for name, x in embed_modality(self.model, "text", tokens, self.spaces["text"]).items():
+                if not name.endswith("_pooled"):
+                    for q, v in zip(rows, x.numpy()):
+                        q.item.put(name.replace("text_", "narration_", 1), q.w, v)
 
 
 def _delete_video(db, video_id: int) -> None:
@@ -195,9 +198,9 @@ def _delete_video(db, video_id: int) -> None:
     db.execute("DELETE FROM videos WHERE id = ?", (video_id,))
 
 
-def store_batch(db, root_id: int, items: list[Pending], vectors: list[dict], narrations: dict, window: float) -> None:
-    """Insert a batch of embedded videos (the caller commits: all of them or none)."""
-    for i, (item, spaces) in enumerate(zip(items, vectors)):
+def store_batch(db, root_id: int, items: list[Pending], window: float) -> None:
+    """Insert embedded videos (the caller commits: all of them or none)."""
+    for item in items:
         if item.replaces is not None:
             _delete_video(db, item.replaces)
         v = item.video
@@ -205,11 +208,11 @@ def store_batch(db, root_id: int, items: list[Pending], vectors: list[dict], nar
                               "VALUES (?, ?, ?, ?, ?, ?)",
                               (root_id, v.source, v.shard, v.member, item.sha256, item.duration)).lastrowid
         for w, start in enumerate(item.starts):
-            text, score = narrations.get((i, w), (None, None))
+            text, score = item.narrations[w] if item.narrations else (None, None)
             window_id = db.execute('INSERT INTO windows (video_id, start, "end", thumb, narration, narration_score) '
                                    "VALUES (?, ?, ?, ?, ?, ?)",
                                    (video_id, start, round(start + window, 3), item.thumbs[w], text, score)).lastrowid
-            for space, per_window in spaces.items():
+            for space, per_window in item.vectors.items():
                 if per_window[w] is not None:
                     db.execute("INSERT INTO vectors (window_id, space, vec) VALUES (?, ?, ?)",
                                (window_id, space, store.to_blob(per_window[w])))
@@ -224,18 +227,19 @@ def sync_root(db, folder: Path, indexer: Indexer, source: str, progress: bool = 
     db.commit()
     known = {src: (vid, sha) for vid, src, sha in
              db.execute("SELECT id, source, sha256 FROM videos WHERE root_id = ?", (root_id,))}
-    report, seen, pending = BuildReport(), set(), []
+    report, seen = BuildReport(), set()
+    queue: list[Queued] = []   # decoded windows, embedded batch_size at a time (memory stays bounded)
+    done: list[Pending] = []   # videos whose windows are all decoded, committed together
     counts = {"videos": 0, "windows": 0, "kept": 0, "dropped": 0}
 
-    def flush():
-        if not pending:
-            return
-        vectors, narrations = indexer.embed(pending)
+    def commit():
+        indexer.embed(queue)
+        queue.clear()
         with db:  # one transaction: every video of the batch, or (killed) none
-            store_batch(db, root_id, pending, vectors, narrations, indexer.window)
-        counts["videos"] += len(pending)
-        counts["windows"] += sum(len(p.starts) for p in pending)
-        pending.clear()
+            store_batch(db, root_id, done, indexer.window)
+        counts["videos"] += len(done)
+        counts["windows"] += sum(len(p.starts) for p in done)
+        done.clear()
 
     videos = scan(source, report)
     if progress:
@@ -251,16 +255,25 @@ def sync_root(db, folder: Path, indexer: Indexer, source: str, progress: bool = 
             seen.add(video.source)
             counts["kept"] += 1
             continue
+        item = None
         try:
-            pending.append(indexer.decode(video, sha, old_id))
-        except DecodeError as e:
+            item = indexer.open(video, sha, old_id)
+            for w in range(len(item.starts)):  # a long video is embedded batch by batch before it is committed
+                queue.append(indexer.decode(item, w))
+                if len(queue) >= indexer.batch_size:
+                    indexer.embed(queue)
+                    queue.clear()
+        except DecodeError as e:  # its windows already embedded are simply never stored
+            queue[:] = [q for q in queue if q.item is not item]
             report.reject(video.source, str(e))
             continue
         seen.add(video.source)
         report.accepted.append({"source": video.source})
-        if sum(len(p.starts) for p in pending) >= indexer.batch_size:
-            flush()
-    flush()
+        done.append(item)
+        if sum(len(p.starts) for p in done) >= indexer.batch_size:
+            commit()
+    if done:
+        commit()
     with db:  # vanished (or now rejected) videos leave the index; this run's rejections replace the last
         for src, (vid, _) in known.items():
             if src not in seen:

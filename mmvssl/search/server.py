@@ -122,13 +122,15 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             return self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length required"})
         if length > self.server.max_upload or length < 0:
-            self.close_connection = True  # the body is not read
+            self.close_connection = True
+            if 0 < length <= 4 * self.server.max_upload:  # read and dropped, so the client sees the answer
+                for offset in range(0, length, CHUNK):    # instead of a reset; a larger one is not read at all
+                    self.rfile.read(min(CHUNK, length - offset))
             return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                               {"error": f"upload of {length} bytes exceeds the limit of {self.server.max_upload}"})
         data = self.rfile.read(length)  # in memory only
-        start = _number(query, "start", 0.0)
-        end = _number(query, "end", None)
-        self._search(lambda s, k: s.query(**{kind: data}, start=start, end=end, k=k), query)
+        self._search(lambda s, k: s.query(**{kind: data}, start=_number(query, "start", 0.0),
+                                          end=_number(query, "end", None), k=k), query)
 
     def _search(self, run, query: dict) -> None:
         try:
