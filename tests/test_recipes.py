@@ -217,8 +217,6 @@ def test_ek100_mir_clips_and_the_relevancy_converted_once_without_pickle_at_eval
         ("P01_11_0", [0.14, 3.37], "clips/P01_11_0.mp4", "P01/videos/P01_11.MP4"),
         ("P01_11_1", [4.0, 6.5], "clips/P01_11_1.mp4", "P01/videos/P01_11.MP4")]
     assert report["problems"][0]["line"] == 4 and "not after" in report["problems"][0]["reason"]
-    script = (tmp_path / "out" / "cut_clips.sh").read_text()
-    assert "-ss 0.140 -to 3.370" in script and "clips/P01_11_1.mp4" in script
     from mmvssl.evaluation.retrieval import load_relevancy
     loaded = load_relevancy(tmp_path / "out" / "relevancy.npz")  # allow_pickle=False inside
     assert loaded["keys"] == ["P01_11_0", "P01_11_1", "P01_11_2"] and loaded["texts"][2] == "open tap"
@@ -369,3 +367,30 @@ def test_wrap_audio_makes_mp4s_that_shards_build_accepts(tmp_path, capsys):
     assert "1 already there" in capsys.readouterr().out
     from mmvssl.data.shards import build_shards
     assert build_shards(out, tmp_path / "shards")["num_accepted"] == 1
+
+
+def test_cut_writes_the_clips_a_conversion_names(tmp_path, demo_data, capsys):
+    import shutil
+
+    from mmvssl.data.decode import probe
+    root, _ = _ek100_files(tmp_path)
+    src = tmp_path / "EPIC-KITCHENS" / "P01" / "videos"
+    src.mkdir(parents=True)
+    shutil.copy(demo_data / "val" / "videos" / "val_000000.mp4", src / "P01_11.MP4")  # a 3 s stand-in
+    out = tmp_path / "out"
+    convert_dataset("ek100-mir", [root / "EPIC_100_retrieval_test.csv"], out)
+    lines = (out / "captions.jsonl").read_text().splitlines()
+    (out / "captions.jsonl").write_text("\n".join([*lines, json.dumps({"id": "gone", "video": "clips/gone.mp4",
+                                        "clip": [0, 1], "source_video": "P09/videos/P09_01.MP4"})]) + "\n")
+    assert main(["datasets", "cut", str(out / "captions.jsonl"), "--videos", str(tmp_path / "EPIC-KITCHENS"),
+                 "--out", str(out), "--fps", "10", "--short-side", "32", "--audio-rate", "16000"]) in (0, None)
+    printed = capsys.readouterr().out
+    assert "3 clips: 2 written" in printed and "line 3 (gone): source video not found" in printed
+    first = probe((out / "clips" / "P01_11_0.mp4").read_bytes())
+    assert first.duration == pytest.approx(3.37 - 0.14, abs=0.15) and first.has_audio and min(first.width, first.height) == 32
+    assert main(["datasets", "cut", str(out / "captions.jsonl"), "--videos", str(tmp_path / "EPIC-KITCHENS"),
+                 "--out", str(out)]) in (0, None)
+    assert "2 already there" in capsys.readouterr().out
+    from mmvssl.data.shards import build_shards
+    report = build_shards(out, tmp_path / "shards", captions=out / "captions.jsonl")
+    assert report["num_accepted"] == 2 and report["num_rejected"] == 1  # the clip whose video is gone

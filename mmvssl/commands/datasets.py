@@ -28,6 +28,16 @@ def _wrap_audio(args) -> None:
         print(f"  {item['file']}: {item['reason']}")
 
 
+def _cut(args) -> None:
+    from ..data.recipes.media import cut_clips
+    r = cut_clips(args.captions, args.videos, args.out, fps=args.fps, short_side=args.short_side,
+                  audio_rate=args.audio_rate)
+    print(f"{r['clips']} clips: {r['written']} written, {r['already_there']} already there, "
+          f"{len(r['failed'])} failed -> {args.out}")
+    for item in r["failed"][:10]:
+        print(f"  line {item['line']} ({item['id']}): {item['reason']}")
+
+
 def register(sub) -> None:
     ds = sub.add_parser("datasets", help="dataset recipes").add_subparsers(dest="action", required=True)
     c = ds.add_parser("convert", help="official annotation files -> captions.jsonl + split lists for shards build")
@@ -47,3 +57,11 @@ def register(sub) -> None:
     w.add_argument("--out", required=True, help="folder for <same relative path>.mp4")
     w.add_argument("--rate", type=int, default=44100, help="audio sample rate of the MP4 (ESC-50: 44100)")
     w.set_defaults(func=_wrap_audio)
+    k = ds.add_parser("cut", help="cut the clips a converted captions.jsonl names (EK-100 MIR) out of the long videos")
+    k.add_argument("captions", help="captions.jsonl from `datasets convert` (entries with clip and source_video)")
+    k.add_argument("--videos", required=True, help="folder of the source videos (EK-100: P01/videos/P01_01.MP4 ...)")
+    k.add_argument("--out", required=True, help="folder the entries' `video` paths are relative to")
+    k.add_argument("--fps", type=int, default=30)
+    k.add_argument("--short-side", type=int, default=256)
+    k.add_argument("--audio-rate", type=int, default=48000)
+    k.set_defaults(func=_cut)

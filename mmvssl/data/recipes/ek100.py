@@ -6,8 +6,9 @@ narration: the columns of the relevancy matrix) and relevancy/caption_relevancy_
 retrieval_test.pkl (a pickled numpy array, clips x sentences, in the row order of the two CSVs).
 
 One entry per clip (id = narration_id, caption = narration, `clip` [start, stop] seconds into
-`<participant_id>/videos/<video_id>.MP4`, the official layout). The clips are cut from the long
-videos before `shards build` (datasets/ek100_mir/README.md). The relevancy matrix is converted
+`<participant_id>/videos/<video_id>.MP4`, the official layout, kept as `source_video`). The clips
+are cut from the long videos by `mmvssl datasets cut` (media.py) into `clips/<narration_id>.mp4`,
+the `video` of each entry, before `shards build` (datasets/ek100_mir/README.md). The relevancy matrix is converted
 ONCE into relevancy.npz (`keys` = the clips' narration_ids, `texts` = the sentences,
 `relevancy`), which `mmvssl eval retrieval --relevancy` reads with allow_pickle=False.
 
@@ -99,16 +100,3 @@ def convert(files: list[Path], conv: Conversion, relevancy: Path | None = None, 
         raise MmvsslError(f"{relevancy}: relevancy outside [0, 1] ({matrix.min()} .. {matrix.max()})")
     conv.arrays["relevancy.npz"] = {"keys": np.array(rows), "texts": np.array(texts), "relevancy": matrix}
     conv.notes.append(f"relevancy.npz: {matrix.shape[0]} clips x {matrix.shape[1]} sentences")
-
-
-def cut_script(entries: list[dict], source_root: str = "$EK100_VIDEOS", clips_dir: str = "clips") -> str:
-    """A shell script that cuts every clip out of its long video with ffmpeg (re-encoded, so the cut
-    is frame-exact) and writes clips.jsonl pointing at the cut files."""
-    lines = ["#!/bin/sh", "# written by `mmvssl datasets convert ek100-mir`: cut the MIR clips from the long videos",
-             f": \"${{EK100_VIDEOS:?set EK100_VIDEOS to the folder holding P01/videos/P01_01.MP4 ...}}\"",
-             f"mkdir -p {clips_dir}"]
-    for e in entries:
-        start, stop = e["clip"]
-        lines.append(f"[ -f {clips_dir}/{e['id']}.mp4 ] || ffmpeg -nostdin -loglevel error -ss {start:.3f} -to {stop:.3f} "
-                     f"-i \"{source_root}/{e['video']}\" -c:v libx264 -crf 20 -c:a aac {clips_dir}/{e['id']}.mp4")
-    return "\n".join(lines) + "\n"

@@ -59,3 +59,47 @@ def wrap_audio_folder(source_dir: str | Path, out_dir: str | Path, rate: int = 4
         except (DecodeError, OSError) as e:
             failed.append({"file": str(path.relative_to(source_dir)), "reason": str(e)})
     return {"found": len(files), "written": done, "already_there": skipped, "failed": failed}
+
+
+def cut_clip(source: Path, target: Path, start: float, end: float, fps: int = 30, short_side: int = 256,
+             audio_rate: int = 48000) -> None:
+    """Re-encode [start, end) of `source` into `target` (.mp4): `fps` frames per second, the short
+    side resized to `short_side`, mono audio at `audio_rate`. Decoding seeks to the keyframe before
+    `start`, so a clip costs its own length, not the video's."""
+    from ..decode import decode_window
+    num_frames = max(1, round((end - start) * fps))
+    clip = decode_window(source, start, num_frames, float(fps), short_side=short_side, audio_rate=audio_rate)
+    frames = clip.frames[:, : clip.frames.shape[1] // 2 * 2, : clip.frames.shape[2] // 2 * 2]  # H.264 4:2:0: even sizes
+    audio = clip.audio if clip.audio is not None else np.zeros(round(num_frames / fps * audio_rate), np.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp_{target.name}")
+    write_mp4(tmp, np.ascontiguousarray(frames), audio.astype(np.float32), fps, audio_rate)
+    tmp.rename(target)
+
+
+def cut_clips(captions: str | Path, videos_dir: str | Path, out_dir: str | Path, fps: int = 30,
+              short_side: int = 256, audio_rate: int = 48000) -> dict:
+    """Cut every entry of a converted captions.jsonl that names a `clip` [start, end] of a
+    `source_video` (EK-100 MIR) out of `videos_dir/<source_video>` into `out_dir/<video>`;
+    clips already cut are kept (re-running resumes); failures are listed with their line."""
+    import json
+    captions, videos_dir, out_dir = Path(captions), Path(videos_dir), Path(out_dir)
+    done, skipped, failed, total = 0, 0, [], 0
+    for line_no, line in enumerate(captions.read_text(encoding="utf-8").splitlines(), start=1):
+        entry = json.loads(line) if line.strip() else {}
+        if not isinstance(entry.get("clip"), list) or "source_video" not in entry:
+            continue
+        total += 1
+        target = out_dir / entry["video"]
+        if target.is_file():
+            skipped += 1
+            continue
+        source = videos_dir / entry["source_video"]
+        try:
+            if not source.is_file():
+                raise DecodeError(f"source video not found: {source}")
+            cut_clip(source, target, float(entry["clip"][0]), float(entry["clip"][1]), fps, short_side, audio_rate)
+            done += 1
+        except (DecodeError, OSError, ValueError, av.error.FFmpegError) as e:
+            failed.append({"line": line_no, "id": entry.get("id"), "reason": str(e)})
+    return {"clips": total, "written": done, "already_there": skipped, "failed": failed}
