@@ -38,7 +38,7 @@ def convert_dataset(name: str, annotations: list[str | Path], out: str | Path, v
         ego4d.convert(paths, conv, alpha=ego4d_alpha)
     else:
         RECIPES[name](paths, conv)
-    if name == "ek100-mir" and videos is None:  # `datasets cut` writes clips/<narration_id>.mp4
+    if name == "ek100-mir":  # `datasets cut` writes clips/<narration_id>.mp4; --videos then finds the clips
         for e in conv.entries:
             e["source_video"], e["video"] = e["video"], f"clips/{e['id']}.mp4"
     resolve_videos(conv, videos)

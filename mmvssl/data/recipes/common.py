@@ -29,7 +29,6 @@ class Conversion:
     problems: list[dict] = field(default_factory=list)  # {file, line | item, reason, action}
     downloads: list[dict] = field(default_factory=list)  # video2dataset rows: url, id (+ caption, clips)
     arrays: dict = field(default_factory=dict)  # extra .npz files: name -> {array name: numpy array}
-    texts: dict = field(default_factory=dict)  # extra text files: name -> content (a cut script)
     notes: list[str] = field(default_factory=list)
     split_key: str | None = "split"  # entry key naming a disjoint split (None: splits are metadata)
     _seen: dict = field(default_factory=dict)
@@ -200,10 +199,8 @@ def write_conversion(conv: Conversion, out: str | Path) -> dict:
                 writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
     for name, arrays in conv.arrays.items():
         np.savez(out / name, **arrays)
-    for name, text in conv.texts.items():
-        (out / name).write_text(text)
     report = {"dataset": conv.dataset, "entries": len(clean), "splits": {k: len(v) for k, v in splits.items()},
-              "downloads": len(conv.downloads), "files": sorted([*conv.arrays, *conv.texts]), "notes": conv.notes,
+              "downloads": len(conv.downloads), "files": sorted(conv.arrays), "notes": conv.notes,
               "num_problems": len(conv.problems), "problems": conv.problems}
     (out / "convert_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     return report
