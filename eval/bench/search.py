@@ -44,13 +44,15 @@ def mixture(n: int, rng, centres: np.ndarray, noise: float) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def latencies(index, queries: np.ndarray) -> list[float]:
-    out = []
+def latencies(index, queries: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per single query: wall ms and this thread's CPU ms (steadier on a shared machine)."""
+    wall, cpu = [], []
     for q in queries:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         index.search(q[None], 10)
-        out.append((time.perf_counter() - t) * 1000)
-    return out
+        wall.append((time.perf_counter() - t) * 1000)
+        cpu.append((time.thread_time() - c) * 1000)
+    return wall, cpu
 
 
 def pct(values: list[float], p: float) -> float:
@@ -74,13 +76,13 @@ def bench_vectors(sizes: list[int], noise: float) -> list[dict]:
             index = store.make_faiss_index(x, ids, threshold)
             build = time.perf_counter() - t
             grown = rss_mb() - before
-            lat = latencies(index, queries)
+            lat, cpu = latencies(index, queries)
             _, found = index.search(queries, 10)
             if truth is None:
                 truth = found
             recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, found)]))
             rows.append({"n": n, "kind": kind, "build_s": build, "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95),
-                         "bytes_mb": len(faiss.serialize_index(index)) / 2**20, "rss_mb": grown, "recall": recall})
+                         "cpu_p50_ms": pct(cpu, 50), "bytes_mb": len(faiss.serialize_index(index)) / 2**20, "rss_mb": grown, "recall": recall})
             print(rows[-1], file=sys.stderr)
             del index
     return rows
@@ -90,15 +92,16 @@ def bench_build(model: str, shards: str) -> dict:
     from mmvssl.evaluation.features import extract_features
     from mmvssl.models.presets import load_model
     from mmvssl.search.index import build_index
-    t = time.perf_counter()
+    extract_features(load_model(model), shards)  # warm-up (imports, caches), not timed
+    t, c = time.perf_counter(), time.process_time()
     features = extract_features(load_model(model), shards)
-    extract_s = time.perf_counter() - t
+    extract_s, extract_cpu = time.perf_counter() - t, time.process_time() - c
     with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         counts = build_index(model, shards, str(Path(tmp) / "idx"))
-        build_s = time.perf_counter() - t
-    return {"clips": len(features["keys"]), "extract_s": extract_s, "windows": counts["windows"],
-            "build_s": build_s}
+        build_s, build_cpu = time.perf_counter() - t, time.process_time() - c
+    return {"clips": len(features["keys"]), "extract_s": extract_s, "extract_cpu_s": extract_cpu,
+            "windows": counts["windows"], "build_s": build_s, "build_cpu_s": build_cpu}
 
 
 def bench_concurrent(model: str, shards: str, clients: int = 50) -> dict:
@@ -142,25 +145,32 @@ def bench_concurrent(model: str, shards: str, clients: int = 50) -> dict:
 
 
 def write_markdown(out: Path, build: dict, vectors: list[dict], control: list[dict], conc: dict, cmd: str) -> None:
+    import os
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     def table(rows: list[dict]) -> list[str]:
-        lines = ["| vectors | index | build s | p50 ms | p95 ms | p50 vs flat | index MB | RSS growth MB | recall@10 |",
-                 "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines = ["| vectors | index | build s | p50 ms | p95 ms | CPU p50 ms | CPU p50 vs flat | index MB | RSS growth MB "
+                 "| recall@10 |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         flat = {r["n"]: r for r in rows if r["kind"].startswith("flat")}
         for r in rows:
             lines.append(f"| {r['n']:,} | {r['kind']} | {r['build_s']:.2f} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | "
-                         f"{r['p50_ms'] / flat[r['n']]['p50_ms']:.3f}x | {r['bytes_mb']:.1f} | {r['rss_mb']:.0f} | "
+                         f"{r['cpu_p50_ms']:.3f} | {r['cpu_p50_ms'] / flat[r['n']]['cpu_p50_ms']:.3f}x | "
+                         f"{r['bytes_mb']:.1f} | {r['rss_mb']:.0f} | "
                          f"{r['recall']:.3f} |")
         return lines
 
     wps, cps = build["windows"] / build["build_s"], build["clips"] / build["extract_s"]
+    wpc, cpc = build["windows"] / build["build_cpu_s"], build["clips"] / build["extract_cpu_s"]
     lines = ["# Search benchmark", "", f"Written by `{cmd}` (eval/bench/search.py); one run, numbers of this machine",
-             "(2 shared CPU cores while other jobs ran: absolute times are noisy, ratios are within one run).", "",
+             f"(2 CPU cores shared with other jobs, load average {load}: wall times are noisy; CPU times and "
+             "ratios within one run are steadier).", "",
              "## Index build against `mmvssl extract`", "",
-             "| | items | seconds | items/s | vs extract |", "|---|---:|---:|---:|---:|",
+             "| | items | wall s | items/s | vs extract | CPU s | items per CPU s | vs extract |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|",
              f"| `mmvssl extract` (baseline: one clip per sample) | {build['clips']} clips | {build['extract_s']:.1f} | "
-             f"{cps:.1f} | 1.00x |",
+             f"{cps:.1f} | 1.00x | {build['extract_cpu_s']:.1f} | {cpc:.1f} | 1.00x |",
              f"| `mmvssl index build` (windows, thumbnails, SQLite, faiss) | {build['windows']} windows | "
-             f"{build['build_s']:.1f} | {wps:.1f} | {wps / cps:.2f}x |", "",
+             f"{build['build_s']:.1f} | {wps:.1f} | {wps / cps:.2f}x | {build['build_cpu_s']:.1f} | {wpc:.1f} | "
+             f"{wpc / cpc:.2f}x |", "",
              f"## Query latency, memory and recall (D = {D}, clustered synthetic embeddings, 200 queries, k = 10)", "",
              f"Exact search is a flat inner-product index; the approximate one is IVF with 4 sqrt(N) lists and "
              f"nprobe = {store.IVF_NPROBE} (the defaults; `mmvssl index` switches to it at "
@@ -183,8 +193,11 @@ def main() -> None:
     ap.add_argument("--shards", required=True)
     ap.add_argument("--out", default="docs/benchmarks/search.md")
     ap.add_argument("--quick", action="store_true", help="10k and 100k vectors only")
+    ap.add_argument("--sizes", default=None, help="comma-separated vector counts (overrides --quick)")
     args = ap.parse_args()
     sizes = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
+    if args.sizes:
+        sizes = [int(n) for n in args.sizes.split(",")]
     build = bench_build(args.model, args.shards)
     print(build, file=sys.stderr)
     conc = bench_concurrent(args.model, args.shards)

@@ -42,6 +42,7 @@ class Searcher:
     """An open index and its model; `search_*` are safe to call from several threads."""
 
     def __init__(self, index_dir: str, model_dir: str | None = None, narration_weight: float = NARRATION_WEIGHT):
+        from ..data.text import build_tokenizer
         from ..evaluation.features import eval_spec, model_fingerprint, model_spaces
         from ..models.presets import load_model
         self.folder = Path(index_dir)
@@ -58,18 +59,18 @@ class Searcher:
         self.faiss = {space: store.read_faiss_file(self.folder, entry)
                       for space, entry in store.get_info(self.db, "faiss", {}).items()}
         self.narration_weight = narration_weight
+        self.tokenizer = build_tokenizer("clip-bpe", self.spec.context_length)  # loading its vocabulary takes ~0.1 s
         self.lock = threading.Lock()  # one connection and one model, shared by the server's threads
 
     # ---- queries -> terms
     @torch.no_grad()
     def text_terms(self, text: str) -> list[Term]:
-        from ..data.text import build_tokenizer
         if not text.strip():
             raise MmvsslError("empty text query")
         space = next((s for s in self.spaces.get("text", ()) if s in self.spaces.get("video", ())), None)
         if space is None:
             raise MmvsslError(f"model '{self.model.name}' has no text space shared with video; query with audio or video")
-        tokens = build_tokenizer("clip-bpe", self.spec.context_length)([text])  # (1, L)
+        tokens = self.tokenizer([text])  # (1, L)
         with self.lock:
             q = self.model.encode_text(tokens, space)[0].numpy()  # (D,)
         w = self.narration_weight if f"narration_{space}" in self.faiss else 0.0
