@@ -394,3 +394,22 @@ def test_cut_writes_the_clips_a_conversion_names(tmp_path, demo_data, capsys):
     from mmvssl.data.shards import build_shards
     report = build_shards(out, tmp_path / "shards", captions=out / "captions.jsonl")
     assert report["num_accepted"] == 2 and report["num_rejected"] == 1  # the clip whose video is gone
+
+
+def test_videos_downloaded_by_video2dataset_are_found_by_their_id(tmp_path):
+    ann = tmp_path / "youcookii_annotations_trainval.json"
+    ann.write_text(json.dumps({"database": {"vidA": {"subset": "validation", "recipe_type": "101", "annotations": [
+        {"segment": [1, 4], "id": 0, "sentence": "crack the eggs"},
+        {"segment": [5, 9], "id": 1, "sentence": "whisk them"}]}}}))
+    shard = tmp_path / "v2d" / "00000"
+    shard.mkdir(parents=True)
+    # video2dataset's files output: <key>_<clip>.mp4 beside a .json carrying the saved `id` column
+    (shard / "000000000_0.mp4").write_bytes(b"\0")
+    (shard / "000000000_0.json").write_text(json.dumps({"id": "vidA_0", "status": "success", "clips": [[1, 4]]}))
+    (shard / "000000001.json").write_text(json.dumps({"id": "vidA_1", "status": "failed_to_download",
+                                                      "error_message": "Video unavailable"}))
+    report = convert_dataset("youcook2", [ann], tmp_path / "out", videos=tmp_path / "v2d")
+    entries = _jsonl(tmp_path / "out" / "captions.jsonl")
+    assert [(e["id"], e["video"]) for e in entries] == [("vidA_0", "00000/000000000_0.mp4")]
+    missing = [p for p in report["problems"] if "video not found" in p["reason"]]
+    assert [(p["item"], p["action"]) for p in missing] == [("database.vidA.annotations[1]", "left out")]
