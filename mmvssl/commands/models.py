@@ -1,4 +1,4 @@
-"""`mmvssl models`: list the presets."""
+"""`mmvssl models`: list the presets; `mmvssl methods`: list the methods and their configs."""
 
 
 def _list(args) -> None:
@@ -7,5 +7,16 @@ def _list(args) -> None:
         print(f"{name:<24}{load_preset(name).get('description', '')}")
 
 
+def _methods(args) -> None:
+    from ..methods import MODULES, get_method, method_configs
+    configs = method_configs()
+    for name in MODULES:
+        method = get_method(name)
+        print(f"{name:<14}{method.paper}")
+        print(f"{'':<14}module mmvssl/methods/{MODULES[name]}.py; configs: {', '.join(configs.get(name, [])) or '-'}")
+
+
 def register(sub) -> None:
     sub.add_parser("models", help="list the model presets").set_defaults(func=_list)
+    sub.add_parser("methods", help="list the training methods, the paper each follows and its configs"
+                   ).set_defaults(func=_methods)

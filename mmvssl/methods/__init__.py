@@ -16,8 +16,6 @@ MODULES = {
     "narrator": "narrator",
     "simclr": "simclr",
     "svt": "svt",
-    "teg": "teg",
-    "carl": "carl",
 }
 
 
@@ -27,6 +25,16 @@ def get_method(name: str) -> type[Method]:
     module = importlib.import_module(f"{__name__}.{MODULES[name]}")
     return next(obj for obj in vars(module).values()
                 if isinstance(obj, type) and issubclass(obj, Method) and obj is not Method and obj.name == name)
+
+
+def method_configs() -> dict[str, list[str]]:
+    """method name -> the configs under configs/methods/ that train it (paths as in the repository)."""
+    from ..config import load_config
+    from ..resources import data_path
+    found: dict[str, list[str]] = {}
+    for path in sorted(data_path("configs", "methods").glob("*.yaml")):
+        found.setdefault(load_config(path).method.name, []).append(f"configs/methods/{path.name}")
+    return found
 
 
 def build_method(cfg, ctx: BuildContext):

@@ -1,0 +1,161 @@
+"""`svt`: Self-supervised Video Transformer (Ranasinghe et al. 2022): DINO (Caron et al. 2021) on
+global and local views of a video.
+
+- Views (`data.sampler: svt`): `data.num_global` global views spanning `data.long_scale` x the
+  clip window (a lower frame rate) and `data.num_local` local views of one window, each placed at
+  random, all `data.num_frames` frames.
+- Student: the model (encoder + projection head `video_ssl`, L2-normalised: DINO's bottleneck)
+  followed by the method's prototype layer (weight-normalised linear, norm fixed: DINO's
+  `norm_last_layer`). It embeds every view.
+- Teacher: an exponential moving average of the student and of its prototypes, on the global
+  views only; it takes no gradient. Its momentum follows a cosine from `momentum_start` to
+  `momentum_end` over `train.max_steps` (a schedule of the step, so a resumed run continues it).
+- Loss: for every teacher (global) view g and every student view v != g, the cross-entropy
+  between the teacher's centred, sharpened distribution softmax((t_g - c) / tau_t) and the
+  student's softmax(s_v / tau_s), averaged over pairs and clips. tau_t warms up linearly from
+  `warmup_teacher_temperature` over `teacher_temperature_warmup_steps`.
+- Centre: c <- m c + (1 - m) mean of the teacher's outputs over the global batch (every process),
+  after each step.
+
+Departures from the paper: local views have the global views' spatial size (the loader stacks
+views of one shape; SVT's locals are 96 px crops of 224 px globals), and SVT's cross-view
+motion correspondence terms are the same DINO loss over the mixed frame rates, as in its code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from ..errors import ConfigError
+from ..losses.gather import world
+from .base import BuildContext, Method, cosine_schedule, ema_update, frozen_copy, unwrap
+from .contrastive import build_student
+
+
+@dataclass
+class SVTOptions:
+    prototypes: int = 65536  # DINO's K (the tiny configs use fewer)
+    student_temperature: float = 0.1
+    teacher_temperature: float = 0.04
+    warmup_teacher_temperature: float = 0.04
+    teacher_temperature_warmup_steps: int = 0
+    center_momentum: float = 0.9
+    momentum_start: float = 0.996  # teacher EMA momentum, cosine to momentum_end over train.max_steps
+    momentum_end: float = 1.0
+    space: str = "ssl"
+
+
+class Prototypes(nn.Module):
+    """DINO's last layer: a linear map to K prototypes, weight-normalised with the norm fixed at 1."""
+
+    def __init__(self, dim: int, k: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(k, dim))
+        nn.init.trunc_normal_(self.weight, std=0.02)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., K)
+        return F.linear(F.normalize(z, dim=-1), F.normalize(self.weight, dim=-1))
+
+
+def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, student_temperature: float,
+              teacher_temperature: float) -> torch.Tensor:
+    """student (B, V, K) logits of every view, teacher (B, G, K) of the global views (the first G of
+    the student's); mean over (g, v != g) pairs and clips of CE(teacher_g -> student_v)."""
+    targets = F.softmax((teacher - center) / teacher_temperature, dim=-1)  # (B, G, K)
+    log_probs = F.log_softmax(student / student_temperature, dim=-1)  # (B, V, K)
+    total, pairs = 0.0, 0
+    for g in range(teacher.shape[1]):
+        for v in range(student.shape[1]):
+            if v == g:
+                continue
+            total = total + (-targets[:, g] * log_probs[:, v]).sum(dim=-1).mean()
+            pairs += 1
+    return total / pairs
+
+
+class SVT(Method):
+    name = "svt"
+    paper = "SVT (Ranasinghe et al. 2022): DINO with global and local video views"
+    Options = SVTOptions
+
+    def __init__(self, student: nn.Module, options: SVTOptions, num_global: int, max_steps: int):
+        super().__init__()
+        self.o, self.num_global, self.max_steps = options, num_global, max_steps
+        self.key = f"video_{options.space}"
+        dim = student.output_dims()[self.key]
+        self.prototypes = Prototypes(dim, options.prototypes)
+        self.teacher = frozen_copy(student)
+        self.teacher_prototypes = frozen_copy(self.prototypes)
+        self.register_buffer("center", torch.zeros(options.prototypes))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # for the schedules, checkpointed
+        self._batch_center: torch.Tensor | None = None
+        self.modalities = {"video"}
+
+    @classmethod
+    def build(cls, cfg: DictConfig, ctx: BuildContext):
+        options = cls.options(cfg)
+        spec = ctx.spec
+        if spec.sampler != "svt" or spec.num_global < 1 or spec.num_global + spec.num_local < 2:
+            raise ConfigError(f"method 'svt' needs data.sampler=svt with data.num_global >= 1 and two views or "
+                              f"more (got sampler '{spec.sampler}', {spec.num_global} global, {spec.num_local} local)")
+        net = build_student(cfg, ctx.accelerator)
+        if f"video_{options.space}" not in net.output_dims():
+            raise ConfigError(f"method 'svt' reads video_{options.space}: model '{net.name}' has no such output "
+                              f"(a preset with heads.type: projection, e.g. video-tiny)")
+        return net, cls(net, options, spec.num_global, cfg.train.max_steps)
+
+    def decayed_modules(self) -> list[nn.Module]:
+        return [self.prototypes]
+
+    def momentum(self, step: int) -> float:
+        return cosine_schedule(self.o.momentum_start, self.o.momentum_end, step, self.max_steps)
+
+    def teacher_temperature(self, step: int) -> float:
+        warm = self.o.teacher_temperature_warmup_steps
+        if step >= warm:
+            return self.o.teacher_temperature
+        return self.o.warmup_teacher_temperature + (self.o.teacher_temperature
+                                                    - self.o.warmup_teacher_temperature) * step / warm
+
+    def embed(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        video = batch["video"]  # (B, V, C, T, H, W): globals first
+        student = self.prototypes(model({"video": video})[self.key])  # (B, V, K)
+        with torch.no_grad():
+            self.teacher.train(model.training)
+            teacher = self.teacher_prototypes(self.teacher({"video": video[:, :self.num_global]})[self.key])
+        return {"student": student, "teacher": teacher}  # (B, G, K)
+
+    def forward(self, embeddings: dict, batch: dict):
+        teacher = embeddings["teacher"].detach().float()
+        tau_t = self.teacher_temperature(int(self.step))
+        loss = dino_loss(embeddings["student"].float(), teacher, self.center, self.o.student_temperature, tau_t)
+        self._batch_center = teacher.mean(dim=(0, 1))  # (K,) this process's share, reduced after the step
+        with torch.no_grad():  # the part of the loss the student cannot change (logged, not optimised)
+            targets = F.softmax((teacher - self.center) / tau_t, dim=-1)
+            entropy = -(targets * targets.clamp_min(1e-12).log()).sum(-1).mean()
+        return loss, {"dino": loss.detach(), "teacher_entropy": entropy}
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, step: int) -> None:
+        self.step.fill_(step)
+        m = self.momentum(step - 1)  # the step just taken: momentum_start after the first
+        ema_update(self.teacher, unwrap(model), m)
+        ema_update(self.teacher_prototypes, self.prototypes, m)
+        if self._batch_center is not None:
+            center = self._batch_center
+            _, size = world()
+            if size > 1:
+                dist.all_reduce(center)
+                center = center / size
+            self.center.mul_(self.o.center_momentum).add_(center, alpha=1 - self.o.center_momentum)
+            self._batch_center = None
+
+    def log_values(self) -> dict[str, float]:
+        step = int(self.step)
+        return {"momentum": self.momentum(step), "teacher_temperature": self.teacher_temperature(step)}
