@@ -16,6 +16,7 @@ MODULES = {
     "narrator": "narrator",
     "simclr": "simclr",
     "svt": "svt",
+    "teg": "teg",
 }
 
 

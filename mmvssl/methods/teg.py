@@ -1,0 +1,133 @@
+"""`teg`: TeG (Qian et al. 2022, "Exploring Temporal Granularity in Self-Supervised Video
+Representation Learning"): a long clip and a short clip inside it; a fine-grained (dense) loss
+matches the short clip's per-time embeddings to the long clip's at the same times, and a
+persistent (clip-level) loss pulls the two clips' embeddings together.
+
+- Views (`data.sampler: teg`): [long, short]; the long window is `data.long_scale` x the short one
+  and both are decoded as `data.num_frames` frames (the long clip at a lower frame rate); the short
+  window is drawn inside the long one (mmvssl.data.sampling.long_short_windows).
+- Dense embeddings: the video transformer's tokens averaged per temporal position
+  (`video_frames`, (B, V, t, width)), through the method's own MLP head (Linear-BN-ReLU-Linear,
+  trained, checkpointed, never shipped), L2-normalised.
+- Dense loss: every temporal token of the short clip is an anchor of InfoNCE at
+  `dense_temperature`; its positive is the long clip's token nearest in time (token times from the
+  views' windows in batch["meta"], mmvssl.methods.timing); its negatives are every other temporal
+  token of every long clip of the global batch (the same clip's other times and other videos'),
+  gathered across processes.
+- Persistent loss: NT-Xent (losses/contrastive.py) between the two clips' `video_<space>`
+  embeddings at `clip_temperature`.
+- loss = dense_weight * dense + clip_weight * persistent; a term is on when its weight is positive.
+
+Departures from the paper: TeG's backbones are 3-D CNNs whose last stage keeps a temporal axis; here
+the dense embeddings are the transformer's per-time token means, so a "time step" is one tubelet
+(p frames) wide. The positive is the nearest long-clip token rather than features resampled to
+the exact time, since the long clip's tokens are coarser than the short clip's. Clip lengths,
+frame rates and temperatures are this config's, not the paper's (not checked against its code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from ..errors import ConfigError
+from ..losses.contrastive import global_mean, nt_xent_loss
+from ..losses.gather import gather_no_grad, gather_with_grad, world
+from .base import BuildContext, Method
+from .contrastive import build_student
+from .timing import token_times, view_windows
+
+
+@dataclass
+class TeGOptions:
+    dense_weight: float = 1.0  # fine-grained temporal loss
+    clip_weight: float = 1.0  # persistent temporal loss
+    dense_temperature: float = 0.1
+    clip_temperature: float = 0.1
+    head_hidden: int = 512  # the dense head: Linear(width, hidden)-BN-ReLU-Linear(hidden, dim)
+    head_dim: int = 128
+    space: str = "ssl"  # the clip embedding `video_<space>`
+
+
+def frame_head(width: int, hidden: int, dim: int) -> nn.Sequential:
+    """The per-time projection head: (N, width) -> (N, dim)."""
+    return nn.Sequential(nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+
+
+def aligned_positions(short_times: torch.Tensor, long_times: torch.Tensor) -> torch.Tensor:
+    """short_times (B, ts), long_times (B, tl) seconds -> (B, ts): the index of the long clip's
+    token nearest in time to each short-clip token (the first on a tie)."""
+    return (short_times[:, :, None] - long_times[:, None, :]).abs().argmin(dim=-1)
+
+
+def teg_dense_loss(short: torch.Tensor, long: torch.Tensor, positive: torch.Tensor,
+                   temperature: float) -> torch.Tensor:
+    """short (B, ts, D), long (B, tl, D), normalised; positive (B, ts) indices into the same clip's
+    tl tokens. InfoNCE of every short token against every long token of the global batch; the
+    mean over anchors of every process (each process returns its share, as losses/contrastive.py)."""
+    B, ts, D = short.shape
+    tl = long.shape[1]
+    rank, _ = world()
+    candidates = gather_with_grad(long.reshape(B * tl, D))  # (N * tl, D)
+    logits = short.reshape(B * ts, D) @ candidates.T / temperature  # (B * ts, N * tl)
+    clip = torch.arange(B, device=short.device)[:, None] + rank * B  # (B, 1) global clip index
+    target = (clip * tl + positive).reshape(-1)  # (B * ts,)
+    per_anchor = F.cross_entropy(logits, target, reduction="none")
+    ones = torch.ones_like(per_anchor)
+    return global_mean(per_anchor, ones, gather_no_grad(ones))
+
+
+class TeG(Method):
+    name = "teg"
+    paper = "TeG (Qian et al. 2022): a short clip's per-time embeddings matched to the long clip around it"
+    Options = TeGOptions
+
+    def __init__(self, options: TeGOptions, width: int, num_frames: int):
+        super().__init__()
+        if options.dense_weight <= 0 and options.clip_weight <= 0:
+            raise ConfigError("method 'teg': method.options.dense_weight and clip_weight are both 0 (no loss)")
+        if min(options.dense_temperature, options.clip_temperature) <= 0:
+            raise ConfigError("method 'teg': method.options dense_temperature and clip_temperature must be > 0")
+        self.o, self.num_frames = options, num_frames
+        self.key = f"video_{options.space}"
+        self.frame_head = frame_head(width, options.head_hidden, options.head_dim)
+        self.modalities = {"video"}
+
+    @classmethod
+    def build(cls, cfg: DictConfig, ctx: BuildContext):
+        options = cls.options(cfg)
+        if ctx.spec.sampler != "teg":
+            raise ConfigError(f"method 'teg' matches a short clip inside a long one: data.sampler '{ctx.spec.sampler}' "
+                              f"does not give them (use teg)")
+        net = build_student(cfg, ctx.accelerator)
+        dims = net.output_dims()
+        if f"video_{options.space}" not in dims:
+            raise ConfigError(f"method 'teg' reads video_{options.space}: model '{net.name}' has no such output "
+                              f"(a preset with heads.type: projection, e.g. video-tiny)")
+        net.frame_features = True  # forward also returns video_frames (B, V, t, width)
+        return net, cls(options, dims["video_frames"], ctx.spec.num_frames)
+
+    def decayed_modules(self) -> list[nn.Module]:
+        return [self.frame_head]
+
+    def dense_embeddings(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, V, t, width) token means -> (B, V, t, head_dim), normalised."""
+        return F.normalize(self.frame_head(frames.flatten(0, 2)).view(*frames.shape[:3], -1), dim=-1)
+
+    def forward(self, embeddings: dict, batch: dict):
+        terms, loss = {}, 0.0
+        if self.o.dense_weight > 0:
+            frames = self.dense_embeddings(embeddings["video_frames"].float())  # (B, 2, t, D): [long, short]
+            times = token_times(view_windows(batch, frames.device), self.num_frames, frames.shape[2])  # (B, 2, t)
+            positive = aligned_positions(times[:, 1], times[:, 0])  # (B, t)
+            terms["dense"] = teg_dense_loss(frames[:, 1], frames[:, 0], positive, self.o.dense_temperature)
+            loss = loss + self.o.dense_weight * terms["dense"]
+        if self.o.clip_weight > 0:
+            clips = embeddings[self.key].float()  # (B, 2, D), normalised
+            terms["persistent"] = nt_xent_loss(clips[:, 0], clips[:, 1], self.o.clip_temperature)
+            loss = loss + self.o.clip_weight * terms["persistent"]
+        return loss, {k: v.detach() for k, v in terms.items()}
