@@ -17,13 +17,20 @@ from tests.conftest import read_jsonl
 
 METHOD_CONFIGS = sorted(p for p in data_path("configs", "methods").glob("*.yaml"))
 TINY = ["data.batch_size=8", "data.num_workers=0", "data.num_frames=4", "data.fps=2.0", "data.size=32",
-        "data.shuffle_buffer=8", "model.overrides.video.num_frames=4", "model.overrides.video.image_size=32",
-        "model.overrides.video.patch=[2,8,8]", "model.overrides.heads.hidden=64",
-        "train.warmup_steps=2", "train.log_every=1", "train.save_every=0", "train.log_with=none"]
+        "data.shuffle_buffer=8", "train.warmup_steps=2", "train.log_every=1", "train.save_every=0",
+        "train.log_with=none"]
+TINY_MODEL = {  # per preset: the tiny clip (4 frames of 32 px) and, for video-tiny, a narrower head
+    "video-tiny": ["model.overrides.video.num_frames=4", "model.overrides.video.image_size=32",
+                   "model.overrides.video.patch=[2,8,8]", "model.overrides.heads.hidden=64"],
+    "vatt-tiny": ["model.overrides.video.num_frames=4", "model.overrides.video.image_size=32",
+                  "model.overrides.video.patch=[2,8,8]"],
+    "mmv-tiny": [],
+}
 
 
 def tiny_config(path, shards, out, *extra):
-    cfg = load_config(path, [f"data.shards={shards}", f"train.output_dir={out}", *TINY, *extra])
+    preset = load_config(path).model.preset
+    cfg = load_config(path, [f"data.shards={shards}", f"train.output_dir={out}", *TINY, *TINY_MODEL[preset], *extra])
     if cfg.method.name == "svt":
         cfg.method.options.prototypes = 64
     return cfg
