@@ -12,6 +12,7 @@ from .base import BuildContext, Method
 
 # name -> module; imported on use, so that listing methods stays cheap
 MODULES = {
+    "carl": "carl",
     "contrastive": "contrastive",
     "narrator": "narrator",
     "simclr": "simclr",
