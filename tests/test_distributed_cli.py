@@ -1,7 +1,8 @@
 """The documented multi-process launches, through the real command line: `torchrun -m mmvssl.cli
 pretrain` and `accelerate launch --config_file configs/accelerate/cpu.yaml -m mmvssl.cli pretrain`
 train two processes (gloo, CPU) whose logged losses equal one process on the concatenated batch,
-step after step, and write one run folder once; WORLD_SIZE without a launcher is refused."""
+step after step, and write one run folder once; so does a multi-view method (SimCLR's two views,
+negatives gathered across views and processes); WORLD_SIZE without a launcher is refused."""
 
 from __future__ import annotations
 
@@ -46,6 +47,22 @@ train: {{max_steps: {steps}, lr: 3.0e-3, warmup_steps: 0, log_every: 1, save_eve
 """
 
 
+# SimCLR on a video-only model without BatchNorm (linear patches, a one-layer projection head), two
+# views of one window without augmentation (augmentations are drawn per process and worker).
+SIMCLR_PRESET = """
+name: ddp-video-tiny
+video: {width: 64, depth: 1, heads: 2, patch: [2, 16, 16], num_frames: 4, image_size: 32, drop_token: 0.0}
+heads: {type: projection, dim: 32, layers: 1}
+"""
+SIMCLR = """
+method: {{name: simclr, options: {{temperature: 0.2}}}}
+data: {{shards: {shards}, batch_size: 4, num_workers: 0, num_frames: 4, fps: 2.0, size: 32,
+        mode: epoch, shuffle_buffer: 1, sampler: same, num_clips: 2}}
+model: {{preset: {preset}}}
+train: {{max_steps: {steps}, lr: 3.0e-3, warmup_steps: 0, log_every: 1, save_every: 0, log_with: none, seed: 0}}
+"""
+
+
 @pytest.fixture(scope="module")
 def run_config(tmp_path_factory) -> Path:
     from mmvssl.data.shards import build_shards
@@ -58,6 +75,9 @@ def run_config(tmp_path_factory) -> Path:
     (root / "preset.yaml").write_text(PRESET)
     config = root / "config.yaml"
     config.write_text(CONFIG.format(shards=root / "shards", preset=root / "preset.yaml", steps=STEPS))
+    (root / "simclr-preset.yaml").write_text(SIMCLR_PRESET)
+    (root / "simclr.yaml").write_text(SIMCLR.format(shards=root / "shards", preset=root / "simclr-preset.yaml",
+                                                    steps=STEPS))
     return config
 
 
@@ -85,11 +105,12 @@ def _launch(command: list[str], out: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def _assert_same_run(out: Path, result: subprocess.CompletedProcess, reference: list[dict]) -> None:
+def _assert_same_run(out: Path, result: subprocess.CompletedProcess, reference: list[dict],
+                     keys=("loss", "va_nce", "vt_milnce"), name: str = "ddp-tiny") -> None:
     logged = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in logged] == list(range(1, STEPS + 1))  # written by one process, once
     for got, want in zip(logged, reference):
-        for key in ("loss", "va_nce", "vt_milnce"):
+        for key in keys:
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (got["step"], key)
         assert got["samples_per_s"] > 0
     # step 1 is computed before any update; steps 2 and 3 equal only if the gradients of the two
@@ -98,7 +119,7 @@ def _assert_same_run(out: Path, result: subprocess.CompletedProcess, reference: 
     assert (result.stdout + result.stderr).count("saved the model to") == 1
     assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "model.safetensors"]
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{STEPS:08d}"]
-    assert json.loads((out / "model" / "config.json").read_text())["name"] == "ddp-tiny"
+    assert json.loads((out / "model" / "config.json").read_text())["name"] == name
 
 
 def test_torchrun_two_processes_equal_one_process(run_config, one_process, tmp_path):
@@ -114,6 +135,18 @@ def test_accelerate_launch_cpu_config_equals_one_process(run_config, one_process
                       "--main_process_port", str(_free_port()), "-m", "mmvssl.cli", "pretrain", str(run_config),
                       f"train.output_dir={out}"], out)
     _assert_same_run(out, result, one_process)
+
+
+def test_multi_view_method_two_processes_equal_one_process(run_config, tmp_path):
+    from mmvssl.config import load_config
+    from mmvssl.train.engine import pretrain
+    config = run_config.parent / "simclr.yaml"
+    pretrain(load_config(config, ["data.batch_size=8", f"train.output_dir={tmp_path / 'one'}"]))
+    reference = read_jsonl(tmp_path / "one" / "metrics.jsonl")
+    out = tmp_path / "run"
+    result = _launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                      "-m", "mmvssl.cli", "pretrain", str(config), f"train.output_dir={out}"], out)
+    _assert_same_run(out, result, reference, keys=("loss", "nt_xent"), name="ddp-video-tiny")
 
 
 def test_world_size_without_a_launcher_is_one_line_error(run_config, tmp_path, monkeypatch, capsys):
