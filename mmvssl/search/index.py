@@ -249,6 +249,9 @@ def sync_root(db, folder: Path, indexer: Indexer, source: str, progress: bool = 
         if video.data is None:
             report.reject(video.source, video.error or "unreadable")
             continue
+        if video.source in seen:  # a key twice in a shard set
+            report.reject(video.source, "duplicate of an earlier video with the same key")
+            continue
         sha = hashlib.sha256(video.data).hexdigest()
         old_id, old_sha = known.get(video.source, (None, None))
         if old_sha == sha:
@@ -263,9 +266,9 @@ def sync_root(db, folder: Path, indexer: Indexer, source: str, progress: bool = 
                 if len(queue) >= indexer.batch_size:
                     indexer.embed(queue)
                     queue.clear()
-        except DecodeError as e:  # its windows already embedded are simply never stored
+        except (DecodeError, ValueError, OSError) as e:  # its windows already embedded are never stored
             queue[:] = [q for q in queue if q.item is not item]
-            report.reject(video.source, str(e))
+            report.reject(video.source, str(e) if isinstance(e, DecodeError) else f"failed: {type(e).__name__}: {e}")
             continue
         seen.add(video.source)
         report.accepted.append({"source": video.source})
