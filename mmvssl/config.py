@@ -102,6 +102,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as e:
         raise ConfigError(f"override: {_describe(e)}") from None
+    # YAML 1.1 reads a bare `no` as false, which a string field stores as "False":
+    # `train.mixed_precision=no` (the documented value) must stay "no"
+    if str(cfg.train.mixed_precision).lower() in ("false", "0"):
+        cfg.train.mixed_precision = "no"
     return cfg
 
 

@@ -230,3 +230,19 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(demo_shards, tmp_
     monkeypatch.setitem(contrastive.LOSSES, "nce", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(MmvsslError, match=r"loss term\(s\) va_nce not finite for 2 steps in a row.*last at step 1"):
         pretrain(_tiny_cfg(demo_shards["train"], tmp_path / "b", "train.max_bad_steps=2", *SMALL))
+
+
+def test_optimizer_options_reach_adamw_and_the_schedule_floor():
+    from mmvssl.config import load_config
+    from mmvssl.train.optim import build_optimizer, warmup_cosine
+    cfg = load_config(None, ["train.mixed_precision=no", "train.betas=[0.9,0.999]", "train.eps=1e-8",
+                             "train.min_lr_ratio=0.5"])
+    assert cfg.train.mixed_precision == "no"  # not YAML 1.1's false
+    net = torch.nn.Linear(3, 3)
+    opt = build_optimizer(net, 1.0, 0.1, betas=tuple(cfg.train.betas), eps=cfg.train.eps)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999) and opt.param_groups[0]["eps"] == 1e-8
+    sched = warmup_cosine(opt, 0, 10, cfg.train.min_lr_ratio)
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(0.5)

@@ -162,8 +162,10 @@ def pretrain(cfg: DictConfig) -> Path:
         if hasattr(module, "grad_checkpointing"):
             module.grad_checkpointing = t.grad_checkpointing
     method.to(accelerator.device)
-    optimizer = build_optimizer(net, t.lr, t.weight_decay, method=method)
-    scheduler = warmup_cosine(optimizer, t.warmup_steps, t.max_steps)
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(t.betas)}")
+    optimizer = build_optimizer(net, t.lr, t.weight_decay, method=method, betas=tuple(t.betas), eps=t.eps)
+    scheduler = warmup_cosine(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
     model, optimizer = accelerator.prepare(net, optimizer)
     ema = None
     if t.ema_decay > 0:

@@ -25,7 +25,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, method: nn.Module | None = None,
-                    no_decay_modules: tuple[nn.Module, ...] = ()) -> torch.optim.Optimizer:
+                    no_decay_modules: tuple[nn.Module, ...] = (), betas: tuple[float, float] = (0.9, 0.98),
+                    eps: float = 1e-6) -> torch.optim.Optimizer:
     """AdamW over `model` (param_groups) and the trainable parameters of the method: its
     `decayed_modules()` (projection heads) as the model's, every other one (temperatures, biases,
     predictors of the objective) never decayed, like those of `no_decay_modules`."""
@@ -41,7 +42,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, method: nn
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 no_decay["params"].append(p)
-    return torch.optim.AdamW([decay, no_decay], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    return torch.optim.AdamW([decay, no_decay], lr=lr, betas=tuple(betas), eps=eps)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int,

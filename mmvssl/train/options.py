@@ -38,6 +38,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_steps: int = 50
+    min_lr_ratio: float = 0.0  # the cosine ends at min_lr_ratio x lr (VATT: 5e-5 / 1e-4 = 0.5)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW's (beta1, beta2)
+    eps: float = 1e-6  # AdamW's epsilon
     grad_clip: float = 1.0  # 0: no clipping (the gradient norm is still checked for NaN/inf)
     seed: int = 0
     log_every: int = 10
