@@ -14,6 +14,7 @@ from .base import BuildContext, Method
 MODULES = {
     "carl": "carl",
     "contrastive": "contrastive",
+    "cstp": "cstp",
     "narrator": "narrator",
     "simclr": "simclr",
     "svt": "svt",

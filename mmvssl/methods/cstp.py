@@ -1,0 +1,195 @@
+"""`cstp`: CSTP (Zhang et al. 2022, "Contrastive Spatio-Temporal Pretext Learning for
+Self-supervised Video Representation"): BYOL between two clips of a video, jointly with three
+pretext tasks: the clips' spatio-temporal overlap rate (STOR), their playback rate and a rotation.
+
+- Views (`data.sampler: cvrl`): two clips of one video at a random gap, each decoded as
+  `data.num_frames` frames over its window.
+- Playback rate (in `prepare`, on the device): each view keeps `keep = T // max(strides)` of its T
+  frames at a stride s drawn per view from `strides` (s = 2: twice the playback rate), from a random
+  offset o in [0, T - s * keep]; it then covers [start + o dt, start + (o + s keep) dt), dt = its
+  window / T. A head on the view's features predicts s (cross-entropy over `strides`).
+- Rotation (in `prepare`): the second view of each clip is rotated by k x 90 degrees, k drawn per
+  clip; a head on its features predicts k (4-way cross-entropy).
+- Overlap rate: the target is the temporal IoU of the two views' covered windows (after the stride
+  subsampling) times their spatial IoU, which is 1 here: the loader does not record augmentation
+  crops, so both views count as full frames. A head on both views' features
+  ([f1, f2, |f1 - f2|, f1 * f2]) regresses it through a sigmoid, mean squared error.
+- BYOL (Grill et al. 2020): online = the model (encoder + projection head, `video_<space>`) + the
+  method's predictor (Linear-BN-ReLU-Linear); target = an exponential moving average of the model,
+  no gradient, momentum on a cosine from `momentum_start` to `momentum_end` over
+  `train.max_steps`. Loss: 2 - 2 cos(predictor(online_v), target_w) for (v, w) = (1, 2) and (2, 1),
+  averaged. No negatives, so nothing is gathered across processes.
+- Features of the pretext heads: the video transformer's tokens averaged over space and time
+  (`video_frames` averaged over t). loss = byol_weight * byol + overlap_weight * overlap +
+  rate_weight * rate + rotation_weight * rotation; a term is on when its weight is positive.
+
+Departures from the paper: the reference code (github.com/Katou2/CSTP) was not available to read, so
+the head designs, loss weights and label sets are this module's: overlap is regressed (not
+classified into bins), and spatial overlap is not used (crops are not recorded). Playback rate is
+made on the device by temporal subsampling of a decoded view (the loader decodes both views at one
+rate), so each view has half the decoded frames when strides are [1, 2]; configs decode 2x the
+model's frames for that. The model's projection output is L2-normalised before the predictor (the
+model normalises every embedding), where BYOL's projector output is not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from ..errors import ConfigError
+from .base import BuildContext, Method, cosine_schedule, ema_update, frozen_copy, unwrap
+from .contrastive import build_student
+from .timing import temporal_iou, view_windows
+
+
+@dataclass
+class CSTPOptions:
+    byol_weight: float = 1.0
+    overlap_weight: float = 1.0
+    rate_weight: float = 1.0
+    rotation_weight: float = 1.0
+    strides: list[int] = field(default_factory=lambda: [1, 2])  # playback rates (temporal strides) to tell apart
+    momentum_start: float = 0.99  # target EMA momentum, cosine to momentum_end over train.max_steps (BYOL: 0.996)
+    momentum_end: float = 1.0
+    predictor_hidden: int = 512
+    head_hidden: int = 256  # the pretext heads: Linear-ReLU-Linear
+    space: str = "ssl"
+
+
+def mlp(dim_in: int, hidden: int, dim_out: int, batch_norm: bool = False) -> nn.Sequential:
+    norm = [nn.BatchNorm1d(hidden)] if batch_norm else []
+    return nn.Sequential(nn.Linear(dim_in, hidden), *norm, nn.ReLU(inplace=True), nn.Linear(hidden, dim_out))
+
+
+def subsample_views(video: torch.Tensor, stride: torch.Tensor, offset: torch.Tensor, keep: int) -> torch.Tensor:
+    """video (B, V, C, T, H, W); stride, offset (B, V) -> (B, V, C, keep, H, W): frames
+    offset + stride * [0, keep) of each view."""
+    B, V, C, T, H, W = video.shape
+    index = offset[..., None] + stride[..., None] * torch.arange(keep, device=video.device)  # (B, V, keep)
+    return video.gather(3, index[:, :, None, :, None, None].expand(B, V, C, keep, H, W))
+
+
+def rotate_views(video: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """video (B, C, T, H, W) with H == W, k (B,) in 0..3 -> each clip rotated by k x 90 degrees."""
+    out = video.clone()
+    for turns in range(1, 4):
+        chosen = k == turns
+        if chosen.any():
+            out[chosen] = torch.rot90(video[chosen], turns, dims=(-2, -1))
+    return out
+
+
+def byol_loss(online: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """online (B, 2, D) predictions, target (B, 2, D), both normalised: the mean over clips of
+    (2 - 2 cos(online_1, target_2) + 2 - 2 cos(online_2, target_1)) / 2."""
+    return (2 - (online[:, 0] * target[:, 1]).sum(-1) - (online[:, 1] * target[:, 0]).sum(-1)).mean()
+
+
+class CSTP(Method):
+    name = "cstp"
+    paper = "CSTP (Zhang et al. 2022): BYOL with overlap-rate, playback-rate and rotation prediction"
+    Options = CSTPOptions
+
+    def __init__(self, student: nn.Module, options: CSTPOptions, num_frames: int, max_steps: int):
+        super().__init__()
+        strides = sorted(set(options.strides))
+        if not strides or strides[0] < 1 or num_frames // strides[-1] < 1:
+            raise ConfigError(f"method 'cstp': method.options.strides must be positive and at most data.num_frames "
+                              f"({num_frames}); got {options.strides}")
+        weights = (options.byol_weight, options.overlap_weight, options.rate_weight, options.rotation_weight)
+        if max(weights) <= 0:
+            raise ConfigError("method 'cstp': every loss weight is 0 (no loss)")
+        self.o, self.max_steps, self.num_frames = options, max_steps, num_frames
+        self.strides, self.keep = strides, num_frames // strides[-1]
+        self.key = f"video_{options.space}"
+        dims = student.output_dims()
+        width = dims["video_frames"]
+        self.predictor = mlp(dims[self.key], options.predictor_hidden, dims[self.key], batch_norm=True)
+        self.overlap_head = mlp(4 * width, options.head_hidden, 1)
+        self.rate_head = mlp(width, options.head_hidden, len(strides))
+        self.rotation_head = mlp(width, options.head_hidden, 4)
+        self.target = frozen_copy(student)
+        self.target.frame_features = False  # the target gives only the BYOL embedding
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # for the momentum schedule, checkpointed
+        self.modalities = {"video"}
+
+    @classmethod
+    def build(cls, cfg: DictConfig, ctx: BuildContext):
+        options = cls.options(cfg)
+        if ctx.spec.sampler != "cvrl":
+            raise ConfigError(f"method 'cstp' predicts the overlap of two clips of a video: data.sampler "
+                              f"'{ctx.spec.sampler}' does not give them (use cvrl)")
+        net = build_student(cfg, ctx.accelerator)
+        if f"video_{options.space}" not in net.output_dims():
+            raise ConfigError(f"method 'cstp' reads video_{options.space}: model '{net.name}' has no such output "
+                              f"(a preset with heads.type: projection, e.g. video-tiny)")
+        net.frame_features = True  # forward also returns video_frames (B, V, t, width): the pretext features
+        return net, cls(net, options, ctx.spec.num_frames, cfg.train.max_steps)
+
+    def decayed_modules(self) -> list[nn.Module]:
+        return [self.predictor, self.overlap_head, self.rate_head, self.rotation_head]
+
+    def momentum(self, step: int) -> float:
+        return cosine_schedule(self.o.momentum_start, self.o.momentum_end, step, self.max_steps)
+
+    @torch.no_grad()
+    def prepare(self, batch: dict) -> dict:
+        """Playback rate and rotation applied to the views on the device; their labels and the
+        overlap target (B,) added to the batch."""
+        video = batch["video"]  # (B, 2, C, T, H, W)
+        B, V, T, device = video.shape[0], video.shape[1], video.shape[3], video.device
+        if V != 2 or T != self.num_frames:
+            raise ConfigError(f"method 'cstp' expects 2 views of {self.num_frames} frames, got {tuple(video.shape)}")
+        rate = torch.randint(len(self.strides), (B, V), device=device)  # label: index into strides
+        stride = torch.tensor(self.strides, device=device)[rate]  # (B, V)
+        offset = (torch.rand(B, V, device=device) * (T - stride * self.keep + 1)).long()  # in [0, T - s * keep]
+        video = subsample_views(video, stride, offset, self.keep)
+        rotation = torch.randint(4, (B,), device=device)
+        video = torch.stack([video[:, 0], rotate_views(video[:, 1], rotation)], dim=1)
+        windows = view_windows(batch, device)  # (B, 2, 2)
+        dt = (windows[..., 1] - windows[..., 0]) / T
+        start = windows[..., 0] + offset * dt
+        covered = torch.stack([start, start + stride * self.keep * dt], dim=-1)  # (B, 2, 2) after subsampling
+        return {**batch, "video": video, "cstp_rate": rate, "cstp_rotation": rotation, "cstp_windows": covered,
+                "cstp_overlap": temporal_iou(covered[:, 0], covered[:, 1])}  # x spatial IoU 1: crops unrecorded
+
+    def embed(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        out = model({"video": batch["video"]})
+        with torch.no_grad():
+            self.target.train(model.training)
+            target = self.target({"video": batch["video"]})[self.key]  # (B, 2, D)
+        return {self.key: out[self.key], "video_frames": out["video_frames"], "target": target}
+
+    def forward(self, embeddings: dict, batch: dict):
+        o, terms, loss = self.o, {}, 0.0
+        if o.byol_weight > 0:
+            online = embeddings[self.key].float()  # (B, 2, D)
+            online = F.normalize(self.predictor(online.flatten(0, 1)).view(online.shape), dim=-1)
+            terms["byol"] = byol_loss(online, embeddings["target"].detach().float())
+            loss = loss + o.byol_weight * terms["byol"]
+        features = embeddings["video_frames"].float().mean(dim=2)  # (B, 2, width)
+        if o.overlap_weight > 0:
+            f1, f2 = features[:, 0], features[:, 1]
+            predicted = torch.sigmoid(self.overlap_head(torch.cat([f1, f2, (f1 - f2).abs(), f1 * f2], -1)))[:, 0]
+            terms["overlap"] = F.mse_loss(predicted, batch["cstp_overlap"].float())
+            loss = loss + o.overlap_weight * terms["overlap"]
+        if o.rate_weight > 0:
+            terms["rate"] = F.cross_entropy(self.rate_head(features.flatten(0, 1)), batch["cstp_rate"].flatten())
+            loss = loss + o.rate_weight * terms["rate"]
+        if o.rotation_weight > 0:
+            terms["rotation"] = F.cross_entropy(self.rotation_head(features[:, 1]), batch["cstp_rotation"])
+            loss = loss + o.rotation_weight * terms["rotation"]
+        return loss, {k: v.detach() for k, v in terms.items()}
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, step: int) -> None:
+        self.step.fill_(step)
+        ema_update(self.target, unwrap(model), self.momentum(step - 1))  # the step just taken
+
+    def log_values(self) -> dict[str, float]:
+        return {"momentum": self.momentum(int(self.step))}

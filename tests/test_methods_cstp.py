@@ -1,0 +1,130 @@
+"""CSTP: the overlap target by hand, the playback-rate and rotation views made in `prepare`, the
+BYOL target (no gradient, the EMA of the online network), accumulation. (Training on the demo
+shards and the falling loss: tests/test_methods.py, over configs/methods/cstp.yaml.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmvssl.errors import ConfigError
+
+
+def _cstp(**options):
+    import mmvssl
+    from mmvssl.methods.cstp import CSTP, CSTPOptions
+    torch.manual_seed(0)
+    student = mmvssl.create_model("video-tiny", video={"num_frames": 4, "image_size": 32})
+    student.frame_features = True
+    return student, CSTP(student, CSTPOptions(**options), num_frames=4, max_steps=10)
+
+
+def _indexed_batch(windows):
+    """Views whose every pixel holds its frame index (0..3), frames distinct per view and clip."""
+    B = len(windows)
+    frame = torch.arange(4.0).view(1, 1, 1, 4, 1, 1)
+    clip = 100 * torch.arange(B).view(B, 1, 1, 1, 1, 1) + 10 * torch.arange(2).view(1, 2, 1, 1, 1, 1)
+    return {"video": (frame + clip).expand(B, 2, 3, 4, 32, 32).clone(), "meta": [{"views": w} for w in windows]}
+
+
+def test_cstp_overlap_target_is_the_temporal_iou_of_the_windows_by_hand():
+    from mmvssl.methods.timing import temporal_iou
+    # [0, 2] and [1, 3]: intersection 1, union 3; [0, 2] and [2, 4]: touching, 0; [1, 3] inside [0, 4]: 2 / 4
+    iou = temporal_iou(torch.tensor([[0.0, 2.0], [0.0, 2.0], [1.0, 3.0]]), torch.tensor([[1.0, 3.0], [2.0, 4.0], [0.0, 4.0]]))
+    torch.testing.assert_close(iou, torch.tensor([1 / 3, 0.0, 0.5]))
+    _, method = _cstp(strides=[1])  # stride 1 keeps every frame: the windows as sampled
+    batch = method.prepare(_indexed_batch([[[0.0, 2.0], [1.0, 3.0]], [[0.5, 2.5], [3.0, 5.0]]]))
+    torch.testing.assert_close(batch["cstp_overlap"], torch.tensor([1 / 3, 0.0]))
+
+
+def test_cstp_overlap_target_follows_the_frames_the_playback_rate_kept():
+    _, method = _cstp(strides=[1, 2])
+    windows = [[[0.0, 2.0], [1.0, 3.0]], [[0.0, 4.0], [1.0, 5.0]], [[2.0, 4.0], [2.5, 4.5]], [[0.0, 2.0], [0.0, 2.0]]] * 4
+    original = _indexed_batch(windows)
+    torch.manual_seed(3)
+    batch = method.prepare({**original, "video": original["video"].clone()})
+    assert batch["video"].shape == (16, 2, 3, 2, 32, 32)  # 4 frames -> keep 2
+    strides_seen = set()
+    for b, clip in enumerate(windows):
+        covered = []
+        for v, (start, end) in enumerate(clip):
+            kept = [int(batch["video"][b, v, 0, f, 5, 5].item()) % 10 for f in range(2)]  # the frame indices kept
+            stride = kept[1] - kept[0]
+            assert stride == method.strides[int(batch["cstp_rate"][b, v])]
+            strides_seen.add(stride)
+            dt = (end - start) / 4  # each frame stands for dt seconds at stride 1
+            covered.append((start + kept[0] * dt, start + (kept[0] + 2 * stride) * dt))
+        (a0, a1), (b0, b1) = covered
+        inter = max(0.0, min(a1, b1) - max(a0, b0))
+        expected = inter / ((a1 - a0) + (b1 - b0) - inter)
+        assert batch["cstp_overlap"][b].item() == pytest.approx(expected, abs=1e-6), (b, covered)
+    assert strides_seen == {1, 2}
+
+
+def test_cstp_rotates_the_second_view_by_its_label():
+    _, method = _cstp(strides=[1])
+    torch.manual_seed(0)
+    video = torch.randn(8, 2, 3, 4, 32, 32)
+    batch = method.prepare({"video": video.clone(), "meta": [{"views": [[0.0, 2.0], [1.0, 3.0]]}] * 8})
+    torch.testing.assert_close(batch["video"][:, 0], video[:, 0])
+    for b in range(8):
+        k = int(batch["cstp_rotation"][b])
+        torch.testing.assert_close(batch["video"][b, 1], torch.rot90(video[b, 1], k, dims=(-2, -1)))
+    assert len(set(batch["cstp_rotation"].tolist())) > 1
+
+
+def test_cstp_target_takes_no_gradient_and_is_the_ema_of_the_online_network():
+    student, method = _cstp(momentum_start=0.9, momentum_end=1.0)
+    heads = [method.predictor, method.overlap_head, method.rate_head, method.rotation_head]
+    opt = torch.optim.SGD(list(student.parameters()) + [p for h in heads for p in h.parameters()], lr=0.5)
+    batch = method.prepare({"video": torch.randn(4, 2, 3, 4, 32, 32),
+                            "meta": [{"views": [[s, s + 2.0], [s + 0.5, s + 2.5]]} for s in (0.0, 1.0, 2.0, 3.0)]})
+    before = {n: p.clone() for n, p in method.target.named_parameters()}
+    loss, terms = method(method.embed(student, batch), batch)
+    assert set(terms) == {"byol", "overlap", "rate", "rotation"}
+    loss.backward()
+    assert all(p.grad is None for p in method.target.parameters())
+    for head in heads:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    opt.step()
+    method.after_step(student, 1)
+    m = method.momentum(0)
+    assert m == pytest.approx(0.9)
+    for (name, t), s in zip(method.target.named_parameters(), student.parameters()):
+        torch.testing.assert_close(t, m * before[name] + (1 - m) * s.detach(), msg=name)
+    assert method.momentum(10) == pytest.approx(1.0) and 0.9 < method.momentum(5) < 1.0  # the cosine
+
+
+def test_cstp_with_feature_cached_accumulation_equals_one_step():
+    from accelerate import Accelerator
+
+    from mmvssl.train.step import forward_backward
+    torch.manual_seed(1)
+    raw = {"video": torch.randn(4, 2, 3, 4, 32, 32),
+           "meta": [{"views": [[s, s + 2.0], [s + 0.5, s + 2.5]]} for s in (0.0, 1.0, 2.0, 3.0)]}
+    results = []
+    for accum in (1, 2):
+        student, method = _cstp()
+        student.eval()  # the encoder's BatchNorm on running statistics: independent of the split
+        torch.manual_seed(2)
+        batch = method.prepare(dict(raw))
+        loss, terms = forward_backward(student, method, batch, Accelerator(cpu=True), accum_steps=accum)
+        grads = {n: p.grad.clone() for n, p in [*student.named_parameters(), *method.named_parameters()]
+                 if p.grad is not None}
+        results.append((loss.item(), {k: v.item() for k, v in terms.items()}, grads))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    assert results[1][1] == pytest.approx(results[0][1], rel=1e-5)
+    assert set(results[1][2]) == set(results[0][2]) and not any(n.startswith("target") for n in results[0][2])
+    for n, g in results[0][2].items():
+        assert torch.allclose(results[1][2][n], g, atol=1e-5, rtol=1e-4), n
+
+
+def test_cstp_refuses_a_sampler_without_two_clips_and_bad_strides(demo_shards, tmp_path):
+    from mmvssl.resources import data_path
+    from mmvssl.train.engine import pretrain
+    from tests.test_methods import tiny_config
+    cfg = tiny_config(data_path("configs", "methods", "cstp.yaml"), demo_shards["train"], tmp_path, "data.sampler=same")
+    with pytest.raises(ConfigError, match="method 'cstp' predicts the overlap of two clips.*'same'"):
+        pretrain(cfg)
+    with pytest.raises(ConfigError, match="strides must be positive"):
+        _cstp(strides=[8])
