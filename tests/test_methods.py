@@ -28,6 +28,23 @@ TINY_MODEL = {  # per preset: the tiny clip (4 frames of 32 px) and, for video-t
 }
 
 
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory) -> list[str]:
+    """Overrides naming a tiny open_clip image teacher saved locally (configs whose teacher would be
+    downloaded train against it)."""
+    import json
+
+    import open_clip
+    from tests.test_distill import TINY_TEACHER
+    root = tmp_path_factory.mktemp("teacher")
+    arch = root / "mmvssl-methods-teacher.json"
+    arch.write_text(json.dumps(TINY_TEACHER))
+    open_clip.add_model_config(arch)
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("mmvssl-methods-teacher").state_dict(), root / "teacher.pt")
+    return [f"teacher.arch={arch}", f"teacher.pretrained={root / 'teacher.pt'}"]
+
+
 def tiny_config(path, shards, out, *extra):
     preset = load_config(path).model.preset
     cfg = load_config(path, [f"data.shards={shards}", f"train.output_dir={out}", *TINY, *TINY_MODEL[preset], *extra])
@@ -47,10 +64,12 @@ def test_every_method_config_names_a_known_method_and_validates():
 
 
 @pytest.mark.parametrize("path", METHOD_CONFIGS, ids=lambda p: p.stem)
-def test_method_config_trains_and_its_loss_falls(path, demo_shards, tmp_path):
+def test_method_config_trains_and_its_loss_falls(path, demo_shards, tmp_path, tiny_teacher):
     from mmvssl.train.engine import pretrain
     steps = 16
-    final = pretrain(tiny_config(path, demo_shards["train"], tmp_path, f"train.max_steps={steps}", "train.lr=2e-3"))
+    teacher = tiny_teacher if load_config(path).teacher.arch else []
+    final = pretrain(tiny_config(path, demo_shards["train"], tmp_path, f"train.max_steps={steps}", "train.lr=2e-3",
+                                 *teacher))
     log = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in log] == list(range(1, steps + 1))
     assert all(math.isfinite(r["loss"]) for r in log) and log[-1]["bad_steps"] == 0
@@ -142,6 +161,31 @@ def test_simclr_loss_is_nt_xent_of_the_two_views():
         others = [j for j in range(8) if j != i]
         expected += -(sim[i, pos] - torch.logsumexp(sim[i, others], dim=0))
     assert loss.item() == pytest.approx(expected.item() / 8, rel=1e-5)
+
+
+def test_iboot_teacher_sees_its_own_view_and_the_student_the_other():
+    from mmvssl.losses.objective import Objective
+    from mmvssl.methods.contrastive import Contrastive
+    seen = []
+
+    def teacher(video):  # (B, C, T, H, W) -> teacher_frames (B, T, D)
+        seen.append(video.clone())
+        return {"teacher_frames": video.mean(dim=(1, 3, 4))[..., None]}
+
+    method = Contrastive(Objective([{"name": "va", "loss": "nce", "inputs": ["video_va", "audio_va"]}]), teacher,
+                         teacher_view=1)
+    video = torch.randn(2, 2, 3, 4, 8, 8)
+    batch = method.prepare({"video": video.clone()})
+    torch.testing.assert_close(seen[0], video[:, 1])
+    torch.testing.assert_close(batch["video"], video[:, 0])
+    torch.testing.assert_close(batch["teacher_frames"][..., 0], video[:, 1].mean(dim=(1, 3, 4)))
+
+
+def test_teacher_view_without_views_or_teacher_is_refused(demo_shards, tmp_path):
+    from mmvssl.train.engine import pretrain
+    path = data_path("configs", "methods", "iboot.yaml")
+    with pytest.raises(ConfigError, match="teacher_view=1: needs an online teacher"):
+        pretrain(tiny_config(path, demo_shards["train"], tmp_path, "data.sampler=random", "data.num_clips=1"))
 
 
 # --- SVT / DINO -----------------------------------------------------------------------------------------

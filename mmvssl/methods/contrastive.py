@@ -7,10 +7,13 @@ The model is a MultimodalModel from `model.preset`; the loss is the Objective of
 that distinguishes VATT from MMV from LaViLa: which embeddings meet, with which loss and
 temperature. A `teacher:` section adds a frozen open_clip image model whose per-frame features
 (`teacher_frames`) the distillation terms read: computed on the device once per batch, or read
-from the shards when `teacher.cached`.
+from the shards when `teacher.cached`. With `method.options.teacher_view` and a two-view sampler
+the teacher sees its own augmentation of the clip (iBoot, configs/methods/iboot.yaml).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
@@ -85,13 +88,23 @@ def cached_teacher(cfg: DictConfig, spec) -> dict | None:
     return identity
 
 
+@dataclass
+class ContrastiveOptions:
+    # With several views per clip (data.sampler same or cvrl), the student embeds view 0 and the image
+    # teacher sees view `teacher_view`: iBoot's teacher with its own augmentation of the clip. None:
+    # one view, seen by both.
+    teacher_view: int | None = None
+
+
 class Contrastive(Method):
     name = "contrastive"
     paper = "VATT (Akbari et al. 2021), MMV (Alayrac et al. 2020), LaViLa dual encoder (Zhao et al. 2023), iBoot"
+    Options = ContrastiveOptions
 
-    def __init__(self, objective: Objective, teacher=None):
+    def __init__(self, objective: Objective, teacher=None, teacher_view: int | None = None):
         super().__init__()
         self.objective = objective
+        self.teacher_view = teacher_view
         # frozen and reloaded from its tag each run: kept out of the module tree, so it is neither
         # optimised nor checkpointed
         self.__dict__["teacher"] = teacher
@@ -99,7 +112,17 @@ class Contrastive(Method):
 
     @classmethod
     def build(cls, cfg: DictConfig, ctx: BuildContext):
-        cls.options(cfg)  # takes none: the objective and teacher sections say everything
+        options = cls.options(cfg)
+        spec = ctx.spec
+        if options.teacher_view is not None:
+            views = spec.num_clips if spec.sampler in ("same", "uniform") else 2 if spec.sampler == "cvrl" else 1
+            if not cfg.teacher.arch or cfg.teacher.cached or not spec.multi_view or not 0 < options.teacher_view < views:
+                raise ConfigError(f"method.options.teacher_view={options.teacher_view}: needs an online teacher "
+                                  f"(teacher.arch, not cached) and data.sampler same or cvrl with more views "
+                                  f"than that index (got sampler '{spec.sampler}', {views} view(s))")
+        elif spec.multi_view:
+            raise ConfigError(f"method 'contrastive' embeds one clip: data.sampler '{spec.sampler}' gives several "
+                              f"views (set method.options.teacher_view to give the image teacher one of them)")
         teacher = online_teacher(cfg, ctx.accelerator.device)
         ctx.spec.teacher_features = cached_teacher(cfg, ctx.spec)  # the loader pairs cached features with frames
         teacher_dim = teacher.embed_dim if teacher is not None else (ctx.spec.teacher_features or {}).get("embed_dim")
@@ -109,10 +132,13 @@ class Contrastive(Method):
             feature_dims["teacher_frames"] = teacher_dim
         terms = to_dict(cfg.objective.terms)
         net.frame_features = any("video_frames" in (term.get("inputs") or ()) for term in terms)
-        return net, cls(build_objective(cfg, feature_dims), teacher)
+        return net, cls(build_objective(cfg, feature_dims), teacher, options.teacher_view)
 
     def prepare(self, batch: dict) -> dict:
-        if self.teacher is not None and "video" in batch:
+        if self.teacher_view is not None and "video" in batch:  # (B, V, C, T, H, W)
+            batch.update(self.teacher(batch["video"][:, self.teacher_view]))  # teacher_frames of its own view
+            batch["video"] = batch["video"][:, 0]  # (B, C, T, H, W): the student's view
+        elif self.teacher is not None and "video" in batch:
             batch.update(self.teacher(batch["video"]))  # teacher_frames (B, T, D), no gradient
         # (teacher.cached: the loader already put the cached teacher_frames (B, T, D) in the batch)
         return batch
