@@ -23,6 +23,7 @@ import torch
 import webdataset as wds
 
 from ..errors import MmvsslError
+from ..modalities import MODALITIES, presence_key
 from .augment import Augmenter, AugmentOptions
 from .decode import DecodeError, decode_window, probe
 from .sampling import select_source_texts, view_windows
@@ -202,8 +203,8 @@ def collate(samples: list[dict]) -> dict:
     }
     if "teacher_frames" in samples[0]:  # cached teacher features (teacher.cached)
         batch["teacher_frames"] = torch.stack([s["teacher_frames"] for s in samples]).float()  # (B, T, D)
-    for m in ("video", "audio", "text"):
-        batch[f"has_{m}"] = torch.tensor([s[f"has_{m}"] for s in samples], dtype=torch.bool)
+    for m in MODALITIES:
+        batch[presence_key(m)] = torch.tensor([s[presence_key(m)] for s in samples], dtype=torch.bool)
     return batch
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..modalities import modality_of, presence_key
 from .contrastive import LOSSES
 from .distill import DISTANCES, DISTILL_LOSSES, Predictor
 
@@ -46,10 +47,6 @@ class Term:
     bias: float = -10.0
     generated_temperature: float | None = None
     distance: str = "cosine"
-
-
-def _modality(embedding_name: str) -> str:
-    return embedding_name.split("_", 1)[0]
 
 
 class Objective(nn.Module):
@@ -89,7 +86,7 @@ class Objective(nn.Module):
                                   f"[{min_temperature}, {max_temperature}]")
             generated_tau = t.get("generated_temperature")
             if generated_tau is not None:
-                if t["loss"] not in ("nce", "mil_nce") or "text" not in {_modality(x) for x in inputs}:
+                if t["loss"] not in ("nce", "mil_nce") or "text" not in {modality_of(x) for x in inputs}:
                     raise ConfigError(f"objective.terms[{i}] '{name}': generated_temperature needs an nce or "
                                       f"mil_nce term with a text input, got {t['loss']} on {list(inputs)}")
                 if not min_temperature <= float(generated_tau) <= max_temperature:
@@ -128,7 +125,7 @@ class Objective(nn.Module):
 
     @property
     def modalities(self) -> set[str]:
-        return {_modality(x) for t in self.terms if t.loss != "model" for x in t.inputs} - {"teacher"}
+        return {modality_of(x) for t in self.terms if t.loss != "model" for x in t.inputs} - {"teacher"}
 
     def temperature(self, term: Term) -> float | torch.Tensor:
         if term.name not in self.log_temperature:
@@ -166,7 +163,7 @@ class Objective(nn.Module):
             a, b = (embeddings[x].float() for x in t.inputs)  # losses in fp32 under mixed precision
             mask = None
             for x in t.inputs:
-                has = batch.get(f"has_{_modality(x)}")
+                has = batch.get(presence_key(modality_of(x)))
                 if has is not None:
                     mask = has if mask is None else mask & has
             kwargs = {"temperature": self.pair_temperatures(t, batch), "mask": mask}
@@ -188,5 +185,5 @@ class Objective(nn.Module):
             raise ConfigError(f"objective term '{t.name}' needs '{teacher}' in the batch: configure the "
                               f"`teacher:` section (teacher.arch, teacher.pretrained)")
         prediction = self.predictors[t.name](embeddings[student].float())  # losses in fp32
-        return DISTILL_LOSSES[t.loss](prediction, batch[teacher], mask=batch.get(f"has_{_modality(student)}"),
+        return DISTILL_LOSSES[t.loss](prediction, batch[teacher], mask=batch.get(presence_key(modality_of(student))),
                                       distance=t.distance)

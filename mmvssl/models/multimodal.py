@@ -22,10 +22,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ConfigError
+from ..modalities import MODALITIES
 from .builders import build, build_backbone, build_encoders
 from .heads import HEADS
 
-TOP_LEVEL_KEYS = ("name", "description", "paper", "sampling", "backbone", "heads", "video", "audio", "text")
+TOP_LEVEL_KEYS = ("name", "description", "paper", "sampling", "backbone", "heads", *MODALITIES)
 
 
 class MultimodalModel(nn.Module):

@@ -36,6 +36,7 @@ from ..data.options import loader_options
 from ..data.options import sample_spec as data_sample_spec
 from ..errors import ConfigError, MmvsslError
 from ..methods import BuildContext, build_method
+from ..modalities import MODALITIES
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .monitor import RunLog, available_trackers, environment, flat_scalars, keep_metrics_until
 from .optim import build_optimizer, warmup_cosine
@@ -50,7 +51,7 @@ def sample_spec(cfg: DictConfig, train: bool) -> SampleSpec:
 def _to_device(batch: dict, device: torch.device, modalities: set[str]) -> dict:
     out = {}
     for k, v in batch.items():
-        if k in ("video", "audio", "text") and k not in modalities:
+        if k in MODALITIES and k not in modalities:
             continue  # the objective does not use this modality: do not encode it
         out[k] = v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
     return out

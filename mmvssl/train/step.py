@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 
 from ..losses.gather import world
+from ..modalities import PER_SAMPLE_KEYS
 
-SPLIT_KEYS = ("video", "audio", "text", "text_mask", "has_video", "has_audio", "has_text")
+SPLIT_KEYS = PER_SAMPLE_KEYS
 
 
 def split_batch(batch: dict, parts: int) -> list[dict]:

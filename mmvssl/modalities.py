@@ -1,0 +1,27 @@
+"""The modalities mmvssl knows, and which batch entries and outputs belong to each: one table that
+the loader's collate, the engine, the step, the model and the objective read (it was spelt out in
+each of them).
+
+An output of the model is named `<modality>_<space>` (`video_va`, `text_vat`), or `<modality>_<kind>`
+for per-frame or pooled features (`video_frames`); `modality_of` reads the modality back."""
+
+from __future__ import annotations
+
+MODALITIES = ("video", "audio", "text")
+
+# batch entries of each modality, besides the input itself: the per-sample presence flag and, for
+# text, the mask of real MIL-NCE candidates
+BATCH_KEYS = {"video": ("video", "has_video"), "audio": ("audio", "has_audio"),
+              "text": ("text", "text_mask", "has_text")}
+# every per-sample batch entry that a micro-batch split must cut along dim 0
+PER_SAMPLE_KEYS = tuple(k for m in MODALITIES for k in BATCH_KEYS[m])
+
+
+def modality_of(output_name: str) -> str:
+    """'video_va' -> 'video'; 'teacher_frames' -> 'teacher' (not a modality of the model)."""
+    return output_name.split("_", 1)[0]
+
+
+def presence_key(modality: str) -> str:
+    """The batch's (B,) bool flag saying which samples have `modality`."""
+    return f"has_{modality}"
