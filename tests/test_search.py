@@ -365,3 +365,17 @@ def test_a_shard_set_is_indexed_and_its_videos_served_from_the_shards(models, vi
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_past_the_threshold_the_index_is_approximate_and_answers_like_the_exact_one(models, videos, index, tmp_path):
+    out = tmp_path / "ivf"
+    build_index(models["a"], str(videos / "clips"), str(out), window=1.0, approx_threshold=1)
+    db = sqlite3.connect(out / store.DB_NAME)
+    assert {e["kind"] for e in store.get_info(db, "faiss").values()} == {"ivf"}
+    db.close()
+    clip = (videos / "clips" / "clip1.mp4").read_bytes()
+    exact, approximate = Searcher(str(index)), Searcher(str(out))
+    assert {k: e["kind"] for k, e in store.get_info(exact.db, "faiss").items()}["video_va"] == "flat"
+    for searcher_query in ({"text": "a circle"}, {"video": clip}):  # 7 lists, all visited: same ranking
+        a, b = exact.query(**searcher_query, k=14), approximate.query(**searcher_query, k=14)
+        assert [(r["video"], r["start"], r["score"]) for r in a] == [(r["video"], r["start"], r["score"]) for r in b]

@@ -16,7 +16,7 @@ committed and never keeps half a video):
 
 <space>.faiss: the vectors of one space (video_va, video_vat, audio_va, narration_vat, ...) with the
 window ids as faiss ids. Exact inner-product search (IndexFlatIP) up to APPROX_THRESHOLD vectors, an
-inverted-file index (IndexIVFFlat) past it. Each file's sha256 is recorded in info, so a damaged
+inverted-file index (IndexIVFFlat: 2 sqrt(N) lists, 1/16 of them visited, at least 32) past it. Each file's sha256 is recorded in info, so a damaged
 file is detected before faiss reads it. No pickle anywhere.
 """
 
@@ -36,7 +36,17 @@ from ..errors import MmvsslError
 FORMAT = "mmvssl-search-index/1"
 DB_NAME = "index.sqlite"
 APPROX_THRESHOLD = 100_000  # vectors; below it exact search is fast enough (docs/benchmarks/search.md)
-IVF_NPROBE = 32             # lists visited per query (recall@10 >= 0.95 in eval/bench/search.py)
+
+
+def ivf_lists(n: int) -> int:
+    """Inverted lists for n vectors: 2 sqrt(n) (2,000 at 1M; k-means stays minutes on a CPU)."""
+    return max(1, int(2 * math.sqrt(n)))
+
+
+def ivf_nprobe(nlist: int) -> int:
+    """Lists visited per query: at least 32, and 1/16 of them (recall@10 >= 0.95 at 1M vectors in
+    eval/bench/search.py; 32 alone gave 0.92 there)."""
+    return min(nlist, max(32, nlist // 16))
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -102,18 +112,18 @@ def from_blobs(blobs: list[bytes]) -> np.ndarray:
 
 def make_faiss_index(vectors: np.ndarray, ids: np.ndarray, threshold: int = APPROX_THRESHOLD):
     """(N, D) float32 unit vectors with (N,) int64 ids -> a faiss index: exact (flat inner product)
-    below `threshold` vectors, else IVF with ~4 sqrt(N) lists, k-means trained on a seeded sample of
-    40 vectors per list (faiss asks for at least 39)."""
+    below `threshold` vectors, else IVF with ivf_lists(N) lists, k-means trained on a seeded sample of
+    40 vectors per list (faiss asks for at least 39), visiting ivf_nprobe of them per query."""
     import faiss
     n, d = vectors.shape
     if n < threshold:
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
     else:
-        nlist = int(4 * math.sqrt(n))
+        nlist = ivf_lists(n)
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         sample = np.random.default_rng(0).choice(n, size=min(n, 40 * nlist), replace=False)
         index.train(vectors[np.sort(sample)])
-        index.nprobe = IVF_NPROBE
+        index.nprobe = ivf_nprobe(nlist)
     index.add_with_ids(vectors, ids.astype(np.int64))
     return index
 
@@ -162,8 +172,9 @@ def read_faiss_file(folder: Path, entry: dict):
         raise MmvsslError(f"{path}: unreadable faiss index ({str(e).splitlines()[0][:120]})") from None
     if index.ntotal != entry["count"]:
         raise MmvsslError(f"{path} holds {index.ntotal} vectors, the database {entry['count']}; rebuild the index")
-    if isinstance(index, faiss.IndexIVF) or index_kind(index) == "ivf":
-        faiss.extract_index_ivf(index).nprobe = IVF_NPROBE
+    if index_kind(index) == "ivf":  # nprobe is not serialised
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = ivf_nprobe(ivf.nlist)
     return index
 
 
