@@ -123,3 +123,42 @@ def test_teg_with_feature_cached_accumulation_equals_one_step():
     assert set(results[1][2]) == set(results[0][2]) and any(n.startswith("frame_head") for n in results[0][2])
     for n, g in results[0][2].items():
         assert torch.allclose(results[1][2][n], g, atol=1e-5, rtol=1e-4), n
+
+
+def _dense_inputs():
+    g = torch.Generator().manual_seed(2)
+    short = F.normalize(torch.randn(4, 3, 8, generator=g), dim=-1)
+    long = F.normalize(torch.randn(4, 2, 8, generator=g), dim=-1)
+    return short, long, torch.randint(2, (4, 3), generator=g)
+
+
+def _dense_worker(rank: int, world: int, folder: str):
+    """One of two gloo processes: its half of the clips through teg_dense_loss, backward."""
+    import torch.distributed as dist
+
+    from mmvssl.methods.teg import teg_dense_loss
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    short, long, positive = _dense_inputs()
+    rows = slice(rank * 2, rank * 2 + 2)
+    s, l = short[rows].clone().requires_grad_(), long[rows].clone().requires_grad_()
+    loss = teg_dense_loss(s, l, positive[rows], 0.2)
+    loss.backward()
+    torch.save({"loss": loss.item(), "short": s.grad, "long": l.grad}, f"{folder}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_teg_dense_loss_over_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
+    """Each process's loss is its share of the global mean, and its features' gradients (which DDP
+    averages over processes) are the global loss's: the negatives come from both processes."""
+    import torch.multiprocessing as mp
+
+    from mmvssl.methods.teg import teg_dense_loss
+    mp.spawn(_dense_worker, args=(2, str(tmp_path)), nprocs=2, join=True)  # (fork can deadlock in torch's thread pool)
+    parts = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    short, long, positive = _dense_inputs()
+    short.requires_grad_(), long.requires_grad_()
+    loss = teg_dense_loss(short, long, positive, 0.2)
+    loss.backward()
+    assert sum(p["loss"] for p in parts) / 2 == pytest.approx(loss.item(), rel=1e-5)
+    torch.testing.assert_close(torch.cat([p["short"] for p in parts]) / 2, short.grad)
+    torch.testing.assert_close(torch.cat([p["long"] for p in parts]) / 2, long.grad)
