@@ -218,7 +218,7 @@ def store_batch(db, root_id: int, items: list[Pending], window: float) -> None:
                                (window_id, space, store.to_blob(per_window[w])))
 
 
-def sync_root(db, folder: Path, indexer: Indexer, source: str, progress: bool = False) -> dict:
+def sync_root(db, indexer: Indexer, source: str, progress: bool = False) -> dict:
     """Bring one input (folder or shard set) up to date in the index; returns its counts."""
     kind = "folder" if is_video_folder(source) else "shards"
     root_path = str(Path(source).resolve()) if kind == "folder" else source
@@ -271,7 +271,6 @@ def sync_root(db, folder: Path, indexer: Indexer, source: str, progress: bool = 
             report.reject(video.source, str(e) if isinstance(e, DecodeError) else f"failed: {type(e).__name__}: {e}")
             continue
         seen.add(video.source)
-        report.accepted.append({"source": video.source})
         done.append(item)
         if sum(len(p.starts) for p in done) >= indexer.batch_size:
             commit()
@@ -313,7 +312,7 @@ def _run(db, folder: Path, model, model_path: str, source: str, settings: dict, 
         store.set_info(db, "settings", settings)
         store.set_info(db, "state", "building")
     indexer = Indexer(model, settings["window"], settings["stride"], settings["narrator"], batch_size)
-    counts = sync_root(db, folder, indexer, source, progress)
+    counts = sync_root(db, indexer, source, progress)
     report = finalize(db, folder, approx_threshold)
     total = db.execute("SELECT COUNT(*) FROM windows").fetchone()[0]
     return {"embedded_videos": counts["videos"], "embedded_windows": counts["windows"], "kept": counts["kept"],
