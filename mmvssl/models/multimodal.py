@@ -50,6 +50,7 @@ class MultimodalModel(nn.Module):
         widths = {f"{m}_width": enc.width for m, enc in self.encoders.items()}
         self.heads = build(HEADS[head_type], {**widths, **head_cfg}, f"{name}.heads")
         self.frame_features = False  # forward also returns video_frames (B, t, width)
+        self.token_features = False  # forward also returns video_tokens (B, N, width), the encoder's token outputs
 
     @property
     def name(self) -> str:
@@ -109,7 +110,8 @@ class MultimodalModel(nn.Module):
 
         Several views of each clip, video (B, V, C, T, H, W), are folded into the batch once
         (B * V clips through the encoder and heads, so BatchNorm sees every view) and every video
-        output comes back per view: `video_<space>` (B, V, D), `video_frames` (B, V, t, width)."""
+        output comes back per view: `video_<space>` (B, V, D), `video_frames` (B, V, t, width),
+        `video_tokens` (B, V, N, width) when `token_features` is set."""
         pooled, text_shape, views = {}, None, None
         for modality, enc in self.encoders.items():
             if modality not in batch:
@@ -128,6 +130,8 @@ class MultimodalModel(nn.Module):
                     raise ConfigError(f"model '{self.name}': its video encoder gives no per-frame tokens "
                                       f"(video_frames); per-frame distillation needs a video transformer")
                 frames = encoded["frames"]  # (B, t, width)
+            if modality == "video" and self.token_features:
+                tokens = encoded["tokens"]  # (B, N, width): t x h x w tokens in that order (no DropToken)
         out = {}
         for key, z in self.heads.embed(pooled).items():
             z = F.normalize(z, dim=-1)
@@ -138,6 +142,8 @@ class MultimodalModel(nn.Module):
             out[key] = z
         if self.frame_features and "video" in pooled:
             out["video_frames"] = frames.view(*views, *frames.shape[1:]) if views else frames
+        if self.token_features and "video" in pooled:
+            out["video_tokens"] = tokens.view(*views, *tokens.shape[1:]) if views else tokens
         return out
 
     # ---- persistence: config.json + model.safetensors, written atomically, loaded without pickle

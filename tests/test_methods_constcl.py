@@ -1,0 +1,111 @@
+"""ConST-CL: the model's token grid, region features by hand, the region loss and the method on a
+batch, accumulation, refused configurations. (Training on the demo shards and the falling loss:
+tests/test_methods.py, over configs/methods/constcl.yaml.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmvssl.errors import ConfigError
+
+
+def _constcl(**options):
+    import mmvssl
+    from mmvssl.methods.constcl import ConSTCL, ConSTCLOptions
+    torch.manual_seed(0)
+    student = mmvssl.create_model("video-tiny", video={"num_frames": 4, "image_size": 32})
+    student.token_features = True
+    encoder = student.encoders["video"]
+    return student, ConSTCL(ConSTCLOptions(**options), encoder.width, encoder.patch)
+
+
+def test_model_returns_the_token_grid_per_view_when_asked():
+    import mmvssl
+    torch.manual_seed(0)
+    model = mmvssl.create_model("video-tiny", video={"num_frames": 4, "image_size": 32}).eval()
+    video = torch.randn(2, 2, 3, 4, 32, 32)
+    assert "video_tokens" not in model({"video": video})
+    model.token_features = True
+    with torch.no_grad():
+        tokens = model({"video": video})["video_tokens"]
+        flat = model.encoders["video"](video.flatten(0, 1))["tokens"]
+    assert tokens.shape == (2, 2, 2 * 4 * 4, 128)  # t x h x w = 2 x 4 x 4 tokens of width 128
+    torch.testing.assert_close(tokens.flatten(0, 1), flat)
+
+
+def test_region_features_of_a_box_on_a_constant_block_are_that_block():
+    from mmvssl.methods.constcl import region_features
+    maps = torch.zeros(2, 3, 4, 4)  # (M, C, h, w)
+    maps[0, :, :3, :3] = torch.tensor([1.0, 2.0, 3.0])[:, None, None]  # rows 0-2, columns 0-2 of map 0
+    maps[1, :, 2:, 1:] = 5.0  # rows 2-3, columns 1-3 of map 1
+    # [x1, y1, x2, y2] in [0, 1]; each box's bilinear samples (cell centres at i + 0.5) stay inside one block
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.875, 0.875, 1.0, 1.0]],
+                          [[0.375, 0.625, 0.875, 1.0], [0.0, 0.0, 0.125, 0.125]]])
+    got = region_features(maps, boxes, size=2)
+    torch.testing.assert_close(got[0, 0], torch.tensor([1.0, 2.0, 3.0]))
+    torch.testing.assert_close(got[0, 1], torch.zeros(3))
+    torch.testing.assert_close(got[1, 0], torch.full((3,), 5.0))
+    torch.testing.assert_close(got[1, 1], torch.zeros(3))
+
+
+def test_region_nce_loss_matches_a_hand_computation():
+    from mmvssl.methods.constcl import region_nce_loss
+    g = torch.Generator().manual_seed(0)
+    p = F.normalize(torch.randn(2, 3, 5, generator=g), dim=-1)
+    q = F.normalize(torch.randn(2, 3, 5, generator=g), dim=-1)
+    flat_p, flat_q = p.reshape(6, 5), q.reshape(6, 5)
+    expected = 0.0
+    for i in range(6):
+        logits = torch.tensor([float(flat_p[i] @ flat_q[j]) / 0.2 for j in range(6)])
+        expected += -(logits[i] - torch.logsumexp(logits, 0)).item()
+    assert region_nce_loss(p, q, 0.2).item() == pytest.approx(expected / 6, rel=1e-5)
+
+
+def _batch(method, n=4):
+    torch.manual_seed(1)
+    return method.prepare({"video": torch.randn(n, 2, 3, 4, 32, 32)})
+
+
+def test_constcl_boxes_lie_in_the_frame_and_every_part_trains():
+    student, method = _constcl(regions=3, box_scale=[0.25, 0.5])
+    batch = _batch(method)
+    boxes = batch["constcl_boxes"]
+    assert boxes.shape == (4, 3, 4) and boxes.min() >= 0 and boxes.max() <= 1
+    sides = boxes[..., 2:] - boxes[..., :2]
+    assert sides.min() >= 0.25 - 1e-6 and sides.max() <= 0.5 + 1e-6
+    loss, terms = method(method.embed(student, batch), batch)
+    assert set(terms) == {"region", "clip"}
+    loss.backward()
+    for part in (method.decoder, method.predict_head, method.target_head):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    assert student.encoders["video"].pos_h.grad.abs().sum() > 0
+
+
+def test_constcl_with_feature_cached_accumulation_equals_one_step():
+    from accelerate import Accelerator
+
+    from mmvssl.train.step import forward_backward
+    results = []
+    for accum in (1, 2):
+        student, method = _constcl()
+        student.eval()  # the encoder's BatchNorm on running statistics: independent of the split
+        loss, _ = forward_backward(student, method, _batch(method), Accelerator(cpu=True), accum_steps=accum)
+        results.append((loss.item(), {n: p.grad.clone() for n, p in [*student.named_parameters(),
+                                                                     *method.named_parameters()] if p.grad is not None}))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    assert set(results[1][1]) == set(results[0][1]) and any(n.startswith("decoder") for n in results[0][1])
+    for n, g in results[0][1].items():
+        assert torch.allclose(results[1][1][n], g, atol=1e-5, rtol=1e-4), n
+
+
+def test_constcl_refuses_views_whose_geometry_differs(demo_shards, tmp_path):
+    from mmvssl.resources import data_path
+    from mmvssl.train.engine import pretrain
+    from tests.test_methods import tiny_config
+    path = data_path("configs", "methods", "constcl.yaml")
+    with pytest.raises(ConfigError, match="crops are not recorded"):
+        pretrain(tiny_config(path, demo_shards["train"], tmp_path, "data.augment.crop_area=[0.3,1.0]"))
+    with pytest.raises(ConfigError, match="method 'constcl' relates regions of two views.*'cvrl'"):
+        pretrain(tiny_config(path, demo_shards["train"], tmp_path, "data.sampler=cvrl"))
