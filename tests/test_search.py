@@ -381,3 +381,16 @@ def test_past_the_threshold_the_index_is_approximate_and_answers_like_the_exact_
     for searcher_query in ({"text": "a circle"}, {"video": clip}):  # 7 lists, all visited: same ranking
         a, b = exact.query(**searcher_query, k=14), approximate.query(**searcher_query, k=14)
         assert [(r["video"], r["start"], r["score"]) for r in a] == [(r["video"], r["start"], r["score"]) for r in b]
+
+
+def test_index_commands(models, videos, tmp_path, capsys):
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(videos / "clips" / "clip0.mp4", one / "clip0.mp4")
+    out = str(tmp_path / "idx")
+    assert main(["index", "build", models["a"], "--input", str(one), "--out", out, "--window", "1", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("indexed 1 videos, 2 windows (1 videos embedded now")
+    assert main(["index", "add", out, "--input", str(videos / "clips"), "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("indexed 5 videos, 16 windows (4 videos embedded now")
+    assert main(["index", "build", models["a"], "--input", str(tmp_path / "nowhere"), "--out", out]) == 2
+    assert "index input not found" in capsys.readouterr().err
