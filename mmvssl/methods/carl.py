@@ -85,7 +85,8 @@ class CARL(Method):
         spec = ctx.spec
         if not (spec.sampler == "cvrl" or (spec.sampler == "same" and spec.num_clips == 2)):
             raise ConfigError(f"method 'carl' aligns the frames of two views: data.sampler '{spec.sampler}' with "
-                              f"data.num_clips={spec.num_clips} does not give them (use same with num_clips=2, or cvrl)")
+                              f"data.num_clips={spec.num_clips} does not give them "
+                              f"(use same with num_clips=2, or cvrl)")
         net = build_student(cfg, ctx.accelerator)
         net.frame_features = True  # forward also returns video_frames (B, V, t, width)
         return net, cls(options, net.output_dims()["video_frames"], spec.num_frames)

@@ -55,7 +55,8 @@ class TeGOptions:
 
 def frame_head(width: int, hidden: int, dim: int) -> nn.Sequential:
     """The per-time projection head: (N, width) -> (N, dim)."""
-    return nn.Sequential(nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+    return nn.Sequential(nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, dim))
 
 
 def aligned_positions(short_times: torch.Tensor, long_times: torch.Tensor) -> torch.Tensor:
