@@ -105,7 +105,7 @@ def test_constcl_refuses_views_whose_geometry_differs(demo_shards, tmp_path):
     from mmvssl.train.engine import pretrain
     from tests.test_methods import tiny_config
     path = data_path("configs", "methods", "constcl.yaml")
-    with pytest.raises(ConfigError, match="crops are not recorded"):
+    with pytest.raises(ConfigError, match="boxes are not mapped between crops"):
         pretrain(tiny_config(path, demo_shards["train"], tmp_path, "data.augment.crop_area=[0.3,1.0]"))
     with pytest.raises(ConfigError, match="method 'constcl' relates regions of two views.*'cvrl'"):
         pretrain(tiny_config(path, demo_shards["train"], tmp_path, "data.sampler=cvrl"))

@@ -128,3 +128,60 @@ def test_cstp_refuses_a_sampler_without_two_clips_and_bad_strides(demo_shards, t
         pretrain(cfg)
     with pytest.raises(ConfigError, match="strides must be positive"):
         _cstp(strides=[8])
+
+
+def test_cstp_overlap_target_multiplies_the_temporal_and_the_crop_iou_by_hand():
+    from mmvssl.methods.cstp import box_iou
+    _, method = _cstp(strides=[1])
+    batch = _indexed_batch([[[0.0, 2.0], [1.0, 3.0]], [[0.0, 2.0], [0.0, 2.0]]])
+    batch["meta"][0]["crops"] = [[0.0, 0.0, 0.5, 1.0], [0.25, 0.0, 0.75, 1.0]]  # x overlap 0.25 of 0.75: 1/3
+    batch["meta"][1]["crops"] = [[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 0.75, 0.75]]  # 1/16 of 7/16: 1/7
+    batch = method.prepare(batch)
+    torch.testing.assert_close(batch["cstp_overlap"], torch.tensor([1 / 3 * 1 / 3, 1.0 * 1 / 7]))
+    assert box_iou(torch.tensor([0.0, 0.0, 0.5, 0.5]), torch.tensor([0.5, 0.5, 1.0, 1.0])).item() == 0.0
+
+
+def test_augmenter_records_its_crop_and_gives_the_frames_of_its_composed_transform():
+    import random
+
+    from torchvision import tv_tensors
+
+    from mmvssl.data.augment import Augmenter, AugmentOptions
+    H, W = 100, 200
+    frames = torch.zeros(2, H, W, 3, dtype=torch.uint8)
+    frames[..., 0] = (torch.arange(W) * 255 // (W - 1)).to(torch.uint8)[None, None, :]  # red ramps with x
+    frames[..., 1] = (torch.arange(H) * 255 // (H - 1)).to(torch.uint8)[None, :, None]  # green ramps with y
+    plain = Augmenter(AugmentOptions(video=True, flip=0.0, jitter_p=0.0, grayscale=0.0), 32)
+    for seed in range(4):
+        out, (x0, y0, x1, y1) = plain.video_and_crop(frames, random.Random(seed))
+        assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+        cell_x, cell_y = (x1 - x0) * 255 / 32, (y1 - y0) * 255 / 32  # ramp steps per output pixel
+        assert abs(out[0, 0, 0, 0].item() - x0 * 255) <= cell_x + 3 and abs(out[0, 0, -1, 0].item() - x1 * 255) <= cell_x + 3
+        assert abs(out[0, 0, 0, 1].item() - y0 * 255) <= cell_y + 3 and abs(out[0, -1, 0, 1].item() - y1 * 255) <= cell_y + 3
+    full = Augmenter(AugmentOptions(video=True, blur=0.5), 32)  # every transform on: the frames are Compose's
+    for seed in range(4):
+        out, _ = full.video_and_crop(frames, random.Random(seed))
+        rng = random.Random(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rng.getrandbits(62))
+            expected = full.video_transform(tv_tensors.Video(frames.permute(0, 3, 1, 2)))
+        assert torch.equal(out, expected.permute(0, 2, 3, 1))
+        assert torch.equal(full.video(frames, random.Random(seed)), out)
+
+
+def test_loader_records_each_views_crop(demo_shards):
+    from mmvssl.config import load_config
+    from mmvssl.data.loader import build_loader
+    from mmvssl.data.options import sample_spec
+    from mmvssl.resources import data_path
+    from tests.test_methods import TINY
+    cfg = load_config(data_path("configs", "methods", "cstp.yaml"), TINY)
+    batch = next(iter(build_loader(str(demo_shards["train"]), sample_spec(cfg.data, train=True, seed=0), 4,
+                                   num_workers=0)))
+    crops = torch.tensor([m["crops"] for m in batch["meta"]])  # (B, V, 4)
+    assert crops.shape == (4, 2, 4) and crops.min() >= 0 and crops.max() <= 1
+    assert (crops[..., 2:] > crops[..., :2]).all() and not torch.equal(crops[:, 0], crops[:, 1])
+    cfg.data.augment.video = False
+    batch = next(iter(build_loader(str(demo_shards["train"]), sample_spec(cfg.data, train=True, seed=0), 4,
+                                   num_workers=0)))
+    assert all(m["crops"] == [[0.0, 0.0, 1.0, 1.0]] * 2 for m in batch["meta"])

@@ -69,15 +69,28 @@ class Augmenter:
 
     def video(self, frames: torch.Tensor, rng: random.Random) -> torch.Tensor:
         """(T, H, W, 3) uint8 -> (T, size, size, 3) uint8, one parameter draw for all T frames."""
+        return self.video_and_crop(frames, rng)[0]
+
+    def video_and_crop(self, frames: torch.Tensor, rng: random.Random) -> tuple[torch.Tensor, list[float]]:
+        """`video`, and the crop it took: [x0, y0, x1, y1], a share of the input frame's width and
+        height ([0, 0, 1, 1] without augmentation). The transforms of build_video_transform run one by
+        one with their own draws in Compose's order, so the frames are exactly `video_transform`'s."""
         if self.video_transform is None:
-            return frames
+            return frames, [0.0, 0.0, 1.0, 1.0]
         from torchvision import tv_tensors
 
         clip = tv_tensors.Video(frames.permute(0, 3, 1, 2))  # (T, C, H, W)
+        H, W = clip.shape[-2:]
+        crop, *rest = self.video_transform.transforms
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(rng.getrandbits(62))
-            out = self.video_transform(clip)
-        return out.permute(0, 2, 3, 1).contiguous()
+            params = crop.make_params([clip])  # what RandomResizedCrop.forward draws
+            out = crop.transform(clip, params)
+            for transform in rest:
+                out = transform(out)
+        box = [params["left"] / W, params["top"] / H, (params["left"] + params["width"]) / W,
+               (params["top"] + params["height"]) / H]
+        return out.permute(0, 2, 3, 1).contiguous(), box
 
     def audio(self, wave: torch.Tensor, rng: random.Random) -> torch.Tensor:
         """(S,) float: random gain, then white noise at a random SNR (probability noise_p)."""

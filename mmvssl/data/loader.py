@@ -143,14 +143,15 @@ class DecodeSamples:
             times = torch.from_numpy(start + np.arange(spec.num_frames) / (spec.num_frames / length))
             cached = pair_cached_frames(raw, times, spec.teacher_features)  # (T, D) float16
         augment = self.augmenter.video_transform is not None
-        videos, audio, first = [], None, None
+        videos, crops, audio, first = [], [], None, None
         for v, (start, length) in enumerate(windows):
             if v == 0 or windows[v] != windows[v - 1]:  # a repeated window (sampler `same`) is decoded once
                 clip = decode_window(raw[ext], start, spec.num_frames, spec.num_frames / length,
                                      None if augment else spec.size, spec.audio_rate if v == 0 else None,
                                      short_side=round(spec.size * spec.augment.decode_short_side) if augment else None)
             frames = torch.from_numpy(clip.frames)  # (T, H, W, 3) uint8
-            frames = self.augmenter.video(frames, rng) if augment else frames
+            frames, crop = self.augmenter.video_and_crop(frames, rng) if augment else (frames, [0.0, 0.0, 1.0, 1.0])
+            crops.append(crop)  # [x0, y0, x1, y1], a share of the decoded frame
             videos.append(frames.permute(3, 0, 1, 2))  # uint8 (C, T, H, W); collate normalises the batch
             if v == 0:
                 first, audio = clip, clip.audio
@@ -169,6 +170,7 @@ class DecodeSamples:
         window_meta = {"window": [first.start, first.end]}
         if len(windows) > 1:
             window_meta["views"] = [[s, s + n] for s, n in windows]
+            window_meta["crops"] = crops  # each view's spatial crop (before any flip)
         sample = {
             "video": video, "audio": audio, "text": tokens, "text_mask": text_mask,
             "has_video": True, "has_audio": has_audio, "has_text": bool(texts), "text_generated": generated,

@@ -4,7 +4,7 @@ that view's features of the same regions; beside a clip-level contrastive loss.
 
 - Views (`data.sampler: same`, `data.num_clips: 2`): two augmentations of one window that keep
   its geometry (colour only: crop_area and crop_aspect [1, 1], flip 0), so a box means the same
-  place in both views. `prepare` draws `regions` boxes per clip on the device (sides a share
+  place in both views (boxes are not mapped between different crops or flips). `prepare` draws `regions` boxes per clip on the device (sides a share
   `box_scale` of the frame), the same for both views.
 - Token grid: the video transformer's token outputs (`video_tokens`, (B, V, t*h*w, width); the
   model's `token_features`), averaged over time into an h x w map per view.
@@ -19,8 +19,9 @@ that view's features of the same regions; beside a clip-level contrastive loss.
 - Clip loss: NT-Xent between the two views' `video_<space>` embeddings at `clip_temperature`.
 - loss = region_weight * region + clip_weight * clip; a term is on when its weight is positive.
 
-Departures from the paper: the loader does not record augmentation crops, so the two views share
-one geometry (ConST-CL relates regions across different crops, and across time, of a clip); the
+Departures from the paper: the two views share one geometry (ConST-CL relates regions across
+different crops, and across time, of a clip; the loader records crops in batch["meta"][i]["crops"],
+but flips are not recorded and boxes are not mapped between crops here); the
 regions are random boxes, not detected or tracked objects; the features are the transformer's
 tokens averaged over time (one spatial map per view), not a 3-D CNN's spatio-temporal map; the
 decoder's depth, heads and the loss weights are this module's (the paper's code was not read).
@@ -123,8 +124,8 @@ class ConSTCL(Method):
             raise ConfigError(f"method 'constcl' relates regions of two views of one window: data.sampler "
                               f"'{spec.sampler}' with data.num_clips={spec.num_clips} does not give them (use same, 2)")
         if aug.video and (tuple(aug.crop_scale) != (1.0, 1.0) or tuple(aug.crop_ratio) != (1.0, 1.0) or aug.flip > 0):
-            raise ConfigError("method 'constcl': crops are not recorded, so both views must keep the frame's geometry "
-                              "(data.augment.crop_area [1, 1], crop_aspect [1, 1], flip 0)")
+            raise ConfigError("method 'constcl': boxes are not mapped between crops, so both views must keep the "
+                              "frame's geometry (data.augment.crop_area [1, 1], crop_aspect [1, 1], flip 0)")
         net = build_student(cfg, ctx.accelerator)
         encoder = net.encoders["video"]
         if not hasattr(encoder, "patch") or getattr(encoder, "drop_token", 0) > 0:

@@ -10,10 +10,11 @@ pretext tasks: the clips' spatio-temporal overlap rate (STOR), their playback ra
   window / T. A head on the view's features predicts s (cross-entropy over `strides`).
 - Rotation (in `prepare`): the second view of each clip is rotated by k x 90 degrees, k drawn per
   clip; a head on its features predicts k (4-way cross-entropy).
-- Overlap rate: the target is the temporal IoU of the two views' covered windows (after the stride
-  subsampling) times their spatial IoU, which is 1 here: the loader does not record augmentation
-  crops, so both views count as full frames. A head on both views' features
-  ([f1, f2, |f1 - f2|, f1 * f2]) regresses it through a sigmoid, mean squared error.
+- Overlap rate (STOR): the target is the temporal IoU of the two views' covered windows (after the
+  stride subsampling) times the IoU of their spatial crops, which the loader records per view in
+  batch["meta"][i]["crops"] ([x0, y0, x1, y1], a share of the decoded frame; a horizontal flip after
+  the crop does not change the region); a batch without crops counts as full frames. A head on both
+  views' features ([f1, f2, |f1 - f2|, f1 * f2]) regresses it through a sigmoid, mean squared error.
 - BYOL (Grill et al. 2020): online = the model (encoder + projection head, `video_<space>`) + the
   method's predictor (Linear-BN-ReLU-Linear); target = an exponential moving average of the model,
   no gradient, momentum on a cosine from `momentum_start` to `momentum_end` over
@@ -25,7 +26,7 @@ pretext tasks: the clips' spatio-temporal overlap rate (STOR), their playback ra
 
 Departures from the paper: the reference code (github.com/Katou2/CSTP) was not available to read, so
 the head designs, loss weights and label sets are this module's: overlap is regressed (not
-classified into bins), and spatial overlap is not used (crops are not recorded). Playback rate is
+classified into bins), and the rotation does not enter the spatial IoU. Playback rate is
 made on the device by temporal subsampling of a decoded view (the loader decodes both views at one
 rate), so each view has half the decoded frames when strides are [1, 2]; configs decode 2x the
 model's frames for that. The model's projection output is L2-normalised before the predictor (the
@@ -45,6 +46,25 @@ from ..errors import ConfigError
 from .base import BuildContext, Method, cosine_schedule, ema_update, frozen_copy, unwrap
 from .contrastive import build_student
 from .timing import temporal_iou, view_windows
+
+
+def view_crops(batch: dict, device=None) -> torch.Tensor:
+    """(B, V, 4) each view's crop [x0, y0, x1, y1] from batch["meta"][i]["crops"] (the loader's);
+    full frames [0, 0, 1, 1] for a batch whose metadata has none."""
+    meta = batch.get("meta") or []
+    if meta and all(isinstance(m, dict) and "crops" in m for m in meta):
+        return torch.tensor([m["crops"] for m in meta], dtype=torch.float32, device=device)
+    views = batch["video"].shape[1]
+    return torch.tensor([0.0, 0.0, 1.0, 1.0], device=device).expand(batch["video"].shape[0], views, 4)
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Intersection over union of boxes a, b (..., 4) [x0, y0, x1, y1] -> (...)."""
+    w = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
+    h = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(min=0)
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return w * h / (area_a + area_b - w * h).clamp(min=1e-9)
 
 
 @dataclass
@@ -152,11 +172,13 @@ class CSTP(Method):
         rotation = torch.randint(4, (B,), device=device)
         video = torch.stack([video[:, 0], rotate_views(video[:, 1], rotation)], dim=1)
         windows = view_windows(batch, device)  # (B, 2, 2)
+        crops = view_crops(batch, device)  # (B, 2, 4), read before the video is replaced
         dt = (windows[..., 1] - windows[..., 0]) / T
         start = windows[..., 0] + offset * dt
         covered = torch.stack([start, start + stride * self.keep * dt], dim=-1)  # (B, 2, 2) after subsampling
+        overlap = temporal_iou(covered[:, 0], covered[:, 1]) * box_iou(crops[:, 0], crops[:, 1])  # (B,)
         return {**batch, "video": video, "cstp_rate": rate, "cstp_rotation": rotation, "cstp_windows": covered,
-                "cstp_overlap": temporal_iou(covered[:, 0], covered[:, 1])}  # x spatial IoU 1: crops unrecorded
+                "cstp_overlap": overlap}
 
     def embed(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         out = model({"video": batch["video"]})
