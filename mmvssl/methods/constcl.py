@@ -1,6 +1,7 @@
-"""`constcl`: ConST-CL (Yeh et al. 2022, contrastive spatio-temporal context learning): region
-features of one view predict, through a small transformer decoder over the other view's tokens,
-that view's features of the same regions; beside a clip-level contrastive loss.
+"""`constcl`: ConST-CL (Yuan et al. 2022, "Contextualized Spatio-Temporal Contrastive Learning with
+Self-Supervision", CVPR): region features of one view predict, through a small transformer decoder
+over the other view's tokens (the context), that view's features of the same regions; beside a
+clip-level contrastive loss.
 
 - Views (`data.sampler: same`, `data.num_clips: 2`): two augmentations of one window that keep
   its geometry (colour only: crop_area and crop_aspect [1, 1], flip 0), so a box means the same
@@ -24,7 +25,8 @@ different crops, and across time, of a clip; the loader records crops in batch["
 but flips are not recorded and boxes are not mapped between crops here); the
 regions are random boxes, not detected or tracked objects; the features are the transformer's
 tokens averaged over time (one spatial map per view), not a 3-D CNN's spatio-temporal map; the
-decoder's depth, heads and the loss weights are this module's (the paper's code was not read).
+decoder's depth, heads and the loss weights are this module's (the paper's code, in
+tensorflow/models official/projects/const_cl, was not read).
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def region_nce_loss(predicted: torch.Tensor, target: torch.Tensor, temperature: 
 
 class ConSTCL(Method):
     name = "constcl"
-    paper = "ConST-CL (Yeh et al. 2022): region features of one view predict the other view's context"
+    paper = "ConST-CL (Yuan et al. 2022): region features of one view predict the other view's context"
     Options = ConSTCLOptions
 
     def __init__(self, options: ConSTCLOptions, width: int, patch: tuple[int, int, int]):

@@ -1,5 +1,5 @@
-"""`teg`: TeG (Qian et al. 2022, "Exploring Temporal Granularity in Self-Supervised Video
-Representation Learning"): a long clip and a short clip inside it; a fine-grained (dense) loss
+"""`teg`: TeG (Qian et al. 2021, arXiv 2112.04480, "Exploring Temporal Granularity in Self-Supervised
+Video Representation Learning"): a long clip and a short clip inside it; a fine-grained (dense) loss
 matches the short clip's per-time embeddings to the long clip's at the same times, and a
 persistent (clip-level) loss pulls the two clips' embeddings together.
 
@@ -84,7 +84,7 @@ def teg_dense_loss(short: torch.Tensor, long: torch.Tensor, positive: torch.Tens
 
 class TeG(Method):
     name = "teg"
-    paper = "TeG (Qian et al. 2022): a short clip's per-time embeddings matched to the long clip around it"
+    paper = "TeG (Qian et al. 2021, arXiv 2112.04480): a short clip's per-time embeddings matched to the long clip around it"
     Options = TeGOptions
 
     def __init__(self, options: TeGOptions, width: int, num_frames: int):
