@@ -109,3 +109,30 @@ def test_constcl_refuses_views_whose_geometry_differs(demo_shards, tmp_path):
         pretrain(tiny_config(path, demo_shards["train"], tmp_path, "data.augment.crop_area=[0.3,1.0]"))
     with pytest.raises(ConfigError, match="method 'constcl' relates regions of two views.*'cvrl'"):
         pretrain(tiny_config(path, demo_shards["train"], tmp_path, "data.sampler=cvrl"))
+
+
+def test_region_loss_over_two_processes_equals_one_process_on_the_whole_batch(monkeypatch):
+    """Two ranks simulated in one process, as in test_methods_teg: each rank's loss is its share of
+    the global mean and the summed gradients, averaged as DDP does, are the global loss's."""
+    from mmvssl.losses import contrastive
+    from mmvssl.methods import constcl
+    g = torch.Generator().manual_seed(3)
+    p, q = F.normalize(torch.randn(4, 3, 5, generator=g), dim=-1), F.normalize(torch.randn(4, 3, 5, generator=g), dim=-1)
+    ref_p, ref_q = p.clone().requires_grad_(), q.clone().requires_grad_()
+    reference = constcl.region_nce_loss(ref_p, ref_q, 0.2)
+    reference.backward()
+    all_p, all_q = p.clone().requires_grad_(), q.clone().requires_grad_()
+    losses = []
+    for rank in range(2):
+        rows = slice(rank * 2, rank * 2 + 2)
+        everyone = all_q.reshape(12, 5)  # what the gather of the target regions returns
+        monkeypatch.setattr(constcl, "world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(contrastive, "world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(constcl, "gather_with_grad", lambda x, everyone=everyone: everyone)
+        monkeypatch.setattr(constcl, "gather_no_grad", lambda x: torch.cat([x, x]))
+        loss = constcl.region_nce_loss(all_p[rows], all_q[rows], 0.2)
+        loss.backward()
+        losses.append(loss.item())
+    assert sum(losses) / 2 == pytest.approx(reference.item(), rel=1e-5)
+    torch.testing.assert_close(all_p.grad / 2, ref_p.grad)
+    torch.testing.assert_close(all_q.grad / 2, ref_q.grad)

@@ -132,33 +132,30 @@ def _dense_inputs():
     return short, long, torch.randint(2, (4, 3), generator=g)
 
 
-def _dense_worker(rank: int, world: int, folder: str):
-    """One of two gloo processes: its half of the clips through teg_dense_loss, backward."""
-    import torch.distributed as dist
-
-    from mmvssl.methods.teg import teg_dense_loss
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+def test_teg_dense_loss_over_two_processes_equals_one_process_on_the_whole_batch(monkeypatch):
+    """Two ranks simulated in one process: rank r sees its half of the clips, the gather returns
+    every rank's rows (the same tensor, so each rank's backward reaches every row, as the real
+    gather's all-reduce does). Each rank's loss is its share of the global mean, and the summed
+    gradients, averaged as DDP does, are the global loss's. (The real gather across processes:
+    tests/test_distributed.py.)"""
+    from mmvssl.losses import contrastive
+    from mmvssl.methods import teg
     short, long, positive = _dense_inputs()
-    rows = slice(rank * 2, rank * 2 + 2)
-    s, l = short[rows].clone().requires_grad_(), long[rows].clone().requires_grad_()
-    loss = teg_dense_loss(s, l, positive[rows], 0.2)
-    loss.backward()
-    torch.save({"loss": loss.item(), "short": s.grad, "long": l.grad}, f"{folder}/{rank}.pt")
-    dist.destroy_process_group()
-
-
-def test_teg_dense_loss_over_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
-    """Each process's loss is its share of the global mean, and its features' gradients (which DDP
-    averages over processes) are the global loss's: the negatives come from both processes."""
-    import torch.multiprocessing as mp
-
-    from mmvssl.methods.teg import teg_dense_loss
-    mp.spawn(_dense_worker, args=(2, str(tmp_path)), nprocs=2, join=True)  # (fork can deadlock in torch's thread pool)
-    parts = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
-    short, long, positive = _dense_inputs()
-    short.requires_grad_(), long.requires_grad_()
-    loss = teg_dense_loss(short, long, positive, 0.2)
-    loss.backward()
-    assert sum(p["loss"] for p in parts) / 2 == pytest.approx(loss.item(), rel=1e-5)
-    torch.testing.assert_close(torch.cat([p["short"] for p in parts]) / 2, short.grad)
-    torch.testing.assert_close(torch.cat([p["long"] for p in parts]) / 2, long.grad)
+    expected_short, expected_long = short.clone().requires_grad_(), long.clone().requires_grad_()
+    reference = teg.teg_dense_loss(expected_short, expected_long, positive, 0.2)
+    reference.backward()
+    all_short, all_long = short.clone().requires_grad_(), long.clone().requires_grad_()
+    losses = []
+    for rank in range(2):
+        rows = slice(rank * 2, rank * 2 + 2)
+        everyone = all_long.reshape(8, 8)  # (world * B * tl, D): what the gather of long's rows returns
+        monkeypatch.setattr(teg, "world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(contrastive, "world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(teg, "gather_with_grad", lambda x, everyone=everyone: everyone)
+        monkeypatch.setattr(teg, "gather_no_grad", lambda x: torch.cat([x, x]))
+        loss = teg.teg_dense_loss(all_short[rows], all_long[rows], positive[rows], 0.2)
+        loss.backward()
+        losses.append(loss.item())
+    assert sum(losses) / 2 == pytest.approx(reference.item(), rel=1e-5)
+    torch.testing.assert_close(all_short.grad / 2, expected_short.grad)
+    torch.testing.assert_close(all_long.grad / 2, expected_long.grad)
