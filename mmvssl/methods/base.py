@@ -138,6 +138,16 @@ def cosine_schedule(start: float, end: float, step: int, total: int) -> float:
     return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
 
 
+def require_output(net: nn.Module, key: str, method: str) -> dict[str, int]:
+    """The model's output widths (`output_dims`), after checking that it gives `key`; a one-line
+    ConfigError naming the method, the output and the model otherwise."""
+    dims = net.output_dims()
+    if key not in dims:
+        raise ConfigError(f"method '{method}' reads {key}: model '{net.name}' has no such output "
+                          f"(a preset with heads.type: projection, e.g. video-tiny)")
+    return dims
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DDP / torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):

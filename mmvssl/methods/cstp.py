@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..errors import ConfigError
-from .base import BuildContext, Method, cosine_schedule, ema_update, frozen_copy, unwrap
+from .base import BuildContext, Method, cosine_schedule, ema_update, frozen_copy, require_output, unwrap
 from .contrastive import build_student
 from .timing import temporal_iou, view_windows
 
@@ -145,9 +145,7 @@ class CSTP(Method):
             raise ConfigError(f"method 'cstp' predicts the overlap of two clips of a video: data.sampler "
                               f"'{ctx.spec.sampler}' does not give them (use cvrl)")
         net = build_student(cfg, ctx.accelerator)
-        if f"video_{options.space}" not in net.output_dims():
-            raise ConfigError(f"method 'cstp' reads video_{options.space}: model '{net.name}' has no such output "
-                              f"(a preset with heads.type: projection, e.g. video-tiny)")
+        require_output(net, f"video_{options.space}", cls.name)
         net.frame_features = True  # forward also returns video_frames (B, V, t, width): the pretext features
         return net, cls(net, options, ctx.spec.num_frames, cfg.train.max_steps)
 

@@ -57,8 +57,3 @@ class SimCLR(Method):
         pairs = list(combinations(range(views.shape[1]), 2))
         loss = sum(nt_xent_loss(views[:, v], views[:, w], self.temperature) for v, w in pairs) / len(pairs)
         return loss, {"nt_xent": loss.detach()}
-
-    def log_values(self) -> dict[str, float]:
-        return {}
-
-

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..losses.gather import world
-from .base import BuildContext, Method, cosine_schedule, ema_update, frozen_copy, unwrap
+from .base import BuildContext, Method, cosine_schedule, ema_update, frozen_copy, require_output, unwrap
 from .contrastive import build_student
 
 
@@ -105,9 +105,7 @@ class SVT(Method):
             raise ConfigError(f"method 'svt' needs data.sampler=svt with data.num_global >= 1 and two views or "
                               f"more (got sampler '{spec.sampler}', {spec.num_global} global, {spec.num_local} local)")
         net = build_student(cfg, ctx.accelerator)
-        if f"video_{options.space}" not in net.output_dims():
-            raise ConfigError(f"method 'svt' reads video_{options.space}: model '{net.name}' has no such output "
-                              f"(a preset with heads.type: projection, e.g. video-tiny)")
+        require_output(net, f"video_{options.space}", cls.name)
         return net, cls(net, options, spec.num_global, cfg.train.max_steps)
 
     def decayed_modules(self) -> list[nn.Module]:

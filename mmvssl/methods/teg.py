@@ -37,7 +37,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..losses.contrastive import global_mean, nt_xent_loss
 from ..losses.gather import gather_no_grad, gather_with_grad, world
-from .base import BuildContext, Method
+from .base import BuildContext, Method, require_output
 from .contrastive import build_student
 from .timing import token_times, view_windows
 
@@ -105,10 +105,7 @@ class TeG(Method):
             raise ConfigError(f"method 'teg' matches a short clip inside a long one: data.sampler '{ctx.spec.sampler}' "
                               f"does not give them (use teg)")
         net = build_student(cfg, ctx.accelerator)
-        dims = net.output_dims()
-        if f"video_{options.space}" not in dims:
-            raise ConfigError(f"method 'teg' reads video_{options.space}: model '{net.name}' has no such output "
-                              f"(a preset with heads.type: projection, e.g. video-tiny)")
+        dims = require_output(net, f"video_{options.space}", cls.name)
         net.frame_features = True  # forward also returns video_frames (B, V, t, width)
         return net, cls(options, dims["video_frames"], ctx.spec.num_frames)
 
