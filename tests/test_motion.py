@@ -1,0 +1,58 @@
+"""Motion inputs: frame differences, and video encoders that take 2-channel flow or 3-channel motion."""
+
+import pytest
+import torch
+
+from mmvssl.data.motion import temporal_gradient
+from mmvssl.errors import ConfigError
+from mmvssl.models import create_model
+from mmvssl.models.video_cnn import TorchvisionVideoEncoder
+
+
+def test_frame_differences_of_a_static_clip_are_zero():
+    frame = torch.rand(2, 3, 1, 8, 8)
+    static = frame.expand(-1, -1, 5, -1, -1)  # (B, C, T, H, W), every frame the same
+    assert torch.equal(temporal_gradient(static), torch.zeros(2, 3, 5, 8, 8))
+
+
+def test_frame_differences_by_hand_keep_the_frame_count():
+    video = torch.tensor([0.0, 1.0, 3.0, 6.0]).view(1, 1, 4, 1, 1).expand(1, 3, 4, 2, 2)  # (B, C, T, H, W)
+    grad = temporal_gradient(video)
+    assert grad.shape == video.shape
+    assert grad[0, 0, :, 0, 0].tolist() == [1.0, 2.0, 3.0, 0.0]  # last frame's difference is 0
+    views = torch.rand(2, 2, 3, 4, 8, 8)  # (B, V, C, T, H, W): the time axis is still -3
+    assert torch.equal(temporal_gradient(views)[:, 1], temporal_gradient(views[:, 1]))
+
+
+@pytest.mark.parametrize("arch", ["r3d_18", "r2plus1d_18", "s3d"])
+def test_cnn_encoder_takes_two_channel_flow(arch):
+    T = 8 if arch == "s3d" else 4  # s3d pools time by 8
+    enc = TorchvisionVideoEncoder(arch, num_frames=T, image_size=32, in_channels=2)
+    out = enc(torch.randn(2, 2, T, 32, 32))  # (B, 2, T, H, W)
+    assert out["pooled"].shape == (2, enc.width)
+    out["pooled"].sum().backward()
+    assert all(p.grad is not None for p in enc.parameters() if p.requires_grad)
+    assert enc.forward_image(torch.randn(2, 2, 32, 32))["pooled"].shape == (2, enc.width)
+    with pytest.raises(ValueError, match=rf"expects \(B, 2, T, H, W\), got \(2, 3, {T}, 32, 32\)"):
+        enc(torch.randn(2, 3, T, 32, 32))
+
+
+def test_first_layer_only_changes_and_rgb_is_unchanged():
+    torch.manual_seed(0)
+    rgb = TorchvisionVideoEncoder("r3d_18", num_frames=4, image_size=32)
+    flow = TorchvisionVideoEncoder("r3d_18", num_frames=4, image_size=32, in_channels=2)
+    shapes = {k: v.shape for k, v in rgb.state_dict().items()}
+    changed = {k for k, v in flow.state_dict().items() if v.shape != shapes[k]}
+    assert changed == {"stages.0.0.weight"} and flow.state_dict()["stages.0.0.weight"].shape[1] == 2
+
+
+def test_presets_take_in_channels_as_an_override():
+    for preset in ("video-tiny", "mmv-tiny"):
+        model = create_model(preset, **{"video.in_channels": 2})
+        enc = model.encoders["video"]
+        clip = torch.randn(2, 2, enc.num_frames, enc.image_size, enc.image_size)
+        assert model.encode_video(clip, space="ssl" if preset == "video-tiny" else "vat").shape[0] == 2
+    cnn = create_model("mmv-r2plus1d", **{"video.in_channels": 2, "video.num_frames": 4, "video.image_size": 32})
+    assert cnn.encoders["video"].in_channels == 2
+    with pytest.raises(ConfigError, match="in_channels must be a positive integer"):
+        create_model("mmv-r2plus1d", **{"video.in_channels": 0})
