@@ -16,6 +16,7 @@ MODULES = {
     "constcl": "constcl",
     "contrastive": "contrastive",
     "cstp": "cstp",
+    "fame": "fame",
     "narrator": "narrator",
     "simclr": "simclr",
     "svt": "svt",
