@@ -165,7 +165,10 @@ def pretrain(cfg: DictConfig) -> Path:
     method.to(accelerator.device)
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(t.betas)}")
-    optimizer = build_optimizer(net, t.lr, t.weight_decay, method=method, betas=tuple(t.betas), eps=t.eps)
+    # a method may scale the lr per parameter (fine-tuning's layer-wise decay: methods/supervised.py)
+    lr_scale = method.lr_scale([n for n, _ in net.named_parameters()]) if hasattr(method, "lr_scale") else None
+    optimizer = build_optimizer(net, t.lr, t.weight_decay, method=method, betas=tuple(t.betas), eps=t.eps,
+                                lr_scale=lr_scale)
     scheduler = warmup_cosine(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
     model, optimizer = accelerator.prepare(net, optimizer)
     ema = None

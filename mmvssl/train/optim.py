@@ -26,10 +26,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, method: nn.Module | None = None,
                     no_decay_modules: tuple[nn.Module, ...] = (), betas: tuple[float, float] = (0.9, 0.98),
-                    eps: float = 1e-6) -> torch.optim.Optimizer:
+                    eps: float = 1e-6, lr_scale: dict[str, float] | None = None) -> torch.optim.Optimizer:
     """AdamW over `model` (param_groups) and the trainable parameters of the method: its
     `decayed_modules()` (projection heads) as the model's, every other one (temperatures, biases,
-    predictors of the objective) never decayed, like those of `no_decay_modules`."""
+    predictors of the objective) never decayed, like those of `no_decay_modules`. `lr_scale`
+    (model parameter name -> multiplier; layer-wise lr decay) splits the groups by multiplier,
+    each at lr x multiplier (the schedule scales every group alike); others stay at lr."""
     decay, no_decay = param_groups(model, weight_decay)
     decayed = list(method.decayed_modules()) if method is not None else []
     for module in decayed:
@@ -42,7 +44,17 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, method: nn
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 no_decay["params"].append(p)
-    return torch.optim.AdamW([decay, no_decay], lr=lr, betas=tuple(betas), eps=eps)
+    groups = [decay, no_decay]
+    if lr_scale:
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = []
+        for g in (decay, no_decay):
+            by_scale: dict[float, list] = {}
+            for p in g["params"]:
+                by_scale.setdefault(float(lr_scale.get(names.get(id(p)), 1.0)), []).append(p)
+            groups += [{"params": ps, "weight_decay": g["weight_decay"], "lr": lr * s}
+                       for s, ps in sorted(by_scale.items())]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int,
