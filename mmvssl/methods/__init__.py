@@ -17,8 +17,10 @@ MODULES = {
     "contrastive": "contrastive",
     "cstp": "cstp",
     "fame": "fame",
+    "maclr": "maclr",
     "narrator": "narrator",
     "simclr": "simclr",
+    "supervised": "supervised",
     "svt": "svt",
     "teg": "teg",
 }

@@ -1,0 +1,108 @@
+"""MaCLR and the motion stream (mmvssl/methods/motion_stream.py): the loss by its terms with the
+cross-modal pairs across clips, which term trains which pathway, the motion pathway's input
+(frame differences or the batch's flow), the motion pathway trained and checkpointed in the method
+and absent from the saved model. (The falling loss on the demo shards: tests/test_methods.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmvssl.errors import ConfigError
+from mmvssl.resources import data_path
+
+
+def _maclr(motion="tgrad", **options):
+    import mmvssl
+    from mmvssl.methods.maclr import MaCLR, MaCLROptions
+    from mmvssl.models.multimodal import MultimodalModel
+    torch.manual_seed(0)
+    student = mmvssl.create_model("video-tiny", video={"num_frames": 4, "image_size": 32})
+    config = {**student.config, "video": {**student.config["video"], "in_channels": 3 if motion == "tgrad" else 2}}
+    return student, MaCLR(MultimodalModel(config), MaCLROptions(motion=motion, **options))
+
+
+def test_maclr_loss_is_its_terms_with_the_cross_modal_positives_across_clips():
+    from mmvssl.losses.contrastive import nce_loss, nt_xent_loss
+    student, method = _maclr(visual_weight=0.5, motion_weight=0.25, cross_weight=2.0, temperature=0.2)
+    embeddings = method.embed(student, {"video": torch.randn(6, 2, 3, 4, 32, 32)})
+    v, m = embeddings["video_ssl"], embeddings["motion"]
+    assert v.shape == m.shape == (6, 2, 128)
+    loss, terms = method(embeddings, {})
+    cross = 0.5 * (nce_loss(v[:, 0], m[:, 1], 0.2) + nce_loss(v[:, 1], m[:, 0], 0.2))
+    same_clip = 0.5 * (nce_loss(v[:, 0], m[:, 0], 0.2) + nce_loss(v[:, 1], m[:, 1], 0.2))
+    assert terms["cross"].item() == pytest.approx(cross.item(), rel=1e-6)
+    assert abs(cross.item() - same_clip.item()) > 1e-4  # the pairing matters: clip 1's RGB with clip 2's motion
+    expected = 0.5 * nt_xent_loss(v[:, 0], v[:, 1], 0.2) + 0.25 * nt_xent_loss(m[:, 0], m[:, 1], 0.2) + 2.0 * cross
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("term,visual,motion", [("cross", True, True), ("visual", True, False), ("motion", False, True)])
+def test_each_maclr_term_trains_its_pathways(term, visual, motion):
+    weights = {f"{t}_weight": float(t == term) for t in ("visual", "motion", "cross")}
+    student, method = _maclr(**weights)
+    loss, _ = method(method.embed(student, {"video": torch.randn(4, 2, 3, 4, 32, 32)}), {})
+    loss.backward()
+    def reached(net):
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.encoders["video"].parameters())
+    assert reached(student) is visual and reached(method.motion.network) is motion
+
+
+def test_motion_pathway_reads_the_frame_differences_of_each_view():
+    from mmvssl.data.motion import temporal_gradient
+    student, method = _maclr()
+    seen = []
+    network = method.motion.network
+    real = network.forward
+    network.forward = lambda batch: (seen.append(batch["video"]), real(batch))[1]
+    video = torch.randn(2, 2, 3, 4, 32, 32)
+    method.embed(student, {"video": video})
+    torch.testing.assert_close(seen[0], temporal_gradient(video))
+    assert seen[0][:, :, :, -1].abs().sum() == 0 and seen[0][:, :, :, 0].abs().sum() > 0
+
+
+def test_flow_motion_reads_the_batch_flow_and_names_a_missing_or_misshapen_one():
+    student, method = _maclr(motion="flow")
+    assert method.modalities == {"video", "flow"}
+    video = torch.randn(2, 2, 3, 4, 32, 32)
+    out = method.embed(student, {"video": video, "flow": torch.randn(2, 2, 2, 4, 32, 32)})
+    assert out["motion"].shape == (2, 2, 128)
+    with pytest.raises(ConfigError, match="the batch has no 'flow' entry"):
+        method.embed(student, {"video": video})
+    with pytest.raises(ConfigError, match=r"batch\['flow'\] has shape \(2, 2, 2, 4, 16, 16\)"):
+        method.embed(student, {"video": video, "flow": torch.randn(2, 2, 2, 4, 16, 16)})
+
+
+def test_unknown_motion_input_is_refused():
+    with pytest.raises(ConfigError, match="method.options.motion: method 'maclr' reads tgrad or flow, got 'rgb'"):
+        _maclr(motion="rgb")
+
+
+def test_maclr_trains_the_motion_pathway_in_its_state_and_ships_the_visual_one(demo_shards, tmp_path):
+    """Two steps through the engine: the motion pathway is optimised and checkpointed in
+    method.safetensors; the saved model has no motion weights and takes RGB."""
+    import mmvssl
+    from safetensors.torch import load_file
+
+    from mmvssl.config import load_config
+    from mmvssl.train.engine import pretrain
+    from tests.test_methods import tiny_config
+    path = data_path("configs", "methods", "maclr.yaml")
+    final = pretrain(tiny_config(path, demo_shards["train"], tmp_path, "train.max_steps=2", "train.save_every=1",
+                                 "train.keep_last=2"))
+    first, second = (load_file(str(tmp_path / "checkpoints" / f"step_0000000{s}" / "method.safetensors")) for s in (1, 2))
+    motion_keys = [k for k in second if k.startswith("motion.network.encoders.video.")]
+    assert motion_keys and set(first) == set(second)
+    assert any(not torch.equal(first[k], second[k]) for k in motion_keys)  # step 2 moved the motion pathway
+    model = mmvssl.load_model(final)
+    assert model.encoders["video"].in_channels == 3
+    assert not any("motion" in k for k in model.state_dict())
+    assert load_config(final.parent / "config.yaml").method.options.motion == "tgrad"
+
+
+def test_maclr_refuses_one_view(demo_shards, tmp_path):
+    from mmvssl.train.engine import pretrain
+    from tests.test_methods import tiny_config
+    with pytest.raises(ConfigError, match="method 'maclr' contrasts two clips"):
+        pretrain(tiny_config(data_path("configs", "methods", "maclr.yaml"), demo_shards["train"], tmp_path,
+                             "data.sampler=random"))
