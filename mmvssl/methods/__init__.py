@@ -13,6 +13,7 @@ from .base import BuildContext, Method
 # name -> module; imported on use, so that listing methods stays cheap
 MODULES = {
     "carl": "carl",
+    "coclr": "coclr",
     "constcl": "constcl",
     "contrastive": "contrastive",
     "cstp": "cstp",
