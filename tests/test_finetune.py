@@ -1,0 +1,175 @@
+"""Fine-tuning (`mmvssl finetune`, method `supervised`): the recipe's parts by hand (label smoothing,
+mixup / cutmix, layer-wise lr decay), labels mapped as the evaluation maps them, the labelled
+fraction chosen by key, and a fine-tuned classifier that reloads and scores the same."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmvssl.errors import MmvsslError
+
+TINY = ["data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=8", "train.warmup_steps=1",
+        "train.log_every=1", "train.save_every=0", "train.log_with=none", "method.options.eval_every=0"]
+
+
+def test_smoothed_cross_entropy_by_hand():
+    from mmvssl.methods.supervised import smooth_one_hot, soft_cross_entropy
+    y = smooth_one_hot(torch.tensor([2, 0]), 4, 0.2)
+    torch.testing.assert_close(y, torch.tensor([[0.05, 0.05, 0.85, 0.05], [0.85, 0.05, 0.05, 0.05]]))
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    log_p1 = torch.tensor([1.0, 0.0, 0.0, 0.0]) - torch.logsumexp(torch.tensor([1.0, 0.0, 0.0, 0.0]), 0)
+    expected = (-torch.log(torch.tensor(0.25)) - (y[1] * log_p1).sum()) / 2
+    torch.testing.assert_close(soft_cross_entropy(logits, y), expected)
+
+
+def test_mixup_mixes_the_batch_with_its_reverse_and_the_targets_alike():
+    from mmvssl.methods.supervised import mix_batch
+    torch.manual_seed(0)
+    video, targets = torch.randn(3, 3, 2, 8, 8), torch.eye(3)
+    mixed, soft, info = mix_batch(video, targets, mixup=0.8, cutmix=0.0)
+    lam = info["lam"]
+    assert info["kind"] == "mixup" and 0 < lam < 1
+    torch.testing.assert_close(mixed, lam * video + (1 - lam) * video.flip(0))
+    torch.testing.assert_close(soft[0], torch.tensor([lam, 0.0, 1 - lam]))
+
+
+def test_cutmix_pastes_one_box_in_every_frame_and_weights_targets_by_area():
+    from mmvssl.methods.supervised import mix_batch
+    torch.manual_seed(3)
+    video = torch.stack([torch.full((3, 4, 16, 16), float(i)) for i in range(2)])  # clip i is all i
+    mixed, soft, info = mix_batch(video, torch.eye(2), mixup=0.0, cutmix=1.0)
+    assert info["kind"] == "cutmix"
+    pasted = (mixed[0] == 1.0).float().mean().item()  # share of clip 0 that comes from clip 1
+    assert pasted > 0 and pasted == pytest.approx(1 - info["lam"])
+    assert torch.equal(mixed[0, :, 0] == 1.0, mixed[0, :, 3] == 1.0)  # the same box in the first and last frame
+    torch.testing.assert_close(soft[0], torch.tensor([info["lam"], 1 - info["lam"]]))
+
+
+def test_layer_wise_lr_decay_by_hand_and_in_the_optimizer():
+    from mmvssl.methods.supervised import layer_decay_scale
+    from mmvssl.train.optim import build_optimizer
+    names = ["backbone.encoders.video.pos_t", "backbone.encoders.video.stem.layers.0.weight",
+             "backbone.encoders.video.transformer.blocks.0.attn.qkv.weight",
+             "backbone.encoders.video.transformer.blocks.1.mlp.0.weight",
+             "backbone.encoders.video.transformer.norm.weight", "head.weight"]
+    scale = layer_decay_scale(names, 0.5)
+    assert [scale[n] for n in names] == [0.125, 0.125, 0.25, 0.5, 1.0, 1.0]
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    opt = build_optimizer(net, 0.1, 0.05, lr_scale={"0.weight": 0.25, "0.bias": 0.25})
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lrs[id(net[0].weight)] == pytest.approx(0.025) and lrs[id(net[0].bias)] == pytest.approx(0.025)
+    assert lrs[id(net[1].weight)] == pytest.approx(0.1)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay[id(net[0].weight)] == 0.05 and decay[id(net[0].bias)] == 0.0
+
+
+def test_labelled_subset_is_a_function_of_the_key_alone():
+    """Identical in another interpreter (another hash seed: another process of the same run or a
+    resumed one), close to the fraction asked for, nested as the fraction grows."""
+    from mmvssl.data.labels import is_labelled
+    keys = [f"video{i:05d}" for i in range(4000)]
+    ten = [k for k in keys if is_labelled(k, 0.1)]
+    one = [k for k in keys if is_labelled(k, 0.01)]
+    assert 340 < len(ten) < 460 and 20 < len(one) < 60 and set(one) <= set(ten)
+    assert [k for k in keys if is_labelled(k, 0.1, salt=1)] != ten  # the salt draws another subset
+    code = ("from mmvssl.data.labels import is_labelled; "
+            "print(','.join(k for k in (f'video{i:05d}' for i in range(4000)) if is_labelled(k, 0.1)))")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout.strip().split(",")
+    assert other == ten
+
+
+def test_batch_targets_map_labels_and_mark_unlabelled():
+    from mmvssl.data.labels import batch_targets, is_labelled
+    keys = [f"k{i}" for i in range(40)]
+    batch = {"key": keys, "meta": [{"label": ["b", "a"][i % 2]} for i in range(40)]}
+    t = batch_targets(batch, ["a", "b"], fraction=0.5)
+    for i, k in enumerate(keys):
+        assert int(t[i]) == ((1 - i % 2) if is_labelled(k, 0.5) else -1)
+    assert (t == -1).any() and (t >= 0).any()
+    with pytest.raises(MmvsslError, match=r"label 'c' .* not one of the 2 classes"):
+        batch_targets({"key": ["x"], "meta": [{"label": "c"}]}, ["a", "b"])
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny video-tiny model saved as a folder, sampling 4 frames of 32 px."""
+    from mmvssl.models.presets import create_model
+    torch.manual_seed(0)
+    model = create_model("video-tiny", **{"video.num_frames": 4, "video.image_size": 32, "heads.hidden": 64})
+    model.config["sampling"] = {"num_frames": 4, "fps": 2.0, "size": 32, "audio_rate": 16000}
+    folder = tmp_path_factory.mktemp("pretrained") / "model"
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_unknown_label_stops_before_training_with_the_labels_that_do_not_match(pretrained, demo_shards, tmp_path):
+    from mmvssl.commands.finetune import finetune_config
+    from mmvssl.train.engine import pretrain
+    task = tmp_path / "task.yaml"
+    task.write_text("name: partial\nclasses: [circle, square, triangle]\n")
+    cfg = finetune_config(str(pretrained), str(demo_shards["train"]), str(task), str(tmp_path / "run"),
+                          overrides=[*TINY, "train.max_steps=2"])
+    with pytest.raises(MmvsslError, match=r"2 label\(s\) not in it, e\.g\. \['cross', 'ring'\]"):
+        pretrain(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_finetune_keeps_the_best_by_val_and_the_classifier_reloads_and_scores_the_same(pretrained, demo_shards,
+                                                                                       tmp_path, capsys):
+    from mmvssl.cli import main
+    from mmvssl.evaluation.classifier import classify_shards
+    from mmvssl.evaluation.features import ExtractOptions
+    from mmvssl.models.classifier import load_classifier
+    out = tmp_path / "ft"
+    argv = [str(pretrained), "--train", str(demo_shards["train"]), "--test", str(demo_shards["val"]),
+            "--task", "demo", "--out", str(out), "--clips", "2", "--crops", "3",
+            "--set", *TINY, "train.max_steps=4", "method.options.eval_every=2", "train.lr=3e-3"]
+    assert main(["finetune", *argv]) == 0
+    assert "top1" in capsys.readouterr().out
+    vals = [json.loads(line) for line in (out / "val.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in vals] == [2, 4]
+    best = json.loads((out / "best.json").read_text())
+    assert best["val_top1"] == max(v["val_top1"] for v in vals)
+    assert best["step"] == min(v["step"] for v in vals if v["val_top1"] == best["val_top1"])
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["config"]["clips"] == 2 and report["config"]["crops"] == 3 and report["num_samples"] == 12
+    assert {"top1", "top5", "mean_class_acc", "chance_top1", "confusion"} <= set(report)
+    assert (out / "eval" / "report.html").is_file() and (out / "eval" / "report.md").is_file()
+
+    # the saved folder is a complete model for the other commands, and the classifier reloads exactly
+    import mmvssl
+    assert mmvssl.load_model(out / "best").name == "video-tiny"
+    model = load_classifier(out / "best")
+    options = ExtractOptions(num_clips=2, num_crops=3)
+    first = classify_shards(model, str(demo_shards["val"]), options)
+    again = classify_shards(load_classifier(out / "best"), str(demo_shards["val"]), options)
+    torch.testing.assert_close(first["scores"], again["scores"])
+    top1 = 100.0 * (first["scores"].argmax(1) == first["targets"]).float().mean().item()
+    assert top1 == pytest.approx(report["top1"])
+    assert main(["finetune", str(out / "best"), "--eval-only", "--test", str(demo_shards["val"]), "--out",
+                 str(tmp_path / "again"), "--clips", "2", "--crops", "3"]) == 0
+    assert json.loads((tmp_path / "again" / "eval" / "report.json").read_text())["top1"] == report["top1"]
+
+
+def test_fine_tuning_trains_the_video_encoder_only_and_lowers_the_loss(pretrained, demo_shards, tmp_path):
+    from mmvssl.commands.finetune import finetune_config
+    from mmvssl.models.classifier import load_classifier
+    from mmvssl.models.presets import load_model
+    from mmvssl.train.engine import pretrain
+    from tests.conftest import read_jsonl
+    cfg = finetune_config(str(pretrained), str(demo_shards["train"]), "demo", str(tmp_path),
+                          overrides=[*TINY, "train.max_steps=12", "train.lr=3e-3", "method.options.mixup=0",
+                                     "method.options.cutmix=0", "data.augment.video=false"])
+    final = pretrain(cfg)
+    log = read_jsonl(tmp_path / "metrics.jsonl")
+    assert sum(r["ce"] for r in log[-3:]) < sum(r["ce"] for r in log[:3])
+    before, after = load_model(pretrained).state_dict(), load_classifier(final).backbone.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("encoders.video.") for k in changed)  # the projection head is untouched
