@@ -84,3 +84,13 @@ def batch_targets(batch: dict, classes: list[str], label_key: str = "label", fra
                               f"{len(classes)} classes ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})")
         out.append(index[str(label)])
     return torch.tensor(out, dtype=torch.long)
+
+
+def select_labelled(fraction: float, salt: int, labelled: bool):
+    """Pipeline stage over raw samples (before decoding): keep the labelled ones (`labelled`) or
+    the others, by key; the loader mixes the two streams at `data.labelled_share`."""
+    def stage(src):
+        for raw in src:
+            if is_labelled(raw.get("__key__", ""), fraction, salt) == labelled:
+                yield raw
+    return stage
