@@ -26,6 +26,7 @@ from ..errors import MmvsslError
 from ..modalities import MODALITIES, presence_key
 from .augment import Augmenter, AugmentOptions
 from .decode import DecodeError, decode_window, probe
+from .labels import select_labelled
 from .sampling import select_source_texts, view_windows
 from .shardio import (VIDEO_EXTENSIONS, EpochSamples, list_shards, mix, parse_sources, skip_unreadable_shard,
                       tag_source)
@@ -54,6 +55,9 @@ class SampleSpec:
     num_global: int = 2  # svt
     num_local: int = 2  # svt
     text_sources: tuple[str, ...] = ("human",)  # human, paraphrase, pseudo: one drawn per sample (LaViLa)
+    labelled_fraction: float = 1.0  # share of samples that keep their label (by key: mmvssl.data.labels)
+    labelled_seed: int = 0
+    labelled_share: float = 0.0  # > 0: that share of the resampled stream comes from the labelled samples
     augment: AugmentOptions = field(default_factory=AugmentOptions)
     # the teacher fingerprint (models.teacher.teacher_identity) whose cached features each sample
     # must carry: they become `teacher_frames` for the first view's frame times; None: not read
@@ -249,17 +253,23 @@ def build_dataset(shards: str, spec: SampleSpec, batch_size: int, shuffle_buffer
     mode = mode or ("resampled" if spec.train else "epoch")
     position = StreamPosition(start_batch, batch_size, num_workers)
     if mode == "resampled":
-        def one_set(s):
+        def one_set(s, labelled=None):
             return wds.DataPipeline(
                 wds.ResampledShards(s.urls, seed=spec.seed, deterministic=True, worker_seed=position.shard_seed),
-                wds.tarfile_to_samples(handler=skip_unreadable_shard), tag_source(s.name))
-        if len(sets) == 1:
-            stages = [*one_set(sets[0]).pipeline]
+                wds.tarfile_to_samples(handler=skip_unreadable_shard), tag_source(s.name),
+                *([] if labelled is None else [select_labelled(spec.labelled_fraction, spec.labelled_seed, labelled)]))
+        streams = [(s, None, s.weight) for s in sets]
+        if spec.labelled_share > 0 and spec.labelled_fraction < 1:  # each set split into labelled / unlabelled
+            share = min(1.0, spec.labelled_share)
+            streams = [(s, labelled, s.weight * w) for s in sets
+                       for labelled, w in ((True, share), (False, 1.0 - share)) if w > 0]
+        if len(streams) == 1:
+            stages = [*one_set(*streams[0][:2]).pipeline]
         else:
             def mixed():
                 rank, slot = position.slot()
                 rng = random.Random(f"{spec.seed}/mix/{rank}/{slot}")
-                return mix([one_set(s) for s in sets], [s.weight for s in sets], rng)
+                return mix([one_set(s, labelled) for s, labelled, _ in streams], [w for *_, w in streams], rng)
             stages = [mixed]
         stages += [wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=spec.seed), position]
     elif mode == "epoch":
