@@ -3,14 +3,18 @@ optionally, as new shards whose metadata carries them (so they train the dual en
 
 Input is a folder of videos or a shard set. Each output line is
 {"source", "key", "start", "end", "candidates": [{"text", "score"}, ...]}. Re-running appends
-only the windows not yet written; unreadable videos are reported and skipped.
+only the windows not yet written; unreadable videos are reported and skipped. `--shards-out`
+goes through the shard rewriter (mmvssl/data/rewrite.py): one output shard per input shard of
+the same name (a folder of videos: `shard-%06d.tar` of 256 videos), every member copied byte for
+byte beside the new metadata, each shard atomic, `narrate_report.json`, finished shards kept by
+a re-run.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
@@ -19,36 +23,43 @@ import torch
 
 from .data.decode import DecodeError, decode_window, probe
 from .data.loader import frames_to_tensor, list_shards
-from .data.shardio import VIDEO_EXTENSIONS, skip_unreadable_shard
+from .data.rawsample import metadata, video_bytes
+from .data.rewrite import Part, ShardRewriter, chunked_parts, shard_parts
+from .data.shardio import skip_unreadable_shard
 from .data.shards import MEDIA_SUFFIXES
 from .errors import MmvsslError
 from .narrator.generate import GenerationConfig, generate
 from .narrator.model import Narrator
 from .narrator.tokenizer import SentencePieceTokenizer
 
+REPORT = "narrate_report.json"
+VIDEOS_PER_SHARD = 256  # --shards-out from a folder of videos
 
-def _videos(source: str) -> Iterator[tuple[str, str, bytes | None, dict, str | None, dict[str, bytes]]]:
-    """(source name, key, video bytes or None when unreadable, metadata, error, members) for each input
-    video; members are the sample's stored bytes by extension (a video file: its one member), which
-    --shards-out writes back unchanged beside the new metadata."""
+
+def _folder_samples(path: Path) -> Iterator[dict]:
+    """Each video file of a folder as a raw sample ({__key__, <ext>: bytes, json: {source}}); an
+    unreadable file carries its reason in `__error__`."""
+    for i, f in enumerate(sorted(p for p in path.rglob("*") if p.suffix.lower() in MEDIA_SUFFIXES)):
+        rel = str(f.relative_to(path))
+        raw = {"__key__": f"{i:09d}", "json": json.dumps({"source": rel}).encode("utf-8")}
+        try:
+            raw[f.suffix.lower().lstrip(".")] = f.read_bytes()
+        except OSError as e:
+            raw["__error__"] = f"unreadable ({e.strerror})"
+        yield raw
+
+
+def _read_shard_leniently(url: str) -> Iterator[dict]:
+    """A shard's raw samples; an unreadable shard is reported on one line and passed over."""
+    import webdataset as wds
+    yield from wds.WebDataset([url], shardshuffle=False, empty_check=False, handler=skip_unreadable_shard)
+
+
+def _parts(source: str) -> Iterator[Part]:
     path = Path(source)
     if path.is_dir() and not list(path.glob("*.tar")):
-        for i, f in enumerate(sorted(p for p in path.rglob("*") if p.suffix.lower() in MEDIA_SUFFIXES)):
-            rel = str(f.relative_to(path))
-            try:
-                data = f.read_bytes()
-                yield rel, f"{i:09d}", data, {"source": rel}, None, {f.suffix.lower().lstrip("."): data}
-            except OSError as e:
-                yield rel, f"{i:09d}", None, {}, f"unreadable ({e.strerror})", {}
-        return
-    import webdataset as wds
-    for sample in wds.WebDataset(list_shards(source), shardshuffle=False, empty_check=False,
-                                 handler=skip_unreadable_shard):
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        ext = next((e for e in VIDEO_EXTENSIONS if e in sample), None)
-        name = meta.get("source", sample["__key__"])
-        members = {k: v for k, v in sample.items() if not k.startswith("__")}
-        yield name, sample["__key__"], sample.get(ext) if ext else None, meta, None if ext else "no video member", members
+        return chunked_parts(_folder_samples(path), VIDEOS_PER_SHARD, str(path.resolve()))
+    return shard_parts(list_shards(source), reader=_read_shard_leniently)
 
 
 def _written_rows(out_file: Path) -> dict[str, list[dict]]:
@@ -79,52 +90,90 @@ def narrate(model_dir: str, source: str, out_file: str, window_seconds: float | 
     written = _written_rows(out_path)
     done = {(k, round(float(r["start"]), 3)) for k, rows in written.items() for r in rows}
     counts = {"videos": 0, "windows": 0, "skipped_done": 0, "failed": []}
-    writer = None
+
+    def narrate_one(raw: dict, out) -> list[dict]:
+        """The rows of one video (written to `out` as they come); DecodeError when it is unusable."""
+        meta = metadata(raw)
+        if "__error__" in raw:
+            raise DecodeError(raw["__error__"])
+        key, data = raw["__key__"], video_bytes(raw)
+        duration = float(meta.get("duration") or probe(data).duration)
+        starts = np.arange(0.0, max(duration - window, 0.0) + 1e-6, stride).tolist()
+        todo = [s for s in starts if (key, round(s, 3)) not in done]
+        counts["skipped_done"] += len(starts) - len(todo)
+        rows = []
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i:i + batch_size]
+            clips = [decode_window(data, s, sampling["num_frames"], clip_fps, sampling["size"], None) for s in chunk]
+            video = torch.stack([frames_to_tensor(c.frames) for c in clips])
+            for clip, candidates in zip(clips, generate(model, video, gen)):
+                row = {"source": meta.get("source", key), "key": key, "start": round(clip.start, 3),
+                       "end": round(clip.end, 3),
+                       "candidates": [{"text": tokenizer.decode(c["tokens"]), "score": round(c["score"], 4)}
+                                      for c in candidates]}
+                out.write(json.dumps(row) + "\n")
+                rows.append(row)
+            out.flush()
+        return rows
+
+    def name_of(raw: dict) -> str:
+        try:
+            return str(metadata(raw).get("source", raw["__key__"]))
+        except DecodeError:
+            return str(raw["__key__"])
+
+    rewriter = None
     if shards_out:
-        import webdataset as wds
-        Path(shards_out).mkdir(parents=True, exist_ok=True)
-        # encoder=False: every member is written as the bytes it was read as (webdataset's default
-        # encoder would gzip a `.gz` member a second time)
-        writer = wds.ShardWriter(os.path.join(shards_out, "shard-%06d.tar"), maxcount=256, verbose=0, encoder=False)
-    iterator = _videos(source)
+        settings = {"window": window, "stride": stride, "generation": asdict(gen)}
+        rewriter = ShardRewriter(shards_out, REPORT, {"narrator": str(Path(model_dir).resolve()),
+                                                      "settings": json.loads(json.dumps(settings))},
+                                 command="narrate --shards-out")
+    bar = None
     if progress:
         from tqdm import tqdm
-        iterator = tqdm(iterator, desc="narrate", unit="video", file=sys.stderr)
+        bar = tqdm(desc="narrate", unit="video", file=sys.stderr)
+    parts = _parts(source)
     with open(out_path, "a") as out:
-        for name, key, data, meta, error, members in iterator:
-            try:
-                if data is None:
-                    raise DecodeError(error or "no video")
-                duration = float(meta.get("duration") or probe(data).duration)
-                starts = np.arange(0.0, max(duration - window, 0.0) + 1e-6, stride).tolist()
-                todo = [s for s in starts if (key, round(s, 3)) not in done]
-                counts["skipped_done"] += len(starts) - len(todo)
-                rows = []
-                for i in range(0, len(todo), batch_size):
-                    chunk = todo[i:i + batch_size]
-                    clips = [decode_window(data, s, sampling["num_frames"], clip_fps, sampling["size"], None)
-                             for s in chunk]
-                    video = torch.stack([frames_to_tensor(c.frames) for c in clips])
-                    for clip, candidates in zip(clips, generate(model, video, gen)):
-                        row = {"source": name, "key": key, "start": round(clip.start, 3), "end": round(clip.end, 3),
-                               "candidates": [{"text": tokenizer.decode(c["tokens"]), "score": round(c["score"], 4)}
-                                              for c in candidates]}
-                        out.write(json.dumps(row) + "\n")
-                        rows.append(row)
-                    out.flush()
-                counts["videos"] += 1
-                counts["windows"] += len(rows)
-                if writer is not None:
-                    every = sorted(written.get(key, []) + rows, key=lambda r: r["start"])
-                    pseudo = [{"start": r["start"], "end": r["end"], "text": r["candidates"][0]["text"],
-                               "score": r["candidates"][0]["score"]} for r in every]
-                    writer.write({"__key__": key, **members,  # audio, features, text: all kept
-                                  "json": json.dumps({**meta, "pseudo_narrations": pseudo}).encode("utf-8")})
-            except DecodeError as e:
-                counts["failed"].append({"source": name, "reason": str(e)})
-                print(f"narrate: skipped {name}: {e}", file=sys.stderr)
-    if writer is not None:
-        writer.close()
-    if counts["videos"] == 0 and not counts["failed"]:
+        for context in (rewriter.pending(parts) if rewriter else _unwritten(parts)):
+            with context as shard:
+                for raw in shard.part.samples():
+                    if bar is not None:
+                        bar.update(1)
+                    try:
+                        rows = narrate_one(raw, out)
+                    except DecodeError as e:
+                        counts["failed"].append({"source": name_of(raw), "reason": str(e)})
+                        print(f"narrate: skipped {name_of(raw)}: {e}", file=sys.stderr)
+                        if rewriter is not None:
+                            shard.skip(raw, str(e))
+                        continue
+                    counts["videos"] += 1
+                    counts["windows"] += len(rows)
+                    if rewriter is not None:
+                        every = sorted(written.get(raw["__key__"], []) + rows, key=lambda r: r["start"])
+                        pseudo = [{"start": r["start"], "end": r["end"], "text": r["candidates"][0]["text"],
+                                   "score": r["candidates"][0]["score"]} for r in every]
+                        meta = {**metadata(raw), "pseudo_narrations": pseudo}
+                        shard.write(raw, {"json": json.dumps(meta).encode("utf-8")})  # every other member kept
+    if bar is not None:
+        bar.close()
+    if counts["videos"] == 0 and not counts["failed"] and not (rewriter and rewriter.done_before):
         raise MmvsslError(f"no videos found in {source}")
     return counts
+
+
+class _ReadOnly:
+    """A part read without writing a shard (narrate without --shards-out)."""
+
+    def __init__(self, part: Part):
+        self.part = part
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+
+def _unwritten(parts) -> Iterator[_ReadOnly]:
+    return (_ReadOnly(p) for p in parts)

@@ -19,7 +19,6 @@ or other settings is refused unless `overwrite`.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -30,7 +29,9 @@ import torch
 
 from .data.decode import DecodeError, decode_window, probe
 from .data.loader import frames_to_tensor
-from .data.shardio import VIDEO_EXTENSIONS, list_shards, shard_size
+from .data.rawsample import is_failed_download, metadata, video_member
+from .data.rewrite import OutputShard, ShardRewriter, shard_parts
+from .data.shardio import list_shards, shard_size
 from .data.teacher_cache import MEMBER, REPORT, cached_times, describe, encode_member, same_teacher
 from .errors import MmvsslError
 
@@ -73,10 +74,10 @@ class _Pending:
 class _FeatureWriter:
     """Queues decoded frames, runs the teacher on full batches, writes samples in input order."""
 
-    def __init__(self, teacher, identity: dict, fps: float, size: int, batch_size: int, writer, result: dict,
+    def __init__(self, teacher, identity: dict, fps: float, size: int, batch_size: int, shard: OutputShard,
                  progress):
         self.teacher, self.identity, self.fps, self.size = teacher, identity, fps, size
-        self.batch_size, self.writer, self.result, self.progress = batch_size, writer, result, progress
+        self.batch_size, self.shard, self.progress = batch_size, shard, progress
         self.device = next(teacher.parameters()).device
         self.samples: list[_Pending] = []
         self.queue: list[tuple[_Pending, np.ndarray]] = []  # (owner, uint8 frames (n, S, S, 3))
@@ -89,7 +90,7 @@ class _FeatureWriter:
         while True:  # the teacher runs between chunks (bounded memory), outside the sample's error handling
             try:
                 frames = next(chunks, None)
-            except (DecodeError, ValueError, KeyError, json.JSONDecodeError) as e:
+            except (DecodeError, ValueError, KeyError) as e:
                 self._fail(item, str(e) or type(e).__name__)
                 break
             if frames is None:
@@ -102,15 +103,12 @@ class _FeatureWriter:
 
     def _decode(self, item: _Pending):
         """The sample's frames at the cached times, as uint8 (n, S, S, 3) chunks; DecodeError,
-        ValueError, KeyError or JSONDecodeError when the sample is broken."""
+        ValueError or KeyError when the sample is broken."""
         raw, key = item.raw, item.raw["__key__"]
-        ext = next((e for e in VIDEO_EXTENSIONS if e in raw), None)
-        meta = json.loads(raw["json"]) if "json" in raw else {}
-        if not isinstance(meta, dict):
-            raise ValueError("metadata is not a JSON object")
+        ext, meta = video_member(raw), metadata(raw)
         if ext is None:
-            if meta.get("status") not in (None, "success"):  # video2dataset's failed download: copy as is
-                self.result["without_video"] += 1
+            if is_failed_download(raw):  # video2dataset's failed download: copy as is
+                self.shard.count("without_video")
                 return
             raise DecodeError(f"sample {key} has no video member")
         item.duration = float(meta.get("duration") or 0.0) or probe(raw[ext], check_decode=False).duration
@@ -155,62 +153,25 @@ class _FeatureWriter:
         raw = item.raw
         self.progress.update(1)
         if item.failed is not None:
-            self.result["skipped"].append({"key": raw["__key__"], "reason": item.failed})
+            self.shard.skip(raw, item.failed)
             return
-        members = {k: v for k, v in raw.items() if not k.startswith("__")}
+        added = {}
         if item.times is not None:
-            members[MEMBER] = encode_member(torch.cat(item.features), item.times, self.identity, self.fps,
-                                            self.size, item.duration)
-            self.result["frames"] += len(item.times)
-        self.writer.write({"__key__": raw["__key__"], **members})
-        self.result["samples"] += 1
+            added[MEMBER] = encode_member(torch.cat(item.features), item.times, self.identity, self.fps,
+                                          self.size, item.duration)
+            self.shard.count("frames", len(item.times))
+        self.shard.write(raw, added)
 
     def close(self) -> None:
         self._flush(final=True)
 
 
-def _raw_samples(url: str):
-    """The samples of one shard as member bytes (nothing decoded, nothing unpickled)."""
-    import webdataset as wds
-    try:
-        yield from wds.WebDataset([url], shardshuffle=False, empty_check=False)
-    except (OSError, ValueError) as e:  # a truncated or foreign tar
-        raise MmvsslError(f"{url}: unreadable shard ({str(e).splitlines()[0]})") from None
-
-
-def _prepare_output(out: Path, identity: dict, settings: dict, overwrite: bool) -> dict:
-    """The report of an earlier run with the same teacher and settings, or a fresh one."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / REPORT
-    for partial in out.glob("*.tar.partial"):  # an interrupted shard is redone
-        partial.unlink()
-    if path.is_file() and not overwrite:
-        try:
-            report = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise MmvsslError(f"{path} is not JSON; pass --overwrite to start afresh") from None
-        if not same_teacher(report.get("teacher") or {}, identity) or report.get("settings") != settings:
-            raise MmvsslError(f"{out} holds features of teacher {describe(report.get('teacher') or {})} with "
-                              f"{report.get('settings')}; this run asks for {describe(identity)} with {settings}: "
-                              f"pass --overwrite to replace them, or choose another folder")
-        return report
-    if path.is_file():  # overwrite: our own files only; anything else in the folder is left alone
-        try:
-            old = json.loads(path.read_text()).get("shards") or {}
-        except (json.JSONDecodeError, AttributeError):
-            old = {}
-        for name in old:
-            (out / name).unlink(missing_ok=True)
-    elif any(out.glob("*.tar")) and not overwrite:
-        raise MmvsslError(f"{out} holds shards without a {REPORT}; pass --overwrite or choose another folder")
-    return {"teacher": identity, "settings": settings, "shards": {}}
-
-
-def _save(out: Path, report: dict) -> None:
-    sizes = {name: r["samples"] for name, r in report["shards"].items()}
-    for name, value in ((REPORT, report), ("sizes.json", sizes)):  # atomic: temporary file, then rename
-        (out / f".{name}.tmp").write_text(json.dumps(value, indent=2))
-        os.replace(out / f".{name}.tmp", out / name)
+def _other_teacher(old: dict, new: dict) -> str | None:
+    """Why features in a folder cannot be resumed by this run (None: they can)."""
+    if same_teacher(old.get("teacher") or {}, new["teacher"]) and old.get("settings") == new["settings"]:
+        return None
+    return (f"holds features of teacher {describe(old.get('teacher') or {})} with {old.get('settings')}; this run "
+            f"asks for {describe(new['teacher'])} with {new['settings']}")
 
 
 def add_teacher_features(arch: str, pretrained: str, shards: str, out_dir: str | os.PathLike, fps: float = 4.0,
@@ -222,42 +183,30 @@ def add_teacher_features(arch: str, pretrained: str, shards: str, out_dir: str |
     teacher's image size (data.size reproduces the online path's frames exactly)."""
     from .models.teacher import load_teacher, teacher_identity
     urls = list_shards(shards)
-    out = Path(out_dir)
-    if out.resolve() in {Path(u).resolve().parent for u in urls}:
-        raise MmvsslError(f"--out {out} is the input shard folder: write the new shards elsewhere")
-    names = [os.path.basename(u) for u in urls]
-    if len(set(names)) != len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise MmvsslError(f"shards from several folders share the names {twice[:3]}: run add-features per folder")
+    parts = list(shard_parts(urls))  # one output shard per input shard, of the same name
     if fps <= 0 or size < 0 or batch_size < 1:
         raise MmvsslError(f"need --fps > 0, --size >= 0 and --batch-size >= 1, got {fps}, {size}, {batch_size}")
     if not pretrained and not arch.startswith("hf-hub:"):
         raise MmvsslError(f"teacher '{arch}' has no weights: cached features of a randomly initialised teacher "
                           f"match no later run's teacher; name a tag or checkpoint (ARCH:PRETRAINED)")
+    if Path(out_dir).resolve() in {Path(u).resolve().parent for u in urls}:
+        raise MmvsslError(f"--out {out_dir} is the input shard folder: write the new shards elsewhere")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_teacher(arch, pretrained, image_size=image_size, device=device)
     identity = teacher_identity(arch, pretrained, image_size, teacher)
     settings = {"fps": float(fps), "size": int(size or teacher.image_size)}
-    report = _prepare_output(out, identity, settings, overwrite)
-    done = {n for n in report["shards"] if (out / n).is_file()}
-    report["shards"] = {n: r for n, r in report["shards"].items() if n in done}
-    todo = [(u, n) for u, n in zip(urls, names) if n not in done]
+    rewriter = ShardRewriter(out_dir, REPORT, {"teacher": identity, "settings": settings}, inputs=urls,
+                             overwrite=overwrite, mismatch=_other_teacher, command="add-features",
+                             counts=("frames", "without_video"))
     from tqdm import tqdm
-    bar = tqdm(total=sum(shard_size(u) for u, _ in todo), desc="add-features", unit="sample", file=sys.stderr,
-               disable=not progress)
-    import webdataset as wds
+    bar = tqdm(total=sum(shard_size(p.source) for p in parts if p.name not in rewriter.report["shards"]),
+               desc="add-features", unit="sample", file=sys.stderr, disable=not progress)
     with bar:
-        for url, name in todo:
-            result = {"source": os.path.abspath(url), "samples": 0, "frames": 0, "without_video": 0, "skipped": []}
-            partial = out / (name + ".partial")
-            with wds.TarWriter(str(partial), encoder=False) as writer:  # bytes as they are (no re-gzip of .gz)
-                batcher = _FeatureWriter(teacher, identity, settings["fps"], settings["size"], batch_size, writer,
-                                         result, bar)
-                for raw in _raw_samples(url):
+        for context in rewriter.pending(parts):
+            with context as shard:
+                batcher = _FeatureWriter(teacher, identity, settings["fps"], settings["size"], batch_size, shard, bar)
+                for raw in shard.part.samples():
                     batcher.add(raw)
                 batcher.close()
-            os.replace(partial, out / name)
-            report["shards"][name] = result
-            _save(out, report)
-    _save(out, report)
-    return {**report, "done_before": sorted(done & set(names))}
+    rewriter.save()
+    return {**rewriter.report, "done_before": sorted(set(rewriter.done_before) & {p.name for p in parts})}

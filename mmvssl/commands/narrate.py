@@ -20,7 +20,8 @@ def _rephrase(args) -> None:
     cfg = RephraseConfig(k=args.k, strategy=args.strategy, top_p=args.top_p, temperature=args.temperature,
                          num_beams=args.num_beams, max_length=args.max_length, batch_size=args.batch_size,
                          prompt=args.prompt, seed=args.seed)
-    counts = rephrase_shards(args.t5_dir, args.shards, args.out, cfg)
+    counts = rephrase_shards(args.t5_dir, args.shards, args.out, cfg, samples_per_shard=args.samples_per_shard,
+                             overwrite=args.overwrite)
     print(json.dumps({**counts, "out": args.out}))
 
 
@@ -62,6 +63,9 @@ def register(sub) -> None:
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--prompt", default="paraphrase: ")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--samples-per-shard", type=int, default=None,
+                   help="cut the output into shards of this many samples (default: one per input shard, same name)")
+    r.add_argument("--overwrite", action="store_true", help="replace a folder written with other settings")
     r.set_defaults(func=_rephrase)
 
     tok = sub.add_parser("tokenizer", help="narrator tokenizers").add_subparsers(dest="action", required=True)

@@ -5,14 +5,14 @@ video2dataset shards (failed downloads have a `.json` but no video) and plain we
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import numpy as np
 import webdataset as wds
 
 from .decode import DecodeError, decode_all, decode_window, probe
-from .shardio import VIDEO_EXTENSIONS, list_shards
+from .rawsample import metadata, video_member
+from .shardio import list_shards
 
 
 def iter_raw(shards: str):
@@ -21,17 +21,15 @@ def iter_raw(shards: str):
 
 
 def _meta(raw: dict) -> dict:
+    """The metadata with the caption, {} when they are not a JSON object (counted, not fatal)."""
     try:
-        meta = json.loads(raw["json"]) if "json" in raw else {}
-    except json.JSONDecodeError:
-        meta = {}
-    if "txt" in raw and not meta.get("caption"):
-        meta["caption"] = raw["txt"].decode("utf-8", errors="replace").strip()
-    return meta if isinstance(meta, dict) else {}
+        return metadata(raw, with_caption=True)
+    except DecodeError:
+        return {}
 
 
 def _video(raw: dict) -> bytes | None:
-    ext = next((e for e in VIDEO_EXTENSIONS if e in raw), None)
+    ext = video_member(raw)
     return raw[ext] if ext else None
 
 

@@ -23,8 +23,7 @@ from torch.utils.data import IterableDataset
 from braceexpand import braceexpand
 
 from ..errors import MmvsslError
-
-VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
+from .rawsample import VIDEO_EXTENSIONS  # noqa: F401 (read from here by older imports)
 
 _reported_shards: set[str] = set()
 

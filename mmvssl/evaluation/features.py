@@ -26,7 +26,8 @@ import torch.nn.functional as F
 import webdataset as wds
 
 from ..data.decode import DecodeError, decode_window, probe
-from ..data.loader import VIDEO_EXTENSIONS, SampleSpec, frames_to_tensor, list_shards
+from ..data.loader import SampleSpec, frames_to_tensor, list_shards
+from ..data.rawsample import metadata, video_bytes
 from ..data.shardio import skip_unreadable_shard
 from ..data.sampling import uniform_windows
 from ..data.text import build_tokenizer
@@ -118,19 +119,15 @@ class DecodeViews:
 
     def decode(self, raw: dict) -> dict:
         spec, opt = self.spec, self.options
-        ext = next((e for e in VIDEO_EXTENSIONS if e in raw), None)
-        if ext is None:
-            raise DecodeError("no video member")
-        meta = json.loads(raw["json"]) if "json" in raw else {}
-        if "txt" in raw and not meta.get("caption"):
-            meta["caption"] = raw["txt"].decode("utf-8", errors="replace").strip()
-        duration = float(meta.get("duration") or 0.0) or probe(raw[ext], check_decode=False).duration
+        data = video_bytes(raw)
+        meta = metadata(raw, with_caption=True)
+        duration = float(meta.get("duration") or 0.0) or probe(data, check_decode=False).duration
         videos, audios, has_audio = [], [], True
         for start in uniform_windows(duration, spec.window, opt.num_clips):
             if opt.num_crops == 1:
-                clip = decode_window(raw[ext], start, spec.num_frames, spec.fps, spec.size, spec.audio_rate)
+                clip = decode_window(data, start, spec.num_frames, spec.fps, spec.size, spec.audio_rate)
             else:
-                clip = decode_window(raw[ext], start, spec.num_frames, spec.fps, None, spec.audio_rate,
+                clip = decode_window(data, start, spec.num_frames, spec.fps, None, spec.audio_rate,
                                      short_side=spec.size)
             videos.append(_crops(frames_to_tensor(clip.frames), spec.size, opt.num_crops))
             has_audio = has_audio and clip.audio is not None

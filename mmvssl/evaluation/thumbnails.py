@@ -5,7 +5,7 @@ from __future__ import annotations
 import tarfile
 
 from ..data.decode import decode_window
-from ..data.loader import VIDEO_EXTENSIONS
+from ..data.rawsample import VIDEO_EXTENSIONS
 
 
 def read_videos(sources: dict[str, str]) -> dict[str, bytes]:

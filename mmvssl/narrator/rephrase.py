@@ -3,9 +3,12 @@ shards (LaViLa's rephraser, a T5 paraphraser from transformers loaded from a loc
 
 Each output sample is the input sample with every member's bytes copied unchanged, except its
 `.json`, which gains `paraphrases`: [{start, end, text, of}] where `of` is the index of the
-narration in `narrations` (start and end are that narration's). Shards are read member by
-member as bytes (never unpickled); narrations of several samples are paraphrased together in
-batches, and a text seen before is not paraphrased again.
+narration in `narrations` (start and end are that narration's). The shards are written by the
+shard rewriter (mmvssl/data/rewrite.py: read member by member, never unpickled, each output
+shard atomic, `rephrase_report.json`, a re-run resumes); narrations of several samples are
+paraphrased together in batches, and a text seen before in the same output shard is not
+paraphrased again. The generator is seeded per output shard, so a resumed run writes what an
+uninterrupted one would. A sample whose metadata is not a JSON object is reported and skipped.
 """
 
 from __future__ import annotations
@@ -13,12 +16,18 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
+import zlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from ..data.decode import DecodeError
+from ..data.rawsample import metadata
+from ..data.rewrite import OutputShard, ShardRewriter, shard_parts
 from ..errors import MmvsslError
+
+REPORT = "rephrase_report.json"
 
 
 @dataclass
@@ -78,10 +87,11 @@ def _human_narrations(meta: dict) -> list[tuple[int, dict]]:
 
 
 class _PendingSamples:
-    """Samples waiting for their narrations' paraphrases; flushed once enough texts are queued."""
+    """Samples of one output shard waiting for their narrations' paraphrases; flushed once enough
+    texts are queued."""
 
-    def __init__(self, model, tokenizer, cfg: RephraseConfig, writer, counts: dict):
-        self.model, self.tokenizer, self.cfg, self.writer, self.counts = model, tokenizer, cfg, writer, counts
+    def __init__(self, model, tokenizer, cfg: RephraseConfig, shard: OutputShard):
+        self.model, self.tokenizer, self.cfg, self.shard = model, tokenizer, cfg, shard
         self.samples: list[tuple[dict, dict]] = []
         self.cache: dict[str, list[str]] = {}
         self.queued: list[str] = []
@@ -98,62 +108,60 @@ class _PendingSamples:
     def flush(self) -> None:
         if self.queued:
             self.cache.update(zip(self.queued, paraphrase(self.model, self.tokenizer, self.queued, self.cfg)))
-            self.counts["generated"] += len(self.queued) * self.cfg.k
+            self.shard.count("generated", len(self.queued) * self.cfg.k)
             self.queued = []
         for sample, meta in self.samples:
             paraphrases = []
             for index, n in _human_narrations(meta):
                 for text in self.cache[str(n["text"]).strip()]:
                     if not text:
-                        self.counts["empty"] += 1  # an empty generation is no paraphrase
+                        self.shard.count("empty")  # an empty generation is no paraphrase
                         continue
                     paraphrases.append({"start": n["start"], "end": n["end"], "text": text, "of": index})
-            self.counts["narrations"] += len(_human_narrations(meta))
-            self.counts["paraphrases"] += len(paraphrases)
-            members = {k: v for k, v in sample.items() if not k.startswith("__")}
-            members["json"] = json.dumps({**meta, "paraphrases": paraphrases}).encode("utf-8")
-            self.writer.write({"__key__": sample["__key__"], **members})
-            self.counts["samples"] += 1
+            self.shard.count("narrations", len(_human_narrations(meta)))
+            self.shard.count("paraphrases", len(paraphrases))
+            self.shard.write(sample, {"json": json.dumps({**meta, "paraphrases": paraphrases}).encode("utf-8")})
         self.samples = []
 
 
 def rephrase_shards(t5_dir: str, shards: str, out_dir: str, cfg: RephraseConfig = RephraseConfig(),
-                    samples_per_shard: int = 256, progress: bool = True) -> dict:
-    """Write shards to `out_dir` whose samples carry `paraphrases`; returns counts
-    {samples, narrations, paraphrases, generated, empty}."""
-    import webdataset as wds
+                    samples_per_shard: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """Write shards to `out_dir` whose samples carry `paraphrases` (one output shard per input shard
+    of the same name, or `shard-%06d.tar` of `samples_per_shard` samples); returns counts
+    {samples, narrations, paraphrases, generated, empty, skipped} over the whole folder, and
+    `done_before`, the shards an earlier run had finished."""
     from ..data.loader import list_shards
-    from ..data.shardio import skip_unreadable_shard
     urls = list_shards(shards)
-    out = Path(out_dir)
-    if out.resolve() in {Path(u).resolve().parent for u in urls}:
-        raise MmvsslError(f"--out {out} is the input shard folder: write the rephrased shards elsewhere")
+    if Path(out_dir).resolve() in {Path(u).resolve().parent for u in urls}:
+        raise MmvsslError(f"--out {out_dir} is the input shard folder: write the rephrased shards elsewhere")
     model, tokenizer = load_paraphraser(t5_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    counts = {"samples": 0, "narrations": 0, "paraphrases": 0, "generated": 0, "empty": 0}
-    samples = wds.WebDataset(urls, shardshuffle=False, empty_check=False,  # member bytes, nothing decoded
-                             handler=skip_unreadable_shard)
+    header = {"paraphraser": str(Path(t5_dir).resolve()),
+              "settings": {**asdict(cfg), "samples_per_shard": samples_per_shard}}
+    rewriter = ShardRewriter(out_dir, REPORT, header, inputs=urls, overwrite=overwrite, command="rephrase",
+                             counts=("narrations", "paraphrases", "generated", "empty"))
+    bar = None
     if progress:
         from tqdm import tqdm
-        samples = tqdm(samples, desc="rephrase", unit="sample", file=sys.stderr)
+        bar = tqdm(desc="rephrase", unit="sample", file=sys.stderr)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        # encoder=False: members are written as the bytes they were read as (the default encoder
-        # would gzip a `.gz` member a second time)
-        with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=samples_per_shard, verbose=0,
-                             encoder=False) as writer:
-            pending = _PendingSamples(model, tokenizer, cfg, writer, counts)
-            for sample in samples:
-                try:
-                    meta = json.loads(sample["json"]) if "json" in sample else {}
-                except json.JSONDecodeError as e:
-                    raise MmvsslError(f"{sample.get('__url__', shards)}: sample {sample['__key__']}: "
-                                      f"metadata is not JSON ({e})") from None
-                if not isinstance(meta, dict):
-                    raise MmvsslError(f"{sample.get('__url__', shards)}: sample {sample['__key__']}: "
-                                      f"metadata is not a JSON object")
-                pending.add(sample, meta)
-            pending.flush()
-    if counts["samples"] == 0:
+        for context in rewriter.pending(shard_parts(urls, samples_per_shard)):
+            with context as shard:
+                torch.manual_seed(zlib.crc32(f"{cfg.seed}/{shard.part.name}".encode()))  # resumes exactly
+                pending = _PendingSamples(model, tokenizer, cfg, shard)
+                for sample in shard.part.samples():
+                    if bar is not None:
+                        bar.update(1)
+                    try:
+                        meta = metadata(sample)
+                    except DecodeError as e:
+                        shard.skip(sample, str(e))
+                        print(f"rephrase: skipped {shard.part.name} {sample['__key__']}: {e}", file=sys.stderr)
+                        continue
+                    pending.add(sample, meta)
+                pending.flush()
+    if bar is not None:
+        bar.close()
+    counts = rewriter.totals("narrations", "paraphrases", "generated", "empty")
+    if counts["samples"] == 0 and counts["skipped"] == 0:
         raise MmvsslError(f"no samples found in {shards}")
-    return counts
+    return {**counts, "done_before": rewriter.done_before}

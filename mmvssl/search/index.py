@@ -27,7 +27,8 @@ import torch
 
 from ..data.decode import DecodeError, decode_window, probe
 from ..data.loader import frames_to_tensor, list_shards
-from ..data.shardio import VIDEO_EXTENSIONS, skip_unreadable_shard
+from ..data.rawsample import video_member
+from ..data.shardio import skip_unreadable_shard
 from ..data.shards import BuildReport, read_entries
 from ..errors import MmvsslError
 from . import store
@@ -97,7 +98,7 @@ def scan(source: str, report: BuildReport) -> Iterator[Video]:
     import webdataset as wds
     for sample in wds.WebDataset(list_shards(source), shardshuffle=False, empty_check=False,
                                  handler=skip_unreadable_shard):
-        ext = next((e for e in VIDEO_EXTENSIONS if e in sample), None)
+        ext = video_member(sample)
         key, url = sample["__key__"], str(Path(sample["__url__"]).resolve())
         if ext is None:
             yield Video(key, None, error="no video member")

@@ -1,0 +1,200 @@
+"""Shard rewriting: new shards made from a shard set (or a folder of videos), every member copied
+byte for byte and some members added or replaced. The one writer behind `narrate --shards-out`,
+`rephrase`, `shards add-features` and `shards add-flow` (`shards build`, which makes shards from
+videos, has its own numbered writer in shards.py).
+
+Conventions, the same for every rewriter:
+- input is read member by member as bytes (rawsample.read_shard; never unpickled, nothing
+  decoded but what the caller decodes); output is written with encoder=False (each member
+  exactly as given: webdataset's default encoder would gzip a `.gz` member a second time);
+- parts: by default each input shard becomes the output shard of the same name; with
+  `samples_per_shard` the input stream is cut into `shard-%06d.tar` of that many input samples;
+- each output shard is written as `<name>.partial` and renamed when complete; after every shard
+  the report (`<report>`: the run's header, e.g. settings and model, and per shard its source,
+  samples written, counts, and the samples skipped with their reason) and `sizes.json` are
+  rewritten atomically, so a re-run skips finished shards and redoes an interrupted one;
+- a folder written with another header (other settings, another model) is refused unless
+  `overwrite`, which removes this rewriter's own files only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import webdataset as wds
+
+from ..errors import MmvsslError
+from .rawsample import read_shard, sample_key, stored_members
+
+
+@dataclass
+class Part:
+    """One output shard to write: its file name, what it is made from, and its input samples."""
+    name: str
+    source: str
+    samples: Callable[[], Iterator[dict]]
+
+
+def shard_parts(urls: list[str], samples_per_shard: int | None = None,
+                reader: Callable[[str], Iterator[dict]] = read_shard) -> Iterator[Part]:
+    """One part per input shard (same name), or `shard-%06d.tar` parts of `samples_per_shard`
+    input samples each, cut from the shards read in order. `reader`: a shard's raw samples (by
+    default an unreadable shard ends the run with an error naming it)."""
+    if not samples_per_shard:
+        names = [os.path.basename(u) for u in urls]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise MmvsslError(f"shards from several folders share the names {twice[:3]}: rewrite them per folder")
+        for url, name in zip(urls, names):
+            yield Part(name, os.path.abspath(url), lambda url=url: reader(url))
+        return
+    yield from chunked_parts(itertools.chain.from_iterable(reader(u) for u in urls), samples_per_shard,
+                             ",".join(os.path.abspath(u) for u in urls))
+
+
+def chunked_parts(samples: Iterable[dict], per_shard: int, source: str) -> Iterator[Part]:
+    """`shard-%06d.tar` parts of `per_shard` samples each from one stream. A part must be consumed
+    (or skipped by the rewriter, which drains it) before the next one is asked for."""
+    if per_shard < 1:
+        raise MmvsslError(f"samples per shard must be at least 1, got {per_shard}")
+    stream = iter(samples)
+    for index in itertools.count():
+        head = next(stream, None)
+        if head is None:
+            return
+        chunk = itertools.chain([head], itertools.islice(stream, per_shard - 1))
+        yield Part(f"shard-{index:06d}.tar", source, lambda chunk=chunk: chunk)
+        for _ in chunk:  # whatever the consumer left (a finished part of a resumed run)
+            pass
+
+
+@dataclass
+class OutputShard:
+    """The shard being written: `write` a sample (its stored members plus new ones), `skip` one with
+    its reason, `count` anything else worth reporting."""
+    part: Part
+    writer: wds.TarWriter
+    result: dict = field(default_factory=dict)
+
+    def write(self, raw: dict, added: dict[str, bytes] | None = None) -> None:
+        """The raw sample's members unchanged, plus (or replaced by) `added` (extension -> bytes)."""
+        self.writer.write({"__key__": sample_key(raw), **stored_members(raw), **(added or {})})
+        self.result["samples"] += 1
+
+    def skip(self, raw_or_key: dict | str, reason: str) -> None:
+        key = raw_or_key if isinstance(raw_or_key, str) else sample_key(raw_or_key)
+        self.result["skipped"].append({"key": key, "reason": reason})
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.result[name] = self.result.get(name, 0) + n
+
+
+class ShardRewriter:
+    """Writes parts into `out_dir` under the conventions of the module docstring.
+
+        rewriter = ShardRewriter(out, "flow_report.json", {"settings": settings}, inputs=urls)
+        for shard in rewriter.pending(shard_parts(urls)):
+            with shard:                     # renamed and reported when the block ends normally
+                for raw in shard.part.samples():
+                    shard.write(raw, {"flow.npz": ...})   # or shard.skip(raw, reason)
+        report = rewriter.report
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, report_name: str, header: dict, inputs: Iterable[str] = (),
+                 overwrite: bool = False, mismatch: Callable[[dict, dict], str | None] | None = None,
+                 command: str = "this command", counts: Iterable[str] = ()):
+        """`header`: what the report records about the run (settings, model) and what a resumed run
+        must match; `mismatch(old, new)` says why an earlier run's header does not (None: it does);
+        `counts`: the counters every shard's entry reports (from 0)."""
+        self.out, self.report_name, self.header, self.command = Path(out_dir), report_name, dict(header), command
+        self.counts = tuple(counts)
+        if self.out.resolve() in {Path(u).resolve().parent for u in inputs}:
+            raise MmvsslError(f"--out {self.out} is the input shard folder: write the new shards elsewhere")
+        self.mismatch = mismatch or _differs
+        self.report = self._prepare(overwrite)
+        self.done_before = sorted(n for n in self.report["shards"] if (self.out / n).is_file())
+        self.report["shards"] = {n: self.report["shards"][n] for n in self.done_before}
+
+    def _prepare(self, overwrite: bool) -> dict:
+        """The report of an earlier run with the same header, or a fresh one."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / self.report_name
+        for partial in self.out.glob("*.tar.partial"):  # an interrupted shard is redone
+            partial.unlink()
+        old = None
+        if path.is_file():
+            try:
+                old = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                old = None
+            if not (isinstance(old, dict) and isinstance(old.get("shards"), dict)):
+                if not overwrite:
+                    raise MmvsslError(f"{path} is not a report of {self.command}; pass --overwrite to start afresh, "
+                                      f"or choose another folder")
+                old = None
+        if old is not None and not overwrite:
+            why = self.mismatch({k: old.get(k) for k in self.header}, self.header)
+            if why:
+                raise MmvsslError(f"{self.out} {why}: pass --overwrite to replace it, or choose another folder")
+            return old
+        if old is not None:  # overwrite: our own files only; anything else in the folder is left alone
+            for name in old["shards"]:
+                (self.out / name).unlink(missing_ok=True)
+        elif any(self.out.glob("*.tar")) and not overwrite:
+            raise MmvsslError(f"{self.out} holds shards without a {self.report_name}; pass --overwrite or choose "
+                              f"another folder")
+        return {**self.header, "shards": {}}
+
+    def pending(self, parts: Iterable[Part]) -> Iterator["_ShardContext"]:
+        """A context for every part not finished by an earlier run, in order (finished ones are
+        passed over; a stream-cut part is drained by `chunked_parts`)."""
+        for part in parts:
+            if part.name in self.report["shards"]:
+                continue
+            yield _ShardContext(self, part)
+
+    def save(self) -> None:
+        sizes = {name: r["samples"] for name, r in self.report["shards"].items()}
+        for name, value in ((self.report_name, self.report), ("sizes.json", sizes)):  # atomic: temp, then rename
+            (self.out / f".{name}.tmp").write_text(json.dumps(value, indent=2))
+            os.replace(self.out / f".{name}.tmp", self.out / name)
+
+    def totals(self, *names: str) -> dict:
+        """The report's counts summed over shards: samples, skipped, and `names`."""
+        shards = self.report["shards"].values()
+        out = {"samples": sum(r["samples"] for r in shards), "skipped": sum(len(r["skipped"]) for r in shards)}
+        out.update({n: sum(r.get(n, 0) for r in shards) for n in names})
+        return out
+
+
+class _ShardContext:
+    def __init__(self, rewriter: ShardRewriter, part: Part):
+        self.rewriter, self.part = rewriter, part
+        self.partial = rewriter.out / (part.name + ".partial")
+
+    def __enter__(self) -> OutputShard:
+        writer = wds.TarWriter(str(self.partial), encoder=False)  # bytes as they are (no re-gzip of .gz)
+        result = {"source": self.part.source, "samples": 0, **{n: 0 for n in self.rewriter.counts}, "skipped": []}
+        self.shard = OutputShard(self.part, writer, result)
+        return self.shard
+
+    def __exit__(self, kind, value, tb) -> bool:
+        self.shard.writer.close()
+        if kind is not None:  # an error ends the run: the partial shard is not kept
+            self.partial.unlink(missing_ok=True)
+            return False
+        os.replace(self.partial, self.rewriter.out / self.part.name)
+        self.rewriter.report["shards"][self.part.name] = self.shard.result
+        self.rewriter.save()
+        return False
+
+
+def _differs(old: dict, new: dict) -> str | None:
+    if old != new:
+        return f"was written with {json.dumps(old)}; this run asks for {json.dumps(new)}"
+    return None
