@@ -69,32 +69,56 @@ def test_layer_wise_lr_decay_by_hand_and_in_the_optimizer():
     assert decay[id(net[0].weight)] == 0.05 and decay[id(net[0].bias)] == 0.0
 
 
-def test_labelled_subset_is_a_function_of_the_key_alone():
-    """Identical in another interpreter (another hash seed: another process of the same run or a
-    resumed one), close to the fraction asked for, nested as the fraction grows."""
-    from mmvssl.data.labels import is_labelled
-    keys = [f"video{i:05d}" for i in range(4000)]
-    ten = [k for k in keys if is_labelled(k, 0.1)]
-    one = [k for k in keys if is_labelled(k, 0.01)]
-    assert 340 < len(ten) < 460 and 20 < len(one) < 60 and set(one) <= set(ten)
-    assert [k for k in keys if is_labelled(k, 0.1, salt=1)] != ten  # the salt draws another subset
-    code = ("from mmvssl.data.labels import is_labelled; "
-            "print(','.join(k for k in (f'video{i:05d}' for i in range(4000)) if is_labelled(k, 0.1)))")
+def test_labelled_subset_is_per_class_by_key_hash_and_the_same_in_another_process():
+    """ceil(fraction x n) of each class, the keys of lowest hash (by hand); identical in another
+    interpreter (another hash seed: another process of the run, or a resumed one); nested."""
+    from mmvssl.data.labels import key_hash, labelled_keys
+    labels = {f"video{i:05d}": ["a", "b", "c"][i % 3] for i in range(300)}  # 100 per class
+    labels["nolabel"] = None
+    ten, one = labelled_keys(labels, 0.1), labelled_keys(labels, 0.01)
+    for c in "abc":
+        ranked = sorted((k for k, v in labels.items() if v == c), key=key_hash)
+        assert {k for k in ten if labels[k] == c} == set(ranked[:10])
+        assert {k for k in one if labels[k] == c} == set(ranked[:1])
+    assert len(ten) == 30 and len(one) == 3 and one <= ten and "nolabel" not in ten
+    assert labelled_keys(labels, 0.1, salt=1) != ten  # the salt draws another subset
+    assert labelled_keys({"x": "a", "y": "b"}, 0.01) == {"x", "y"}  # every class keeps one label
+    code = ("from mmvssl.data.labels import labelled_keys; "
+            "print(','.join(sorted(labelled_keys({f'video{i:05d}': 'abc'[i % 3] for i in range(300)}, 0.1))))")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout.strip().split(",")
-    assert other == ten
+    assert other == sorted(ten)
 
 
 def test_batch_targets_map_labels_and_mark_unlabelled():
-    from mmvssl.data.labels import batch_targets, is_labelled
-    keys = [f"k{i}" for i in range(40)]
-    batch = {"key": keys, "meta": [{"label": ["b", "a"][i % 2]} for i in range(40)]}
-    t = batch_targets(batch, ["a", "b"], fraction=0.5)
-    for i, k in enumerate(keys):
-        assert int(t[i]) == ((1 - i % 2) if is_labelled(k, 0.5) else -1)
-    assert (t == -1).any() and (t >= 0).any()
-    with pytest.raises(MmvsslError, match=r"label 'c' .* not one of the 2 classes"):
-        batch_targets({"key": ["x"], "meta": [{"label": "c"}]}, ["a", "b"])
+    from mmvssl.data.labels import batch_targets
+    batch = {"key": ["k0", "k1", "k2", "k3"], "meta": [{"label": "b"}, {"label": "a"}, {"label": "b"}, {"label": "c"}]}
+    assert batch_targets(batch, ["a", "b"], labelled=frozenset({"k0", "k1"})).tolist() == [1, 0, -1, -1]
+    with pytest.raises(MmvsslError, match=r"sample k3: label 'c' .* not one of the 2 classes"):
+        batch_targets(batch, ["a", "b"])
+
+
+def test_the_loader_draws_the_labelled_share_from_the_labelled_samples(demo_shards):
+    """labelled_share 1: every sample of the stream is labelled; 0.5: about half; across resumes the
+    stream is the loader's (same batches)."""
+    from mmvssl.config import load_config
+    from mmvssl.data.labels import labelled_keys, shard_labels
+    from mmvssl.data.loader import build_loader
+    from mmvssl.data.options import sample_spec
+    keys = labelled_keys(shard_labels(str(demo_shards["train"])), 0.1)
+    assert len(keys) == 5  # one of each of the 5 shapes among 24 samples
+
+    def stream(share, start=0, n=6):
+        cfg = load_config(None, [f"data.labelled_share={share}", "data.size=32", "data.num_frames=4"])
+        spec = sample_spec(cfg.data, True, 0)
+        spec.labelled_keys = keys
+        it = iter(build_loader(str(demo_shards["train"]), spec, 4, shuffle_buffer=8, start_batch=start))
+        return [next(it)["key"] for _ in range(n)]
+    only = [k for batch in stream(1.0) for k in batch]
+    assert set(only) <= keys
+    half = [k for batch in stream(0.5) for k in batch]
+    assert 4 <= sum(k in keys for k in half) <= 20 and not set(half) <= keys
+    assert stream(0.5, start=2, n=4) == stream(0.5)[2:]
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,18 @@
-"""Labels for training: which samples are labelled (a fraction chosen by a hash of the sample key),
-every label of a shard set read from the metadata alone, and class indices for a batch.
+"""Labels for training: which samples are labelled (a fraction of each class chosen by a hash of the
+sample key), every label of a shard set read from the metadata alone, and class indices for a batch.
 
-The labelled subset depends on the key, the fraction and a salt only: the same in every run,
-process, worker and resume, whatever order the stream takes (TG's and CMPL's 1% / 10% splits are
-fixed lists; a hash gives one without shipping a list). Unlabelled samples get label -1.
+The labelled subset of a shard set: per class, the ceil(fraction x n_class) samples whose key hashes
+lowest (sha256 of "<salt>/<key>"), so every class keeps at least one label and the share is exact,
+as the papers' 1% / 10% splits are per class. It depends on the keys, their labels, the fraction and
+the salt only: the same in every run, process, worker and resume, whatever order the stream takes,
+and nested (the 1% subset is inside the 10% one). Unlabelled samples get label -1.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tarfile
 
 import torch
@@ -20,13 +23,23 @@ from ..errors import MmvsslError
 UNLABELLED = -1
 
 
-def is_labelled(key: str, fraction: float, salt: int = 0) -> bool:
-    """Whether sample `key` is in the labelled `fraction` (0..1): the first 8 bytes of
-    sha256("<salt>/<key>") read as a number in [0, 1) fall below it."""
-    if fraction >= 1.0:
-        return True
-    digest = hashlib.sha256(f"{salt}/{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64 < fraction
+def key_hash(key: str, salt: int = 0) -> float:
+    """The first 8 bytes of sha256("<salt>/<key>") as a number in [0, 1)."""
+    return int.from_bytes(hashlib.sha256(f"{salt}/{key}".encode()).digest()[:8], "big") / 2.0 ** 64
+
+
+def labelled_keys(labels: dict[str, object], fraction: float, salt: int = 0) -> frozenset[str]:
+    """key -> label of a shard set -> the labelled keys: per label, the ceil(fraction x count) keys of
+    lowest key_hash (samples without a label are never labelled)."""
+    by_class: dict[str, list[str]] = {}
+    for key, label in labels.items():
+        if label is not None:
+            by_class.setdefault(str(label), []).append(key)
+    chosen = []
+    for keys in by_class.values():
+        keys.sort(key=lambda k: (key_hash(k, salt), k))
+        chosen += keys[:math.ceil(fraction * len(keys))] if fraction < 1 else keys
+    return frozenset(chosen)
 
 
 def shard_labels(shards: str, label_key: str = "label") -> dict[str, object]:
@@ -55,27 +68,30 @@ def shard_labels(shards: str, label_key: str = "label") -> dict[str, object]:
 
 
 def check_labels(shards: str, classes: list[str], class_source: str, label_key: str = "label",
-                 fraction: float = 1.0, salt: int = 0) -> dict:
-    """Every labelled sample of `shards` has a label in `classes` (evaluation.tasks.match_labels:
-    the error names the labels that do not match); returns counts for the log."""
+                 fraction: float = 1.0, salt: int = 0) -> frozenset[str]:
+    """The labelled keys of `shards` (labelled_keys), after checking that every labelled sample has a
+    label in `classes` (evaluation.tasks.match_labels: the error names the labels that do not match)."""
     from ..evaluation.tasks import match_labels
     labels = shard_labels(shards, label_key)
     if not labels:
         raise MmvsslError(f"{shards}: no samples with metadata (.json members) found")
-    chosen = {k: v for k, v in labels.items() if is_labelled(k, fraction, salt)}
-    match_labels(list(chosen.values()), classes, f"{shards} ({len(chosen)} labelled samples)", class_source,
-                 label_key)
-    return {"samples": len(labels), "labelled": len(chosen)}
+    if fraction >= 1:
+        match_labels(list(labels.values()), classes, str(shards), class_source, label_key)
+    keys = labelled_keys(labels, fraction, salt)
+    match_labels([labels[k] for k in sorted(keys)], classes, f"{shards} ({len(keys)} labelled samples)",
+                 class_source, label_key)
+    return keys
 
 
-def batch_targets(batch: dict, classes: list[str], label_key: str = "label", fraction: float = 1.0,
-                  salt: int = 0) -> torch.Tensor:
+def batch_targets(batch: dict, classes: list[str], label_key: str = "label",
+                  labelled: frozenset[str] | None = None) -> torch.Tensor:
     """(B,) class index of each sample of the batch (its `meta[label_key]`), UNLABELLED (-1) for
-    samples outside the labelled fraction. A label outside `classes` is an error naming it."""
+    samples outside `labelled` (None: every sample is labelled). A label outside `classes` is an
+    error naming it."""
     index = {c: i for i, c in enumerate(classes)}
     out = []
     for key, meta in zip(batch["key"], batch["meta"]):
-        if not is_labelled(key, fraction, salt):
+        if labelled is not None and key not in labelled:
             out.append(UNLABELLED)
             continue
         label = meta.get(label_key)
@@ -86,11 +102,11 @@ def batch_targets(batch: dict, classes: list[str], label_key: str = "label", fra
     return torch.tensor(out, dtype=torch.long)
 
 
-def select_labelled(fraction: float, salt: int, labelled: bool):
+def select_labelled(keys: frozenset[str], labelled: bool):
     """Pipeline stage over raw samples (before decoding): keep the labelled ones (`labelled`) or
-    the others, by key; the loader mixes the two streams at `data.labelled_share`."""
+    the others; the loader mixes the two streams at `data.labelled_share`."""
     def stage(src):
         for raw in src:
-            if is_labelled(raw.get("__key__", ""), fraction, salt) == labelled:
+            if (raw.get("__key__") in keys) == labelled:
                 yield raw
     return stage

@@ -55,9 +55,10 @@ class SampleSpec:
     num_global: int = 2  # svt
     num_local: int = 2  # svt
     text_sources: tuple[str, ...] = ("human",)  # human, paraphrase, pseudo: one drawn per sample (LaViLa)
-    labelled_fraction: float = 1.0  # share of samples that keep their label (by key: mmvssl.data.labels)
-    labelled_seed: int = 0
-    labelled_share: float = 0.0  # > 0: that share of the resampled stream comes from the labelled samples
+    # the keys of the labelled samples, set by a label-using method (mmvssl.data.labels.labelled_keys);
+    # with labelled_share > 0 that share of the resampled stream is drawn from them
+    labelled_keys: frozenset | None = None
+    labelled_share: float = 0.0
     augment: AugmentOptions = field(default_factory=AugmentOptions)
     # the teacher fingerprint (models.teacher.teacher_identity) whose cached features each sample
     # must carry: they become `teacher_frames` for the first view's frame times; None: not read
@@ -257,9 +258,9 @@ def build_dataset(shards: str, spec: SampleSpec, batch_size: int, shuffle_buffer
             return wds.DataPipeline(
                 wds.ResampledShards(s.urls, seed=spec.seed, deterministic=True, worker_seed=position.shard_seed),
                 wds.tarfile_to_samples(handler=skip_unreadable_shard), tag_source(s.name),
-                *([] if labelled is None else [select_labelled(spec.labelled_fraction, spec.labelled_seed, labelled)]))
+                *([] if labelled is None else [select_labelled(spec.labelled_keys, labelled)]))
         streams = [(s, None, s.weight) for s in sets]
-        if spec.labelled_share > 0 and spec.labelled_fraction < 1:  # each set split into labelled / unlabelled
+        if spec.labelled_share > 0 and spec.labelled_keys is not None:  # each set split: labelled / unlabelled
             share = min(1.0, spec.labelled_share)
             streams = [(s, labelled, s.weight * w) for s in sets
                        for labelled, w in ((True, share), (False, 1.0 - share)) if w > 0]

@@ -50,9 +50,9 @@ class DataConfig:
     # LaViLa: each sample's text comes from one of these that it has (human, paraphrase, pseudo),
     # drawn at random; the batch flags generated texts (text_generated)
     text_sources: list[str] = field(default_factory=lambda: ["human"])
-    # labels (methods supervised, tg, cmpl): the share of samples that keep their label, chosen by a hash
-    # of the sample key with labelled_seed (mmvssl.data.labels); labelled_share > 0 draws that share of
-    # the training stream from the labelled samples (FixMatch's labelled batch; 1: labelled only)
+    # labels (methods supervised, tg, cmpl): the share of each class's samples that keep their label,
+    # those whose key hashes lowest with labelled_seed (mmvssl.data.labels); labelled_share > 0 draws
+    # that share of the training stream from the labelled samples (FixMatch's labelled batch; 1: only them)
     labelled_fraction: float = 1.0
     labelled_seed: int = 0
     labelled_share: float = 0.0
@@ -81,7 +81,6 @@ def sample_spec(data, train: bool, seed: int):
                       seed=seed, sampler=data.sampler if train else "random", num_clips=data.num_clips,
                       long_scale=data.long_scale, num_global=data.num_global, num_local=data.num_local,
                       text_sources=sources if train else ("human",),
-                      labelled_fraction=float(data.labelled_fraction), labelled_seed=int(data.labelled_seed),
                       labelled_share=float(data.labelled_share) if train else 0.0,
                       augment=augment_options(data.augment) if train else augment_options(AugmentConfig()))
 

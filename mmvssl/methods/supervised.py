@@ -11,10 +11,11 @@ multi-clip multi-crop testing (evaluation/classifier.py).
 The classifier (models/classifier.py) is what is saved: the encoder's model folder plus the head.
 Labels are the task's classes matched to each sample's metadata as the evaluation matches them
 (every labelled training sample is checked before the first step: an unknown label stops the run
-with the labels that do not match). With `data.labelled_fraction` < 1 only that fraction of the
-samples (by a hash of the key, mmvssl.data.labels) keeps its label; the others are dropped from
-the batch here. With `val_shards` the classifier is scored every `eval_every` steps and at the
-end, and the best by val top-1 is kept in `<output_dir>/best` (best.json says its step and score).
+with the labels that do not match). With `data.labelled_fraction` < 1 only that fraction of each
+class (by a hash of the key, mmvssl.data.labels) keeps its label; the others are dropped from the
+batch here (`data.labelled_share: 1` makes the loader draw only labelled samples). With
+`val_shards` the classifier is scored every `eval_every` steps and at the end, and the best by val
+top-1 is kept in `<output_dir>/best` (best.json says its step and score).
 """
 
 from __future__ import annotations
@@ -189,17 +190,17 @@ class Validation:
 
 
 def setup_labels(method: Method, cfg: DictConfig, ctx: BuildContext, options, task) -> None:
-    """The labelled fraction, the label check over the training shards and the validation of a
-    label-using method."""
+    """The labelled subset (data.labelled_fraction: the loader draws data.labelled_share of the stream
+    from it), the label check over the training shards and the validation of a label-using method."""
     method.classes, method.label_key = task.classes, task.label_key
-    method.fraction, method.salt = labelled_fraction(cfg)
-    counts = check_labels(cfg.data.shards, task.classes, task.source, task.label_key, method.fraction, method.salt)
-    if counts["labelled"] == 0:
-        raise ConfigError(f"data.labelled_fraction={method.fraction}: none of the {counts['samples']} samples of "
-                          f"{cfg.data.shards} is labelled; raise the fraction")
+    fraction, salt = labelled_fraction(cfg)
+    keys = check_labels(cfg.data.shards, task.classes, task.source, task.label_key, fraction, salt)
+    method.labelled = keys if fraction < 1 else None
+    if ctx.spec is not None:
+        ctx.spec.labelled_keys = method.labelled
     if ctx.accelerator is not None:
-        ctx.accelerator.print(f"labels: {counts['labelled']} of {counts['samples']} training samples labelled "
-                              f"({task.source}, {len(task.classes)} classes)")
+        ctx.accelerator.print(f"labels: {len(keys)} training samples labelled (data.labelled_fraction={fraction}, "
+                              f"{task.source}, {len(task.classes)} classes)")
     method.validation = Validation(method, options.val_shards, options.eval_every, cfg.train.max_steps, ctx.out,
                                    ctx.accelerator, options.eval_clips, options.eval_crops)
 
@@ -219,8 +220,7 @@ def select_rows(batch: dict, keep: torch.Tensor) -> dict:
 
 def targets_of(method: Method, batch: dict) -> torch.Tensor:
     """(B,) class indices on the batch's device, -1 for unlabelled samples."""
-    return batch_targets(batch, method.classes, method.label_key, method.fraction, method.salt).to(
-        batch["video"].device)
+    return batch_targets(batch, method.classes, method.label_key, method.labelled).to(batch["video"].device)
 
 
 class Supervised(Method):
