@@ -7,7 +7,8 @@ The member is a safetensors file (never a pickle) with two tensors,
 the teacher fingerprint (`arch`, `weights`, `image_size`, with `pretrained` and `embed_dim` for
 people), the cache's `fps` F, the decode `size` and the video `duration`.
 
-Pairing (`pair_cached_frames`): each sampled frame time t (clamped to the video's duration,
+Pairing (`pair_cached_frames`, through mmvssl/data/cachetimes.py, which cached optical flow
+shares): each sampled frame time t (clamped to the video's duration,
 where the decoder holds the last frame) takes the cached frame nearest in time. Inside the
 video the nearest cached time is at most half a cached step, 1 / (2F), away; at the tail up to
 one step. A sampled time farther than one step (plus 1 ms) from every cached time means the
@@ -22,19 +23,18 @@ cache settings, per shard the samples written and those skipped with their reaso
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 
 import torch
 
 from ..errors import ConfigError, MmvsslError
+from .cachetimes import TIME_SLACK, cached_times, nearest_indices  # noqa: F401 (the time pairing, shared with flow)
 
 MEMBER = "teacher.safetensors"  # the member's extension: <key>.teacher.safetensors
 REPORT = "features_report.json"
 FORMAT = "mmvssl-teacher-features/1"
 IDENTITY_KEYS = ("arch", "weights", "image_size")  # what makes two teachers the same teacher
-TIME_SLACK = 1e-3  # seconds allowed beyond one cached step (rounding of container timestamps)
 
 
 def describe(identity: dict) -> str:
@@ -45,12 +45,6 @@ def describe(identity: dict) -> str:
 
 def same_teacher(a: dict, b: dict) -> bool:
     return all(str(a.get(k)) == str(b.get(k)) for k in IDENTITY_KEYS)
-
-
-def cached_times(duration: float, fps: float) -> torch.Tensor:
-    """(N,) the fixed frame times of the cache: i / fps for every i with i / fps < duration (at least 0)."""
-    n = max(1, math.ceil(duration * fps - 1e-6))
-    return torch.arange(n, dtype=torch.float64).div(fps).float()
 
 
 def encode_member(features: torch.Tensor, times: torch.Tensor, identity: dict, fps: float, size: int,
@@ -88,20 +82,6 @@ def decode_member(data: bytes) -> tuple[torch.Tensor, torch.Tensor, dict]:
         raise ValueError(f"teacher features (N, D) and times (N,) expected, got {tuple(features.shape)} "
                          f"and {tuple(times.shape)}")
     return features, times, meta
-
-
-def nearest_indices(times: torch.Tensor, sampled: torch.Tensor, duration: float, fps: float) -> torch.Tensor:
-    """(T,) index of the cached time nearest to each sampled time (clamped to the duration);
-    raises ValueError when one is farther than a cached step from every cached time."""
-    wanted = sampled.double().clamp(max=max(duration, 0.0))  # past the end the decoder holds the last frame
-    distance = (wanted[:, None] - times.double()[None, :]).abs()  # (T, N)
-    best, index = distance.min(dim=1)
-    worst = float(best.max())
-    if worst > 1.0 / fps + TIME_SLACK:
-        t = float(wanted[int(best.argmax())])
-        raise ValueError(f"no cached teacher frame within {1.0 / fps:.3f} s of the sampled time {t:.3f} s "
-                         f"(cached {float(times[0]):.3f}..{float(times[-1]):.3f} s)")
-    return index
 
 
 def pair_cached_frames(raw: dict, sampled: torch.Tensor, expected: dict) -> torch.Tensor:
