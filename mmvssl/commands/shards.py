@@ -1,4 +1,5 @@
-"""`mmvssl shards ...`: build, inspect and verify webdataset shards; add cached teacher features."""
+"""`mmvssl shards ...`: build, inspect and verify webdataset shards; add cached teacher features or
+optical flow."""
 
 import json
 import os
@@ -56,6 +57,21 @@ def _add_features(args) -> None:
         print(f"  skipped {name} {item['key']}: {item['reason']}")
 
 
+def _add_flow(args) -> None:
+    from ..data.add_flow import add_flow
+    report = add_flow(args.shards, args.out, algorithm=args.algorithm, fps=args.fps, size=args.size, clip=args.clip,
+                      overwrite=args.overwrite, progress=True)
+    shards = report["shards"]
+    skipped = [(name, item) for name, r in shards.items() for item in r["skipped"]]
+    s = report["settings"]
+    print(f"flow {s['algorithm']} at {s['fps']:g} frames/s, {s['size']} px short side: {len(shards)} shards "
+          f"({len(report['done_before'])} finished before), {sum(r['samples'] for r in shards.values())} samples, "
+          f"{sum(r['frames'] for r in shards.values())} frames, {len(skipped)} skipped -> {args.out} "
+          f"(details in {os.path.join(args.out, 'flow_report.json')})")
+    for name, item in skipped[:10]:
+        print(f"  skipped {name} {item['key']}: {item['reason']}")
+
+
 def register(sub) -> None:
     shards = sub.add_parser("shards", help="webdataset shards").add_subparsers(dest="action", required=True)
     b = shards.add_parser("build", help="videos + captions.jsonl/csv -> tar shards, sizes.json, build_report.json")
@@ -101,3 +117,17 @@ def register(sub) -> None:
     f.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available; bf16 on GPU)")
     f.add_argument("--overwrite", action="store_true", help="replace features made with another teacher or settings")
     f.set_defaults(func=_add_features)
+    o = shards.add_parser("add-flow", help="cache dense optical flow (OpenCV, CPU) in new shards, 8-bit quantised "
+                                           "(train with data.flow=true)")
+    o.add_argument("--shards", required=True, help="input shards (folder, brace pattern or glob)")
+    o.add_argument("--out", required=True, help="folder for the new shards (same names), sizes.json and "
+                                                "flow_report.json; re-running resumes")
+    o.add_argument("--algorithm", choices=["dis", "farneback"], default="dis",
+                   help="OpenCV's DIS (medium preset) or Farneback")
+    o.add_argument("--fps", type=float, default=8.0, help="flow fields per second over the whole video (times 0, "
+                                                         "1/F, ...; field i: frame i -> i + 1); training pairs each "
+                                                         "sampled frame with the nearest")
+    o.add_argument("--size", type=int, default=128, help="frames resized to this short side (aspect kept, no crop)")
+    o.add_argument("--clip", type=float, default=20.0, help="flow clipped to +-CLIP px before 8-bit quantisation")
+    o.add_argument("--overwrite", action="store_true", help="replace flow made with other settings")
+    o.set_defaults(func=_add_flow)

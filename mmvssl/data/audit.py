@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import torch
 import webdataset as wds
 
 from .decode import DecodeError, decode_all, decode_window, probe
@@ -68,9 +69,27 @@ def inspect_shards(shards: str) -> dict:
     }
 
 
+def _flow_images(raw: dict, times: np.ndarray) -> list[np.ndarray] | None:
+    """The cached flow nearest each time, colour-wheel coded (one magnitude scale per sample);
+    None when the sample has no (readable) flow."""
+    from .cachetimes import nearest_indices
+    from .flow import MEMBER, decode_member, dequantise, flow_to_rgb
+    if MEMBER not in raw:
+        return None
+    try:
+        q, scale, cached, meta = decode_member(raw[MEMBER])
+        index = nearest_indices(cached, torch.from_numpy(times), float(meta.get("duration", "inf")),
+                                float(meta.get("fps", "1")), what="flow field")
+    except ValueError:
+        return None
+    return [flow_to_rgb(dequantise(q[i], scale).numpy(), max_magnitude=scale) for i in index.tolist()]
+
+
 def contact_sheet(shards: str, out_png: str, num_samples: int = 8, frames_per_sample: int = 4) -> int:
     """A PNG grid: one row per sample (the first `num_samples` with video), a few frames
-    across its duration, its caption as the row title. Returns the number of rows drawn."""
+    across its duration, its caption as the row title; beside each frame its cached optical
+    flow when the sample has some (`shards add-flow`), colour-wheel coded (hue: direction,
+    saturation: speed, white: still). Returns the number of rows drawn."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -83,21 +102,27 @@ def contact_sheet(shards: str, out_png: str, num_samples: int = 8, frames_per_sa
         meta = _meta(raw)
         try:
             duration = float(meta.get("duration") or probe(data, check_decode=False).duration)
-            clip = decode_window(data, 0.0, frames_per_sample, frames_per_sample / max(duration, 1e-3),
-                                 size=(96, 128), audio_rate=None)
+            fps = frames_per_sample / max(duration, 1e-3)
+            clip = decode_window(data, 0.0, frames_per_sample, fps, size=(96, 128), audio_rate=None)
         except DecodeError:
             continue
-        rows.append((raw["__key__"], str(meta.get("caption") or ""), clip.frames))
+        flows = _flow_images(raw, np.arange(frames_per_sample) / fps)
+        rows.append((raw["__key__"], str(meta.get("caption") or ""), clip.frames, flows))
         if len(rows) >= num_samples:
             break
-    fig, axes = plt.subplots(max(1, len(rows)), frames_per_sample, squeeze=False,
-                             figsize=(2 * frames_per_sample, 1.8 * max(1, len(rows))))
+    columns = frames_per_sample * (2 if any(r[3] is not None for r in rows) else 1)
+    fig, axes = plt.subplots(max(1, len(rows)), columns, squeeze=False,
+                             figsize=(2 * columns, 1.8 * max(1, len(rows))))
     for ax in axes.ravel():
         ax.axis("off")
-    for r, (key, caption, frames) in enumerate(rows):
+    step = columns // frames_per_sample
+    for r, (key, caption, frames, flows) in enumerate(rows):
         for c in range(frames_per_sample):
-            axes[r, c].imshow(frames[c])
-        axes[r, 0].set_title(f"{key}: {caption[:60]}", fontsize=7, loc="left")
+            axes[r, c * step].imshow(frames[c])
+            if flows is not None:
+                axes[r, c * step + 1].imshow(flows[c])
+        axes[r, 0].set_title(f"{key}: {caption[:60]}" + (" | flow beside each frame" if flows else ""),
+                             fontsize=7, loc="left")
     fig.tight_layout()
     fig.savefig(out_png, dpi=80)
     plt.close(fig)

@@ -1,0 +1,92 @@
+"""`mmvssl shards add-flow`: dense optical flow of every video, computed once on the CPU with
+OpenCV and written into new shards (format and pairing: mmvssl/data/flow.py), so that training
+reads it instead of computing it on every batch.
+
+The shards go through the shard rewriter (mmvssl/data/rewrite.py): every member of a sample is
+copied byte for byte beside `<key>.flow.safetensors`, one output shard per input shard of the
+same name, each atomic; `flow_report.json` (settings, per shard the samples, frames, failed
+downloads copied as they are, and the samples skipped with their reason) and `sizes.json` are
+rewritten after every shard, so a re-run resumes; a folder made with other settings is refused
+unless `overwrite`. A sample whose video cannot be decoded is left out and reported on one line
+with its shard, key and reason.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MmvsslError
+from .cachetimes import cached_times
+from .decode import DecodeError, decode_window, probe
+from .flow import MEMBER, REPORT, FlowComputer, encode_member, quantise
+from .rawsample import is_failed_download, metadata, video_bytes
+from .rewrite import OutputShard, ShardRewriter, shard_parts
+from .shardio import list_shards, shard_size
+
+CHUNK_FRAMES = 128  # frames decoded per call: bounds the memory a long video takes
+
+
+def sample_flow(data: bytes, duration: float, algorithm: str, fps: float, size: int) -> tuple[np.ndarray, object]:
+    """(flow (N, H, W, 2) float32, times (N,)) of one video: flow[i] from the frame at times[i] to the next."""
+    times = cached_times(duration, fps)
+    computer, rows = FlowComputer(algorithm), []
+    for first in range(0, len(times), CHUNK_FRAMES):
+        count = min(CHUNK_FRAMES, len(times) - first)
+        frames = decode_window(data, float(times[first]), count, fps, None, audio_rate=None, short_side=size).frames
+        rows.append(computer(frames))  # row i: the frame before -> frame i
+    backward = np.concatenate(rows)
+    return np.concatenate([backward[1:], np.zeros_like(backward[:1])]), times
+
+
+def _add_one(raw: dict, shard: OutputShard, settings: dict) -> None:
+    if is_failed_download(raw):  # video2dataset's record of a failed download: copied as it is
+        shard.count("without_video")
+        shard.write(raw)
+        return
+    meta = metadata(raw)
+    data = video_bytes(raw)
+    duration = float(meta.get("duration") or 0.0) or probe(data, check_decode=False).duration
+    flow, times = sample_flow(data, duration, settings["algorithm"], settings["fps"], settings["size"])
+    q, scale = quantise(flow, settings["clip"])
+    member = encode_member(q, scale, times, settings["algorithm"], settings["fps"], settings["size"],
+                           settings["clip"], duration)
+    shard.write(raw, {MEMBER: member})
+    shard.count("frames", len(times))
+
+
+def add_flow(shards: str, out_dir: str | os.PathLike, algorithm: str = "dis", fps: float = 8.0, size: int = 128,
+             clip: float = 20.0, overwrite: bool = False, progress: bool = True) -> dict:
+    """Write shards with cached optical flow to `out_dir`; returns the flow report ({settings,
+    shards: {name: {source, samples, frames, without_video, skipped}}}) plus `done_before`."""
+    from .flow import ALGORITHMS
+    if algorithm not in ALGORITHMS:
+        raise MmvsslError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got '{algorithm}'")
+    if fps <= 0 or size < 8 or clip <= 0:
+        raise MmvsslError(f"need --fps > 0, --size >= 8 and --clip > 0, got {fps}, {size}, {clip}")
+    urls = list_shards(shards)
+    parts = list(shard_parts(urls))
+    if Path(out_dir).resolve() in {Path(u).resolve().parent for u in urls}:
+        raise MmvsslError(f"--out {out_dir} is the input shard folder: write the new shards elsewhere")
+    settings = {"algorithm": algorithm, "fps": float(fps), "size": int(size), "clip": float(clip)}
+    rewriter = ShardRewriter(out_dir, REPORT, {"settings": settings}, inputs=urls, overwrite=overwrite,
+                             command="add-flow", counts=("frames", "without_video"))
+    from tqdm import tqdm
+    bar = tqdm(total=sum(shard_size(p.source) for p in parts if p.name not in rewriter.report["shards"]),
+               desc="add-flow", unit="sample", file=sys.stderr, disable=not progress)
+    with bar:
+        for context in rewriter.pending(parts):
+            with context as shard:
+                for raw in shard.part.samples():
+                    bar.update(1)
+                    try:
+                        _add_one(raw, shard, settings)
+                    except (DecodeError, ValueError, KeyError) as e:
+                        reason = str(e) or type(e).__name__
+                        shard.skip(raw, reason)
+                        print(f"add-flow: skipped {shard.part.name} {raw['__key__']}: {reason}", file=sys.stderr)
+    rewriter.save()
+    return {**rewriter.report, "done_before": sorted(set(rewriter.done_before) & {p.name for p in parts})}
