@@ -13,6 +13,7 @@ from .base import BuildContext, Method
 # name -> module; imported on use, so that listing methods stays cheap
 MODULES = {
     "carl": "carl",
+    "cmpl": "cmpl",
     "coclr": "coclr",
     "constcl": "constcl",
     "contrastive": "contrastive",
@@ -24,6 +25,7 @@ MODULES = {
     "supervised": "supervised",
     "svt": "svt",
     "teg": "teg",
+    "tg": "tg",
 }
 
 
