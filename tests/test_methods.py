@@ -27,6 +27,11 @@ TINY_MODEL = {  # per preset: the tiny clip (4 frames of 32 px) and, for video-t
     "mmv-tiny": [],
 }
 
+# MoCo-style methods: the loss is measured against a queue that starts as random vectors (easy
+# negatives) and fills with real keys over the first steps, so it rises by construction within 16
+# steps; their own tests optimise the loss against a full queue instead (tests/test_methods_coclr.py)
+QUEUE_METHODS = {"coclr"}
+
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory) -> list[str]:
@@ -77,7 +82,8 @@ def test_method_config_trains_and_its_loss_falls(path, demo_shards, tmp_path, ti
     # student minimises: for it, the KL part must fall
     value = [r["loss"] - r.get("teacher_entropy", 0.0) for r in log]
     first, last = sum(value[:4]) / 4, sum(value[-4:]) / 4
-    assert last < first, f"{path.stem}: loss did not fall ({first:.4f} -> {last:.4f})"
+    if load_config(path).method.name not in QUEUE_METHODS:
+        assert last < first, f"{path.stem}: loss did not fall ({first:.4f} -> {last:.4f})"
     import mmvssl
     model = mmvssl.load_model(final)  # the student alone ships: no teacher, no prototypes
     assert not any(k.startswith(("teacher", "prototypes")) for k in model.state_dict())

@@ -1,0 +1,172 @@
+"""CoCLR: positives mined from the other stream's neighbours, the multi-instance InfoNCE by hand,
+the phase schedule, the frozen stream takes no gradient and does not move in training, the two
+queues filled at the same rows. (The falling loss on the demo shards: tests/test_methods.py.)"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmvssl.errors import ConfigError
+from mmvssl.resources import data_path
+
+
+def _coclr(**options):
+    import mmvssl
+    from mmvssl.methods.coclr import CoCLR, CoCLROptions
+    from mmvssl.models.multimodal import MultimodalModel
+    torch.manual_seed(0)
+    student = mmvssl.create_model("video-tiny", video={"num_frames": 4, "image_size": 32})
+    motion = MultimodalModel({**student.config, "video": {**student.config["video"], "in_channels": 3}})
+    return student, CoCLR(student, motion, CoCLROptions(**options))
+
+
+def test_mined_positives_are_the_other_streams_nearest_queue_entries():
+    from mmvssl.methods.coclr import mine_positives
+    g = torch.Generator().manual_seed(0)
+    queue = F.normalize(torch.randn(10, 8, generator=g), dim=1)
+    key = F.normalize(torch.randn(2, 8, generator=g), dim=1)
+    queue[3] = key[0]  # clip 0's neighbours: rows 3 and 7
+    queue[7] = F.normalize(key[0] + 0.05 * torch.randn(8, generator=g), dim=0)
+    queue[1] = key[1]  # clip 1's: rows 1 and 5
+    queue[5] = F.normalize(key[1] + 0.05 * torch.randn(8, generator=g), dim=0)
+    mask = mine_positives(key, queue, topk=2)
+    assert mask.shape == (2, 11)
+    assert mask[0].nonzero().flatten().tolist() == [0, 4, 8]  # own key + queue rows 3, 7 (columns shift by 1)
+    assert mask[1].nonzero().flatten().tolist() == [0, 2, 6]
+
+
+def test_multi_instance_nce_by_hand_and_moco_infonce_with_one_positive():
+    from mmvssl.methods.coclr import multi_instance_nce
+    g = torch.Generator().manual_seed(1)
+    q, k = F.normalize(torch.randn(3, 4, generator=g), dim=1), F.normalize(torch.randn(3, 4, generator=g), dim=1)
+    queue = F.normalize(torch.randn(5, 4, generator=g), dim=1)
+    positives = torch.zeros(3, 6, dtype=torch.bool)
+    positives[:, 0] = True
+    positives[0, 2] = positives[2, 5] = True
+    expected = 0.0
+    for i in range(3):
+        logits = [float(q[i] @ k[i]) / 0.1] + [float(q[i] @ queue[j]) / 0.1 for j in range(5)]
+        total = sum(math.exp(x) for x in logits)
+        expected += -math.log(sum(math.exp(x) for x, p in zip(logits, positives[i]) if p) / total) / 3
+    assert multi_instance_nce(q, k, queue, positives, 0.1).item() == pytest.approx(expected, rel=1e-5)
+    own = positives.clone()
+    own[:, 1:] = False
+    moco = F.cross_entropy(torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) / 0.1, torch.zeros(3, dtype=torch.long))
+    assert multi_instance_nce(q, k, queue, own, 0.1).item() == pytest.approx(moco.item(), rel=1e-5)
+
+
+def test_rgb_phase_loss_uses_positives_from_the_motion_streams_neighbours():
+    from mmvssl.methods.coclr import mine_positives, multi_instance_nce
+    _, method = _coclr(queue_size=12, topk=1, init_steps=0, cycle_steps=5)
+    assert method.phase() == "rgb"
+    g = torch.Generator().manual_seed(2)
+    D = method.queue_rgb.shape[1]
+    rgb_key, motion_key = (F.normalize(torch.randn(4, D, generator=g), dim=1) for _ in range(2))
+    query = F.normalize(torch.randn(4, D, generator=g), dim=1)
+    # queue rows 0-3 hold the clips' neighbours in the motion stream, rows 8-11 in the RGB stream
+    method.queue_motion[:4] = motion_key
+    method.queue_rgb[8:] = rgb_key
+    loss, terms = method({"rgb_query": query, "rgb_key": rgb_key, "motion_key": motion_key}, {})
+    assert set(terms) == {"rgb_nce"}
+    positives = mine_positives(motion_key, method.queue_motion, 1)
+    assert [p.nonzero().flatten().tolist() for p in positives] == [[0, 1 + i] for i in range(4)]  # motion's rows 0-3
+    expected = multi_instance_nce(query, rgb_key, method.queue_rgb, positives, method.o.temperature)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    from_rgb = multi_instance_nce(query, rgb_key, method.queue_rgb, mine_positives(rgb_key, method.queue_rgb, 1),
+                                  method.o.temperature)
+    assert abs(loss.item() - from_rgb.item()) > 1e-3
+
+
+def test_phases_follow_the_steps_taken():
+    _, method = _coclr(init_steps=2, cycle_steps=3)
+    assert [method.phase(s) for s in range(11)] == ["init"] * 2 + ["rgb"] * 3 + ["motion"] * 3 + ["rgb"] * 3
+
+
+@pytest.mark.parametrize("phase_step,rgb,motion", [(0, True, True), (2, True, False), (3, False, True)])
+def test_the_stream_that_mines_takes_no_gradient(phase_step, rgb, motion):
+    student, method = _coclr(queue_size=16, init_steps=2, cycle_steps=1)
+    method.step.fill_(phase_step)
+    loss, terms = method(method.embed(student, {"video": torch.randn(4, 2, 3, 4, 32, 32)}), {})
+    loss.backward()
+    def reached(net):
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    assert reached(student) is rgb and reached(method.motion.network) is motion
+    assert not reached(method.rgb_key_encoder) and not reached(method.motion_key_encoder)
+    assert set(terms) == {f"{s}_nce" for s, on in (("rgb", rgb), ("motion", motion)) if on}
+
+
+def test_both_queues_take_the_keys_at_the_same_rows_and_wrap():
+    _, method = _coclr(queue_size=5)
+    a, b = torch.randn(3, 128), torch.randn(3, 128)
+    method.enqueue(a, -a)
+    method.enqueue(b, -b)
+    assert int(method.queue_ptr) == 1
+    torch.testing.assert_close(method.queue_rgb[[0, 1, 2, 3, 4]], torch.cat([b[2:], a[1:], b[:2]]))
+    torch.testing.assert_close(method.queue_motion, -method.queue_rgb)
+
+
+def test_coclr_alternation_moves_only_the_trained_stream(demo_shards, tmp_path):
+    """6 steps through the engine (2 init, then RGB, RGB, motion, motion): the checkpoints show the
+    motion stream unchanged over the RGB phase and the RGB model unchanged over the motion phase."""
+    from safetensors.torch import load_file
+
+    from mmvssl.train.engine import pretrain
+    from tests.test_methods import tiny_config
+    from tests.conftest import read_jsonl
+    cfg = tiny_config(data_path("configs", "methods", "coclr.yaml"), demo_shards["train"], tmp_path,
+                      "train.max_steps=6", "train.save_every=1", "train.keep_last=6", "method.options.init_steps=2",
+                      "method.options.cycle_steps=2", "method.options.queue_size=32")
+    pretrain(cfg)
+    ckpt = {s: tmp_path / "checkpoints" / f"step_{s:08d}" for s in (2, 4, 6)}
+    model = {s: load_file(str(p / "model.safetensors")) for s, p in ckpt.items()}
+    method = {s: load_file(str(p / "method.safetensors")) for s, p in ckpt.items()}
+    motion = {s: {k: v for k, v in m.items() if k.startswith("motion.network.")} for s, m in method.items()}
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+    assert same(motion[2], motion[4]) and not same(model[2], model[4])  # steps 3-4: RGB trained, motion mines
+    assert same(model[4], model[6]) and not same(motion[4], motion[6])  # steps 5-6: motion trained, RGB mines
+    assert int(method[6]["queue_ptr"]) == (6 * cfg.data.batch_size) % 32
+    log = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["phase"] for r in log] == [0, 0, 1, 1, 2, 2]
+    assert all("rgb_nce" in r and "motion_nce" in r for r in log[:2])
+    assert all("rgb_nce" in r and "motion_nce" not in r for r in log[2:4])
+
+
+def test_coclr_refuses_views_other_than_query_and_key(demo_shards, tmp_path):
+    from mmvssl.train.engine import pretrain
+    from tests.test_methods import tiny_config
+    with pytest.raises(ConfigError, match="method 'coclr' contrasts a query and a key view"):
+        pretrain(tiny_config(data_path("configs", "methods", "coclr.yaml"), demo_shards["train"], tmp_path,
+                             "data.sampler=cvrl"))
+    with pytest.raises(ConfigError, match="queue_size, topk and cycle_steps must be positive"):
+        _coclr(topk=0)
+
+
+@pytest.mark.parametrize("phase_step", [0, 2])
+def test_optimising_coclr_against_a_full_queue_lowers_its_loss(phase_step):
+    """The loss learns: the queue filled with the key encoder's keys of other clips, a few Adam steps
+    on one batch lower the trained stream's loss (InfoNCE in the init phase, the mined
+    multi-instance loss in an RGB phase)."""
+    student, method = _coclr(queue_size=16, topk=2, init_steps=2, cycle_steps=5, temperature=0.1)
+    g = torch.Generator().manual_seed(3)
+    others = torch.randn(16, 2, 3, 4, 32, 32, generator=g)
+    with torch.no_grad():
+        keys = method.embed(student, {"video": others})
+    method.enqueue(keys["rgb_key"], keys["motion_key"])
+    method.step.fill_(phase_step)
+    params = list(student.parameters()) + list(method.motion.network.parameters())
+    opt = torch.optim.Adam(params, lr=1e-3)
+    batch = {"video": torch.randn(8, 2, 3, 4, 32, 32, generator=g)}
+    losses = []
+    for _ in range(8):
+        loss, _ = method(method.embed(student, batch), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
