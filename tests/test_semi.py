@@ -1,0 +1,185 @@
+"""Semi-supervised methods tg and cmpl: FixMatch's confidence mask, cross-model pseudo-labels, the
+strong view, what is trained, checkpointed and shipped, and an exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmvssl.resources import data_path
+
+
+def test_a_pseudo_label_below_the_threshold_contributes_nothing():
+    from mmvssl.methods.pseudo_label import confident_pseudo_labels, masked_cross_entropy
+    probs = torch.tensor([[0.96, 0.02, 0.02], [0.5, 0.3, 0.2], [0.01, 0.01, 0.98]])
+    labels, mask = confident_pseudo_labels(probs, 0.95)
+    assert labels.tolist() == [0, 0, 2] and mask.tolist() == [True, False, True]
+    logits = torch.randn(3, 3, requires_grad=True)
+    loss = masked_cross_entropy(logits, labels, mask)
+    expected = (F.cross_entropy(logits[0:1], labels[0:1]) + F.cross_entropy(logits[2:3], labels[2:3])) / 3
+    torch.testing.assert_close(loss, expected)  # FixMatch: divided by every unlabelled sample
+    loss.backward()
+    assert torch.equal(logits.grad[1], torch.zeros(3)) and logits.grad[0].abs().sum() > 0
+    none = masked_cross_entropy(logits, labels, torch.zeros(3, dtype=torch.bool))
+    assert none.item() == 0.0
+
+
+def _tg(threshold=0.9):
+    from mmvssl.methods.tg import TG, TGOptions
+    method = TG(TGOptions(task="demo", threshold=threshold, unlabelled_weight=1.0, align_weight=0.0), tg_net=None)
+    return method
+
+
+def test_tg_pseudo_labels_from_both_weak_views_supervise_both_strong_views_when_confident():
+    method = _tg(threshold=0.9)
+    K = 3
+    rgb = torch.zeros(3, 2, K, requires_grad=True)  # (B, weak/strong, K)
+    tg = torch.zeros(3, 2, K, requires_grad=True)
+    with torch.no_grad():
+        rgb[1, 0] = torch.tensor([8.0, 0.0, 0.0])  # unlabelled, confident with TG: class 0
+        tg[1, 0] = torch.tensor([6.0, 0.0, 0.0])
+        rgb[2, 0] = torch.tensor([8.0, 0.0, 0.0])  # unlabelled, RGB confident but TG disagrees: the mean is not
+        tg[2, 0] = torch.tensor([0.0, 8.0, 0.0])
+    pooled = torch.randn(3, 2, 4)
+    embeddings = {"rgb_logits": rgb, "tg_logits": tg, "rgb_pooled": pooled, "tg_pooled": pooled}
+    batch = {"labels": torch.tensor([2, -1, -1])}
+    loss, terms = method(embeddings, batch)
+    # by hand: labelled CE of sample 0 for each stream (uniform logits: ln 3 each), and for sample 1 the
+    # strong views' CE against class 0 (uniform: ln 3 each) over the 2 unlabelled samples
+    expected_sup = 2 * torch.log(torch.tensor(3.0))
+    expected_pseudo = 2 * torch.log(torch.tensor(3.0)) / 2
+    torch.testing.assert_close(terms["ce_labelled"], expected_sup)
+    torch.testing.assert_close(terms["ce_pseudo"], expected_pseudo)
+    assert terms["confident"].item() == pytest.approx(0.5)
+    loss.backward()
+    assert rgb.grad[1, 1].abs().sum() > 0 and tg.grad[1, 1].abs().sum() > 0  # confident: strong views learn
+    assert torch.equal(rgb.grad[2, 1], torch.zeros(K)) and torch.equal(tg.grad[2, 1], torch.zeros(K))
+    assert torch.equal(rgb.grad[1:, 0], torch.zeros(2, K))  # the weak views make targets, they take no gradient
+
+
+def test_tg_alignment_pulls_rgb_towards_a_detached_tg_feature():
+    from mmvssl.methods.tg import TG, TGOptions
+    method = TG(TGOptions(task="demo", align_weight=1.0), tg_net=None)
+    rgb_pooled = torch.randn(2, 2, 4, requires_grad=True)
+    tg_pooled = torch.randn(2, 2, 4, requires_grad=True)
+    logits = torch.zeros(2, 2, 3, requires_grad=True)
+    _, terms = method({"rgb_logits": logits, "tg_logits": logits, "rgb_pooled": rgb_pooled, "tg_pooled": tg_pooled},
+                      {"labels": torch.tensor([0, 1])})
+    expected = (1 - F.cosine_similarity(rgb_pooled[:, 0], tg_pooled[:, 0], dim=-1)).mean()
+    torch.testing.assert_close(terms["align"], expected.detach())
+    terms_loss = (1 - F.cosine_similarity(rgb_pooled[:, 0], tg_pooled[:, 0].detach(), dim=-1)).mean()
+    terms_loss.backward()
+    assert tg_pooled.grad is None and rgb_pooled.grad.abs().sum() > 0
+
+
+def test_cmpl_the_auxiliary_networks_pseudo_labels_supervise_the_main_one_and_not_itself():
+    from mmvssl.methods.cmpl import cross_pseudo_losses
+    K = 3
+    main = torch.zeros(2, 2, K, requires_grad=True)
+    aux = torch.zeros(2, 2, K, requires_grad=True)
+    with torch.no_grad():
+        aux[0, 0] = torch.tensor([0.0, 9.0, 0.0])  # aux confident on sample 0: class 1
+        main[1, 0] = torch.tensor([0.0, 0.0, 9.0])  # main confident on sample 1: class 2
+        main[0, 1] = torch.tensor([1.0, 2.0, 3.0])
+        aux[1, 1] = torch.tensor([3.0, 1.0, 0.0])
+    main_loss, aux_loss, _ = cross_pseudo_losses(main, aux, threshold=0.95)
+    torch.testing.assert_close(main_loss, F.cross_entropy(main[0:1, 1], torch.tensor([1])) / 2)
+    torch.testing.assert_close(aux_loss, F.cross_entropy(aux[1:2, 1], torch.tensor([2])) / 2)
+    main_loss.backward(retain_graph=True)
+    assert aux.grad is None or torch.equal(aux.grad, torch.zeros_like(aux))  # the main loss trains the main net only
+    assert main.grad[0, 1].abs().sum() > 0 and torch.equal(main.grad[:, 0], torch.zeros(2, K))
+    # the main network's own confident prediction (sample 1) is no target for itself
+    assert torch.equal(main.grad[1, 1], torch.zeros(K))
+
+
+def test_strong_view_keeps_the_shape_and_one_cutout_box_through_time():
+    from mmvssl.methods.pseudo_label import strong_augment
+    torch.manual_seed(0)
+    video = torch.randn(2, 3, 4, 16, 16)
+    a = strong_augment(video, jitter=0.0, grayscale=0.0, cutout=0.5)
+    assert a.shape == video.shape
+    from mmvssl.data.loader import VIDEO_MEAN, VIDEO_STD
+    grey = ((0.5 - VIDEO_MEAN) / VIDEO_STD).view(1, 3, 1, 1, 1)
+    box = (a - grey).abs().amax(dim=1) < 1e-5  # (B, T, H, W): the cutout pixels
+    assert box[:, 0].sum() > 0 and torch.equal(box[:, 0], box[:, 3])  # the same box in every frame
+    outside = ~box[:, None].expand_as(a)
+    torch.testing.assert_close(a[outside], video.clamp((0 - 0.45) / 0.225, (1 - 0.45) / 0.225)[outside])
+    torch.manual_seed(5)
+    b1 = strong_augment(video)
+    torch.manual_seed(5)
+    assert torch.equal(b1, strong_augment(video))  # the torch RNG decides: a resumed run draws the same
+
+
+TINY = ["data.batch_size=8", "data.num_workers=0", "data.num_frames=4", "data.fps=2.0", "data.size=32",
+        "data.shuffle_buffer=8", "train.warmup_steps=1", "train.log_every=1", "train.save_every=0",
+        "train.log_with=none", "model.overrides.video.num_frames=4", "model.overrides.video.image_size=32",
+        "model.overrides.heads.hidden=64"]
+
+
+def _config(name, shards, out, *extra):
+    from mmvssl.config import load_config
+    return load_config(data_path("configs", "methods", f"{name}.yaml"),
+                       [f"data.shards={shards}", f"train.output_dir={out}", *TINY, *extra])
+
+
+def test_tg_ships_the_rgb_stream_checkpoints_the_tg_stream_and_resumes_exactly(demo_shards, tmp_path, monkeypatch):
+    """4 steps straight, and the same run stopped by SIGINT during step 2 and resumed: the same
+    losses (the labelled subset, the strong views' draws, the TG stream's state)."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    import mmvssl
+    from mmvssl.methods import tg
+    from mmvssl.models.classifier import load_classifier
+    from mmvssl.train.engine import pretrain
+    from tests.conftest import read_jsonl
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    final = pretrain(_config("tg", demo_shards["train"], straight, "train.max_steps=4", "method.options.threshold=0.2"))
+    calls, real = [], tg.strong_augment
+
+    def signalling(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(tg, "strong_augment", signalling)
+    stopped = pretrain(_config("tg", demo_shards["train"], split, "train.max_steps=4", "method.options.threshold=0.2"))
+    assert stopped.name == "step_00000002"
+    monkeypatch.setattr(tg, "strong_augment", real)
+    pretrain(_config("tg", demo_shards["train"], split, "train.max_steps=4", "method.options.threshold=0.2",
+                     "train.resume=latest"))
+    a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(split / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for k in ("loss", "ce_labelled", "ce_pseudo", "align"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), (x["step"], k)
+    assert any(r["ce_pseudo"] > 0 for r in a)  # a low threshold lets pseudo-labels in
+    state = load_file(str(straight / "checkpoints" / "step_00000004" / "method.safetensors"))
+    assert any(k.startswith("tg_net.") for k in state)
+    model = mmvssl.load_model(final)  # the RGB stream alone, a complete model folder
+    assert model.name == "video-tiny" and not any("tg_net" in k for k in model.state_dict())
+    assert load_classifier(final).classes == ["circle", "square", "triangle", "cross", "ring"]
+
+
+def test_cmpl_trains_both_networks_and_ships_the_main_one(demo_shards, tmp_path):
+    from safetensors.torch import load_file
+
+    from mmvssl.models.classifier import load_classifier
+    from mmvssl.train.engine import pretrain
+    out = tmp_path / "run"
+    final = pretrain(_config("cmpl", demo_shards["train"], out, "train.max_steps=2", "train.save_every=1",
+                             "train.keep_last=2"))
+    one = load_file(str(out / "checkpoints" / "step_00000001" / "method.safetensors"))
+    two = load_file(str(out / "checkpoints" / "step_00000002" / "method.safetensors"))
+    aux = [k for k in one if k.startswith("aux_net.backbone.encoders.video.")]
+    assert aux and any(not torch.equal(one[k], two[k]) for k in aux)  # the auxiliary network trains
+    assert one["aux_net.head.weight"].shape == (5, 64)  # the lighter width
+    main = load_classifier(final)
+    assert main.encoder.width == 128 and main.head.weight.shape == (5, 128)
+    cfg = json.loads((Path(final) / "config.json").read_text())
+    assert cfg["video"]["depth"] == 2  # the main network, not the auxiliary one
