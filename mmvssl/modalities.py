@@ -7,12 +7,19 @@ for per-frame or pooled features (`video_frames`); `modality_of` reads the modal
 
 from __future__ import annotations
 
-MODALITIES = ("video", "audio", "text")
+MODALITIES = ("video", "audio", "text", "flow", "tgrad")
+# motion streams, shaped as video (B, [V,] C, T, H, W) and encoded by a video encoder (a preset's
+# `flow:` / `tgrad:` section, transformer or CNN) of this many input channels: `flow` is cached optical
+# flow from the loader (data.flow; mmvssl/data/flow.py), `tgrad` the temporal gradient of `video`,
+# computed on the device by the model when the batch has none (mmvssl/data/motion.py)
+MOTION_CHANNELS = {"flow": 2, "tgrad": 3}
+VIDEO_LIKE = ("video", *MOTION_CHANNELS)  # inputs with a view axis, encoded by the video encoders
 
 # batch entries of each modality, besides the input itself: the per-sample presence flag and, for
 # text, the mask of real MIL-NCE candidates
 BATCH_KEYS = {"video": ("video", "has_video"), "audio": ("audio", "has_audio"),
-              "text": ("text", "text_mask", "has_text")}
+              "text": ("text", "text_mask", "has_text"), "flow": ("flow", "has_flow"),
+              "tgrad": ("tgrad", "has_tgrad")}
 # every per-sample batch entry that a micro-batch split must cut along dim 0
 PER_SAMPLE_KEYS = tuple(k for m in MODALITIES for k in BATCH_KEYS[m])
 

@@ -73,24 +73,33 @@ class Augmenter:
 
     def video_and_crop(self, frames: torch.Tensor, rng: random.Random) -> tuple[torch.Tensor, list[float]]:
         """`video`, and the crop it took: [x0, y0, x1, y1], a share of the input frame's width and
-        height ([0, 0, 1, 1] without augmentation). The transforms of build_video_transform run one by
-        one with their own draws in Compose's order, so the frames are exactly `video_transform`'s."""
+        height ([0, 0, 1, 1] without augmentation)."""
+        return self.video_crop_flip(frames, rng)[:2]
+
+    def video_crop_flip(self, frames: torch.Tensor, rng: random.Random) -> tuple[torch.Tensor, list[float], bool]:
+        """`video_and_crop`, and whether the clip was flipped horizontally (what cached optical flow
+        needs to follow the pixels). The transforms of build_video_transform run one by one with their
+        own draws in Compose's order, so the frames are exactly `video_transform`'s."""
         if self.video_transform is None:
-            return frames, [0.0, 0.0, 1.0, 1.0]
+            return frames, [0.0, 0.0, 1.0, 1.0], False
         from torchvision import tv_tensors
+        from torchvision.transforms import v2
 
         clip = tv_tensors.Video(frames.permute(0, 3, 1, 2))  # (T, C, H, W)
         H, W = clip.shape[-2:]
-        crop, *rest = self.video_transform.transforms
+        crop, flip, *rest = self.video_transform.transforms
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(rng.getrandbits(62))
             params = crop.make_params([clip])  # what RandomResizedCrop.forward draws
             out = crop.transform(clip, params)
+            flipped = bool(torch.rand(1) < flip.p)  # RandomHorizontalFlip.forward's one draw
+            if flipped:
+                out = v2.functional.horizontal_flip(out)
             for transform in rest:
                 out = transform(out)
         box = [params["left"] / W, params["top"] / H, (params["left"] + params["width"]) / W,
                (params["top"] + params["height"]) / H]
-        return out.permute(0, 2, 3, 1).contiguous(), box
+        return out.permute(0, 2, 3, 1).contiguous(), box, flipped
 
     def audio(self, wave: torch.Tensor, rng: random.Random) -> torch.Tensor:
         """(S,) float: random gain, then white noise at a random SNR (probability noise_p)."""

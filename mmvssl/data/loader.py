@@ -26,6 +26,7 @@ from ..errors import MmvsslError
 from ..modalities import MODALITIES, presence_key
 from .augment import Augmenter, AugmentOptions
 from .decode import DecodeError, decode_window, probe
+from .flow import pair_flow
 from .labels import select_labelled
 from .sampling import select_source_texts, view_windows
 from .shardio import (VIDEO_EXTENSIONS, EpochSamples, list_shards, mix, parse_sources, skip_unreadable_shard,
@@ -63,6 +64,9 @@ class SampleSpec:
     # the teacher fingerprint (models.teacher.teacher_identity) whose cached features each sample
     # must carry: they become `teacher_frames` for the first view's frame times; None: not read
     teacher_features: dict | None = None
+    # cached optical flow (`shards add-flow`): `flow` ([V,] 2, T, H, W) float32 for `video`'s views,
+    # paired with their frame times and cropped / flipped with them (mmvssl/data/flow.py)
+    flow: bool = False
 
     @property
     def multi_view(self) -> bool:
@@ -149,14 +153,16 @@ class DecodeSamples:
             cached = pair_cached_frames(raw, times, spec.teacher_features)  # (T, D) float16
         augment = self.augmenter.video_transform is not None
         videos, crops, audio, first = [], [], None, None
+        flips = []
         for v, (start, length) in enumerate(windows):
             if v == 0 or windows[v] != windows[v - 1]:  # a repeated window (sampler `same`) is decoded once
                 clip = decode_window(raw[ext], start, spec.num_frames, spec.num_frames / length,
                                      None if augment else spec.size, spec.audio_rate if v == 0 else None,
                                      short_side=round(spec.size * spec.augment.decode_short_side) if augment else None)
             frames = torch.from_numpy(clip.frames)  # (T, H, W, 3) uint8
-            frames, crop = self.augmenter.video_and_crop(frames, rng) if augment else (frames, [0.0, 0.0, 1.0, 1.0])
+            frames, crop, flipped = self.augmenter.video_crop_flip(frames, rng) if augment else (frames, [0.0, 0.0, 1.0, 1.0], False)
             crops.append(crop)  # [x0, y0, x1, y1], a share of the decoded frame
+            flips.append(flipped)
             videos.append(frames.permute(3, 0, 1, 2))  # uint8 (C, T, H, W); collate normalises the batch
             if v == 0:
                 first, audio = clip, clip.audio
@@ -182,6 +188,12 @@ class DecodeSamples:
             "key": key, "meta": {**meta, **window_meta, "source_shard": raw.get("__url__"),
                                  "source_set": raw.get("__source__", "")},
         }
+        if spec.flow:  # cached optical flow of `video`'s views, paired in time and cropped / flipped with them
+            flows = [pair_flow(raw, torch.from_numpy(s + np.arange(spec.num_frames) / (spec.num_frames / n)),
+                               crops[v] if augment else None, flips[v], spec.size)
+                     for v, (s, n) in enumerate(windows[:video.shape[0] if spec.multi_view else 1])]
+            sample["flow"] = torch.stack(flows) if spec.multi_view else flows[0]  # ([V,] 2, T, H, W) float32
+            sample["has_flow"] = True
         if cached is not None:
             sample["teacher_frames"] = cached
         return sample
@@ -211,7 +223,10 @@ def collate(samples: list[dict]) -> dict:
     if "teacher_frames" in samples[0]:  # cached teacher features (teacher.cached)
         batch["teacher_frames"] = torch.stack([s["teacher_frames"] for s in samples]).float()  # (B, T, D)
     for m in MODALITIES:
-        batch[presence_key(m)] = torch.tensor([s[presence_key(m)] for s in samples], dtype=torch.bool)
+        if m not in batch and m in samples[0]:  # a motion stream the loader yields (flow): float already
+            batch[m] = torch.stack([s[m] for s in samples])  # (B, [V,] 2, T, H, W)
+        if presence_key(m) in samples[0]:
+            batch[presence_key(m)] = torch.tensor([s[presence_key(m)] for s in samples], dtype=torch.bool)
     return batch
 
 

@@ -47,6 +47,8 @@ class DataConfig:
     long_scale: float = 2.0  # teg / svt: long (global) window = long_scale x num_frames / fps
     num_global: int = 2  # svt
     num_local: int = 2  # svt
+    # cached optical flow in the batch as `flow` (B, [V,] 2, T, H, W): shards from `shards add-flow`
+    flow: bool = False
     # LaViLa: each sample's text comes from one of these that it has (human, paraphrase, pseudo),
     # drawn at random; the batch flags generated texts (text_generated)
     text_sources: list[str] = field(default_factory=lambda: ["human"])
@@ -82,7 +84,8 @@ def sample_spec(data, train: bool, seed: int):
                       long_scale=data.long_scale, num_global=data.num_global, num_local=data.num_local,
                       text_sources=sources if train else ("human",),
                       labelled_share=float(data.labelled_share) if train else 0.0,
-                      augment=augment_options(data.augment) if train else augment_options(AugmentConfig()))
+                      augment=augment_options(data.augment) if train else augment_options(AugmentConfig()),
+                      flow=bool(data.flow))
 
 
 def loader_options(data) -> dict:

@@ -2,7 +2,8 @@
 and the modality-agnostic shared backbone.
 
 A modality section picks its encoder with `type` (default: the VATT transformer of that
-modality); every other key is a keyword argument of that encoder's class. A top-level
+modality); every other key is a keyword argument of that encoder's class. The motion sections
+(`flow`, `tgrad`: modalities.MOTION_CHANNELS) take the video encoders, with `in_channels` 2 / 3 unless set. A top-level
 `backbone: {width, depth, heads}` section makes the model modality-agnostic (VATT-MA): one
 Transformer serves every transformer encoder, which then sets no width/depth/heads itself.
 """
@@ -14,6 +15,7 @@ import inspect
 from torch import nn
 
 from ..errors import ConfigError
+from ..modalities import MOTION_CHANNELS
 from .audio import AudioResNet, SpectrogramEncoder
 from .encoders import AudioEncoder, TextEncoder, VideoEncoder
 from .text_pool import WordPoolTextEncoder
@@ -62,11 +64,16 @@ def build_backbone(config: dict, name: str) -> Transformer | None:
 def build_encoders(config: dict, name: str, backbone: Transformer | None) -> nn.ModuleDict:
     """One encoder per modality section present in the preset."""
     encoders = {}
-    for modality, types in ENCODERS.items():
+    for modality in (*ENCODERS, *MOTION_CHANNELS):
         if modality not in config:
             continue
-        section = dict(config[modality])
-        kind = section.pop("type", DEFAULT_TYPE[modality])
+        if not isinstance(config[modality], dict):
+            raise ConfigError(f"preset '{name}': section '{modality}' must be a mapping")
+        family = "video" if modality in MOTION_CHANNELS else modality
+        types, section = ENCODERS[family], dict(config[modality])
+        if modality in MOTION_CHANNELS:
+            section.setdefault("in_channels", MOTION_CHANNELS[modality])
+        kind = section.pop("type", DEFAULT_TYPE[family])
         if kind not in types:
             raise ConfigError(f"preset '{name}': unknown {modality}.type '{kind}' (expected: {', '.join(types)})")
         cls, where = types[kind], f"{name}.{modality}"

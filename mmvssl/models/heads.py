@@ -3,7 +3,8 @@
 - `fac` (MMV's fine-and-coarse, the default): video and audio meet in a fine space `va`; text
   meets video in a coarser space `vat` reached from the video's `va` embedding, so audio reaches
   `vat` through the same va->vat head at evaluation. Dimensions are 512 (va) and 256 (vat) in MMV.
-- `shared`: one space `vat`; every modality projects into it with its own linear layer.
+- `shared`: one space `vat`; every modality projects into it with its own linear layer (motion
+  streams too: `flow_vat`, `tgrad_vat`).
 - `disjoint`: two independent spaces, `va` (video, audio) and `vt` (video, text), with
   separate video projections into each.
 
@@ -66,12 +67,14 @@ class FACHeads(_Heads):
 class SharedHeads(_Heads):
     """A single space `vat` for all modalities, one linear projection each."""
 
-    spaces = {"video": ("vat",), "audio": ("vat",), "text": ("vat",)}
+    spaces = {"video": ("vat",), "audio": ("vat",), "text": ("vat",), "flow": ("vat",), "tgrad": ("vat",)}
 
     def __init__(self, video_width: int | None = None, audio_width: int | None = None,
-                 text_width: int | None = None, dim: int = 512):
+                 text_width: int | None = None, dim: int = 512, flow_width: int | None = None,
+                 tgrad_width: int | None = None):
         super().__init__()
-        widths = {"video": video_width, "audio": audio_width, "text": text_width}
+        widths = {"video": video_width, "audio": audio_width, "text": text_width, "flow": flow_width,
+                  "tgrad": tgrad_width}
         self.to_vat = nn.ModuleDict({m: nn.Linear(w, dim) for m, w in widths.items() if w is not None})
 
     def project(self, modality: str, pooled: torch.Tensor, space: str) -> torch.Tensor:
@@ -109,16 +112,19 @@ class DisjointHeads(_Heads):
 class ProjectionHeads(_Heads):
     """Single-modality self-supervision (SimCLR, CVRL, SVT, ...): one space `ssl`, reached by an MLP
     projection head per modality present: Linear-BN-ReLU, `layers - 1` times, then Linear
-    (SimCLR's g: 2 layers; CVRL's: 3). The methods read `video_ssl` (B, V, D) per view."""
+    (SimCLR's g: 2 layers; CVRL's: 3). The methods read `video_ssl` (B, V, D) per view; a motion
+    stream has its own head: `flow_ssl`, `tgrad_ssl`."""
 
-    spaces = {"video": ("ssl",), "audio": ("ssl",), "text": ("ssl",)}
+    spaces = {"video": ("ssl",), "audio": ("ssl",), "text": ("ssl",), "flow": ("ssl",), "tgrad": ("ssl",)}
 
     def __init__(self, video_width: int | None = None, audio_width: int | None = None,
-                 text_width: int | None = None, dim: int = 128, hidden: int = 2048, layers: int = 2):
+                 text_width: int | None = None, dim: int = 128, hidden: int = 2048, layers: int = 2,
+                 flow_width: int | None = None, tgrad_width: int | None = None):
         super().__init__()
         if layers < 1:
             raise ValueError(f"projection heads need layers >= 1, got {layers}")
-        widths = {"video": video_width, "audio": audio_width, "text": text_width}
+        widths = {"video": video_width, "audio": audio_width, "text": text_width, "flow": flow_width,
+                  "tgrad": tgrad_width}
         self.mlp = nn.ModuleDict()
         for modality, width in widths.items():
             if width is None:

@@ -6,6 +6,10 @@ candidates), L2-normalised. A modality-agnostic preset adds `backbone`, the one 
 its encoders share. With `frame_features` set (the engine sets it when an objective term asks
 for `video_frames`), forward also returns `video_frames` (B, t, width): the video transformer's
 tokens averaged per temporal position, unnormalised, for per-frame distillation.
+
+Motion streams (`flow:` / `tgrad:` preset sections, modalities.MOTION_CHANNELS) are encoded like
+video, views folded the same way, and embedded by heads that have a space for them (projection:
+`flow_ssl`; shared: `flow_vat`). `tgrad` is computed here from `video` when the batch has none.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ConfigError
-from ..modalities import MODALITIES
+from ..data.motion import temporal_gradient
+from ..modalities import MODALITIES, MOTION_CHANNELS, VIDEO_LIKE
 from .builders import build, build_backbone, build_encoders
 from .heads import HEADS
 
@@ -48,6 +53,10 @@ class MultimodalModel(nn.Module):
         if head_type not in HEADS:
             raise ConfigError(f"preset '{name}': unknown heads.type '{head_type}' (expected: {', '.join(HEADS)})")
         widths = {f"{m}_width": enc.width for m, enc in self.encoders.items()}
+        for m in MOTION_CHANNELS:
+            if f"{m}_width" in widths and m not in HEADS[head_type].spaces:
+                raise ConfigError(f"preset '{name}': heads.type '{head_type}' has no space for the {m} stream "
+                                  f"(use heads.type projection or shared)")
         self.heads = build(HEADS[head_type], {**widths, **head_cfg}, f"{name}.heads")
         self.frame_features = False  # forward also returns video_frames (B, t, width)
         self.token_features = False  # forward also returns video_tokens (B, N, width), the encoder's token outputs
@@ -112,14 +121,18 @@ class MultimodalModel(nn.Module):
         (B * V clips through the encoder and heads, so BatchNorm sees every view) and every video
         output comes back per view: `video_<space>` (B, V, D), `video_frames` (B, V, t, width),
         `video_tokens` (B, V, N, width) when `token_features` is set."""
-        pooled, text_shape, views = {}, None, None
+        pooled, text_shape, views, stream_views = {}, None, None, {}
         for modality, enc in self.encoders.items():
+            if modality == "tgrad" and "tgrad" not in batch and "video" in batch:
+                batch = {**batch, "tgrad": temporal_gradient(batch["video"])}  # frame differences, on the device
             if modality not in batch:
                 continue
             x = batch[modality]
-            if modality == "video" and x.ndim == 6:
-                views = x.shape[:2]  # (B, V)
+            if modality in VIDEO_LIKE and x.ndim == 6:
+                stream_views[modality] = x.shape[:2]  # (B, V)
                 x = x.flatten(0, 1)  # (B * V, C, T, H, W)
+            if modality == "video":
+                views = stream_views.get("video")
             if modality == "text" and x.ndim == 3:
                 text_shape = x.shape[:2]  # (B, K)
                 x = x.reshape(-1, x.shape[-1])  # (B * K, L)
@@ -137,8 +150,8 @@ class MultimodalModel(nn.Module):
             z = F.normalize(z, dim=-1)
             if key.startswith("text_") and text_shape:
                 z = z.view(*text_shape, -1)  # (B, K, D)
-            elif key.startswith("video_") and views:
-                z = z.view(*views, -1)  # (B, V, D)
+            elif key.split("_", 1)[0] in stream_views:
+                z = z.view(*stream_views[key.split("_", 1)[0]], -1)  # (B, V, D)
             out[key] = z
         if self.frame_features and "video" in pooled:
             out["video_frames"] = frames.view(*views, *frames.shape[1:]) if views else frames
@@ -187,4 +200,3 @@ class MultimodalModel(nn.Module):
             raise ConfigError(f"{weights}: does not match {cfg_file.name} "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         return model.to(map_location)
-
