@@ -28,9 +28,10 @@ def _texture(h, w, seed=0):
 def _moving(n=10, size=(64, 80), shift=SHIFT):
     """n frames (n, H, W, 3) of a window moving over a texture: the content moves by `shift` px per frame."""
     H, W = size
-    big = _texture(H + 40, W + 40)
-    return np.stack([big[20 - round(i * shift[1]):20 - round(i * shift[1]) + H,
-                         20 - round(i * shift[0]):20 - round(i * shift[0]) + W] for i in range(n)])
+    pad = 4 + n * int(max(abs(shift[0]), abs(shift[1])) + 1)
+    big = _texture(H + 2 * pad, W + 2 * pad)
+    return np.stack([big[pad - round(i * shift[1]):pad - round(i * shift[1]) + H,
+                         pad - round(i * shift[0]):pad - round(i * shift[0]) + W] for i in range(n)])
 
 
 def _mp4(frames, fps=10) -> bytes:
@@ -131,3 +132,53 @@ def test_colour_wheel_coding():
     rgb = flow_to_rgb(flow)
     assert tuple(rgb[1, 1]) == (255, 255, 255)  # still: white
     assert rgb[0, 0, 0] == 255 and rgb[0, 0, 1] == 0 and rgb[0, 1, 0] == 0 and rgb[0, 1, 2] == 255
+
+
+@pytest.fixture(scope="module")
+def flow_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow")
+    src = _shards(root / "in", [(f"v{i}", _mp4(_moving(20, shift=SHIFT)), {"duration": 2.0}) for i in range(3)])
+    add_flow(str(src), root / "out", fps=10.0, size=64, progress=False)
+    return root / "out"
+
+
+def _median_xy(flow):  # (..., 2, T, H, W) -> the median x and y over everything else, away from borders
+    inner = flow[..., 4:-4, 4:-4].movedim(-4, 0).reshape(2, -1)
+    return inner.median(dim=1).values.tolist()
+
+
+def test_loader_yields_flow_paired_and_scaled_with_the_clip(flow_shards):
+    from mmvssl.data.loader import SampleSpec, build_loader
+    spec = SampleSpec(num_frames=4, fps=10.0, size=32, train=False, flow=True)
+    batch = next(iter(build_loader(str(flow_shards), spec, batch_size=3)))
+    assert batch["flow"].shape == (3, 2, 4, 32, 32) and batch["flow"].dtype == torch.float32
+    assert batch["has_flow"].tolist() == [True] * 3 and batch["video"].shape == (3, 3, 4, 32, 32)
+    x, y = _median_xy(batch["flow"])  # the centre 64 x 64 square at 32 px: half the shift
+    assert x == pytest.approx(SHIFT[0] / 2, abs=0.2) and y == pytest.approx(SHIFT[1] / 2, abs=0.2)
+
+
+def test_loader_flips_flow_with_the_views(flow_shards):
+    from mmvssl.data.augment import AugmentOptions
+    from mmvssl.data.loader import SampleSpec, build_loader
+    augment = AugmentOptions(video=True, flip=1.0, jitter_p=0.0, grayscale=0.0, crop_scale=(0.5, 0.5),
+                             crop_ratio=(1.0, 1.0))
+    spec = SampleSpec(num_frames=4, fps=10.0, size=32, train=True, seed=0, sampler="cvrl", augment=augment, flow=True)
+    batch = next(iter(build_loader(str(flow_shards), spec, batch_size=2)))
+    assert batch["flow"].shape == (2, 2, 2, 4, 32, 32)  # (B, V, 2, T, H, W)
+    for b in range(2):
+        for v in range(2):
+            crops = batch["view_crops"][b].tolist() if "view_crops" in batch else batch["meta"][b]["crops"]
+            x0, y0, x1, y1 = crops[v]
+            gain = 32 / ((x1 - x0) * 80)  # the cached frames are 64 x 80; the crop is resized to 32 px
+            x, y = _median_xy(batch["flow"][b, v])
+            assert x == pytest.approx(-SHIFT[0] * gain, abs=0.25)  # flipped: moves left
+            assert y == pytest.approx(SHIFT[1] * 32 / ((y1 - y0) * 64), abs=0.25)
+
+
+def test_a_sample_without_flow_names_the_shard_and_the_command(tmp_path):
+    from mmvssl.data.loader import SampleSpec, build_loader
+    from mmvssl.errors import MmvsslError
+    src = _shards(tmp_path / "in", [("v0", _mp4(_moving(10)), {"duration": 1.0})])
+    spec = SampleSpec(num_frames=2, fps=10.0, size=32, train=False, flow=True)
+    with pytest.raises(MmvsslError, match=r"shard-000000.tar: sample v0 has no cached optical flow.*add-flow"):
+        next(iter(build_loader(str(src), spec, batch_size=1)))

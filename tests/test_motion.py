@@ -56,3 +56,38 @@ def test_presets_take_in_channels_as_an_override():
     assert cnn.encoders["video"].in_channels == 2
     with pytest.raises(ConfigError, match="in_channels must be a positive integer"):
         create_model("mmv-r2plus1d", **{"video.in_channels": 0})
+
+
+def _motion_preset(**heads):
+    stream = {"width": 32, "depth": 1, "heads": 2, "patch": [2, 8, 8], "num_frames": 4, "image_size": 32}
+    return {"name": "motion-test", "video": dict(stream), "flow": dict(stream),
+            "tgrad": {"type": "torchvision", "arch": "r3d_18", "num_frames": 4, "image_size": 32},
+            "heads": heads or {"type": "projection", "dim": 16, "hidden": 32}}
+
+
+def test_flow_and_tgrad_streams_have_encoders_heads_and_views():
+    from mmvssl.models.multimodal import MultimodalModel
+    torch.manual_seed(0)
+    model = MultimodalModel(_motion_preset())
+    assert model.encoders["flow"].in_channels == 2 and model.encoders["tgrad"].in_channels == 3
+    video, flow = torch.randn(2, 2, 3, 4, 32, 32), torch.randn(2, 2, 2, 4, 32, 32)  # (B, V, C, T, H, W)
+    out = model({"video": video, "flow": flow})
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"video_ssl": (2, 2, 16), "flow_ssl": (2, 2, 16),
+                                                           "tgrad_ssl": (2, 2, 16)}
+    sum(v.sum() for v in out.values()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    with torch.no_grad():  # tgrad is the temporal gradient of the video, computed when the batch has none
+        given = model({"video": video, "tgrad": temporal_gradient(video)})["tgrad_ssl"]
+        assert torch.allclose(model({"video": video})["tgrad_ssl"], given)
+        assert "flow_ssl" not in model({"video": video})  # a stream the batch lacks is not embedded
+
+
+def test_heads_without_a_space_for_motion_are_named():
+    with pytest.raises(ConfigError, match="heads.type 'fac' has no space for the flow stream"):
+        from mmvssl.models.multimodal import MultimodalModel
+        MultimodalModel(_motion_preset(type="fac"))
+    from mmvssl.models.multimodal import MultimodalModel
+    shared = MultimodalModel({**_motion_preset(type="shared", dim=8)})
+    assert set(shared(({"video": torch.randn(1, 3, 4, 32, 32), "flow": torch.randn(1, 2, 4, 32, 32)}))) == {
+        "video_vat", "flow_vat", "tgrad_vat"}
