@@ -160,7 +160,8 @@ class DecodeSamples:
                                      None if augment else spec.size, spec.audio_rate if v == 0 else None,
                                      short_side=round(spec.size * spec.augment.decode_short_side) if augment else None)
             frames = torch.from_numpy(clip.frames)  # (T, H, W, 3) uint8
-            frames, crop, flipped = self.augmenter.video_crop_flip(frames, rng) if augment else (frames, [0.0, 0.0, 1.0, 1.0], False)
+            frames, crop, flipped = self.augmenter.video_crop_flip(frames, rng) if augment else (
+                frames, [0.0, 0.0, 1.0, 1.0], False)
             crops.append(crop)  # [x0, y0, x1, y1], a share of the decoded frame
             flips.append(flipped)
             videos.append(frames.permute(3, 0, 1, 2))  # uint8 (C, T, H, W); collate normalises the batch
