@@ -91,3 +91,12 @@ def test_heads_without_a_space_for_motion_are_named():
     shared = MultimodalModel({**_motion_preset(type="shared", dim=8)})
     assert set(shared(({"video": torch.randn(1, 3, 4, 32, 32), "flow": torch.randn(1, 2, 4, 32, 32)}))) == {
         "video_vat", "flow_vat", "tgrad_vat"}
+
+
+def test_a_motion_stream_is_added_to_a_preset_by_an_override():
+    model = create_model("video-tiny", flow={"type": "torchvision", "arch": "r3d_18", "num_frames": 4,
+                                             "image_size": 32})
+    assert model.encoders["flow"].in_channels == 2 and "flow" in model.heads.mlp
+    assert model({"flow": torch.randn(2, 2, 4, 32, 32)})["flow_ssl"].shape == (2, 128)
+    with pytest.raises(ConfigError, match="no section 'flow'"):
+        create_model("video-tiny", **{"flow.width": 8})

@@ -29,8 +29,13 @@ def load_preset(name_or_path: str | os.PathLike) -> dict:
 
 
 def apply_overrides(preset: dict, overrides: dict) -> dict:
-    """Dotted overrides ({'video.depth': 4} or nested dicts) onto a copy of the preset."""
+    """Dotted overrides ({'video.depth': 4} or nested dicts) onto a copy of the preset. A mapping under
+    a section the preset lacks adds that section whole ({'flow': {'type': 'torchvision', ...}}: a
+    motion stream beside the preset's video)."""
     out = copy.deepcopy(preset)
+    overrides = dict(overrides or {})
+    for key in [k for k, v in overrides.items() if isinstance(v, dict) and k not in out]:
+        out[key] = copy.deepcopy(dict(overrides.pop(key)))
 
     def put(d: dict, dotted: str, value):
         *parents, leaf = dotted.split(".")
@@ -47,7 +52,7 @@ def apply_overrides(preset: dict, overrides: dict) -> dict:
         else:
             put(out, prefix, value)
 
-    walk("", dict(overrides or {}))
+    walk("", overrides)
     return out
 
 
