@@ -27,6 +27,7 @@ from ..modalities import MODALITIES, presence_key
 from .augment import Augmenter, AugmentOptions
 from .decode import DecodeError, decode_window, probe
 from .flow import pair_flow
+from .rawsample import is_failed_download, metadata, video_bytes
 from .labels import select_labelled
 from .sampling import select_source_texts, view_windows
 from .shardio import (VIDEO_EXTENSIONS, EpochSamples, list_shards, mix, parse_sources, skip_unreadable_shard,
@@ -109,7 +110,7 @@ class DecodeSamples:
         seen = failed = pending = 0
         bad_shards: dict[str, int] = {}
         for index, raw in enumerate(src):
-            if not any(e in raw for e in VIDEO_EXTENSIONS) and _is_failed_download(raw):
+            if is_failed_download(raw):
                 continue  # video2dataset wrote the metadata of a download that failed: nothing to decode
             seen += 1
             # one generator per sample, derived from its place in this worker's stream, so a
@@ -133,17 +134,11 @@ class DecodeSamples:
     def decode(self, raw: dict, rng: random.Random) -> dict:
         spec = self.spec
         key = raw.get("__key__", "?")
-        ext = next((e for e in VIDEO_EXTENSIONS if e in raw), None)
-        if ext is None:
-            raise DecodeError(f"sample {key} has no video member")
-        meta = json.loads(raw["json"]) if "json" in raw else {}
-        if not isinstance(meta, dict):
-            raise DecodeError(f"sample {key}: metadata is not a JSON object")
-        if "txt" in raw and not meta.get("caption"):
-            meta["caption"] = raw["txt"].decode("utf-8", errors="replace").strip()
+        data = video_bytes(raw)  # DecodeError naming the key when there is no video member
+        meta = metadata(raw, with_caption=True)  # DecodeError when it is not a JSON object
         duration = float(meta.get("duration") or 0.0)
         if duration <= 0:  # shards from other tools: read it from the container header
-            duration = probe(raw[ext], check_decode=False).duration
+            duration = probe(data, check_decode=False).duration
         windows = view_windows(spec.sampler, duration, spec.window, rng, spec.train, spec.long_scale,
                                spec.num_clips, spec.num_global, spec.num_local)
         cached = None
@@ -156,7 +151,7 @@ class DecodeSamples:
         flips = []
         for v, (start, length) in enumerate(windows):
             if v == 0 or windows[v] != windows[v - 1]:  # a repeated window (sampler `same`) is decoded once
-                clip = decode_window(raw[ext], start, spec.num_frames, spec.num_frames / length,
+                clip = decode_window(data, start, spec.num_frames, spec.num_frames / length,
                                      None if augment else spec.size, spec.audio_rate if v == 0 else None,
                                      short_side=round(spec.size * spec.augment.decode_short_side) if augment else None)
             frames = torch.from_numpy(clip.frames)  # (T, H, W, 3) uint8
@@ -198,15 +193,6 @@ class DecodeSamples:
         if cached is not None:
             sample["teacher_frames"] = cached
         return sample
-
-
-def _is_failed_download(raw: dict) -> bool:
-    """video2dataset keeps a `.json` (status, error_message) for URLs it could not fetch."""
-    try:
-        meta = json.loads(raw.get("json", b"{}"))
-    except json.JSONDecodeError:
-        return False
-    return isinstance(meta, dict) and meta.get("status") not in (None, "success")
 
 
 def collate(samples: list[dict]) -> dict:
