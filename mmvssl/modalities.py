@@ -20,8 +20,32 @@ VIDEO_LIKE = ("video", *MOTION_CHANNELS)  # inputs with a view axis, encoded by 
 BATCH_KEYS = {"video": ("video", "has_video"), "audio": ("audio", "has_audio"),
               "text": ("text", "text_mask", "has_text"), "flow": ("flow", "has_flow"),
               "tgrad": ("tgrad", "has_tgrad")}
+# where each view of a multi-view sample lies: (B, V, 2) [start, end] seconds and (B, V, 4) its
+# crop [x0, y0, x1, y1] as a share of the decoded frame, views in order (every group's, see below)
+VIEW_KEYS = ("view_times", "view_crops")
 # every per-sample batch entry that a micro-batch split must cut along dim 0
-PER_SAMPLE_KEYS = tuple(k for m in MODALITIES for k in BATCH_KEYS[m])
+PER_SAMPLE_KEYS = tuple(k for m in MODALITIES for k in BATCH_KEYS[m]) + VIEW_KEYS
+
+# Views of one size travel stacked in `video` (B, V, C, T, H, W); views of another spatial size or
+# frame count (SVT's local views) travel as a named group `video/<group>` (B, V', C, T', H', W'),
+# which a method embeds with a forward of its own (the model folds each group's views into the
+# batch once). `view_times` / `view_crops` list `video`'s views first, then each group's in order.
+GROUP_SEPARATOR = "/"
+
+
+def group_key(modality: str, group: str) -> str:
+    """('video', 'local') -> 'video/local', the batch entry of a named view group."""
+    return f"{modality}{GROUP_SEPARATOR}{group}"
+
+
+def is_group(key: str) -> bool:
+    """Whether batch[key] is a named view group (`video/local`)."""
+    return GROUP_SEPARATOR in key and key.split(GROUP_SEPARATOR, 1)[0] in MODALITIES
+
+
+def is_per_sample(key: str) -> bool:
+    """Whether batch[key] is cut along dim 0 by a micro-batch split (inputs, flags, view groups)."""
+    return key in PER_SAMPLE_KEYS or is_group(key)
 
 
 def modality_of(output_name: str) -> str:

@@ -101,11 +101,32 @@ def test_silent_samples_are_masked_not_invented(tmp_path, video_factory):
 def test_multi_view_batches(demo_shards, sampler, views):
     spec = SampleSpec(**SPEC, train=True, sampler=sampler, num_clips=3)
     batch = next(iter(build_loader(str(demo_shards["train"]), spec, 2)))
-    assert batch["video"].shape == (2, views, 3, 2, 16, 16)
-    assert len(batch["meta"][0]["views"]) == views
+    stacked = 2 if sampler == "svt" else views  # svt: the globals in `video`, the locals in the group video/local
+    assert batch["video"].shape == (2, stacked, 3, 2, 16, 16)
+    assert batch["view_times"].shape == (2, views, 2) and batch["view_crops"].shape == (2, views, 4)
+    if sampler == "svt":
+        assert batch["video/local"].shape == (2, 2, 3, 2, 16, 16)
     if sampler == "teg":
-        (ls, le), (ss, se) = batch["meta"][0]["views"]
+        (ls, le), (ss, se) = batch["view_times"][0].tolist()
         assert ls <= ss and se <= le + 1e-6 and le - ls == pytest.approx(2 * (se - ss))
+
+
+def test_svt_local_views_travel_as_a_group_of_their_own_size_frames_and_crops(demo_shards):
+    from mmvssl.train.step import split_batch
+    spec = SampleSpec(**{**SPEC, "num_frames": 4}, train=True, sampler="svt", num_global=2, num_local=3,
+                      local_size=8, local_frames=2, augment=AugmentOptions(video=True, crop_scale=(0.4, 1.0),
+                                                                          local_crop_scale=(0.05, 0.4)))
+    batch = next(iter(build_loader(str(demo_shards["train"]), spec, 4)))
+    assert batch["video"].shape == (4, 2, 3, 4, 16, 16) and batch["video/local"].shape == (4, 3, 3, 2, 8, 8)
+    length = batch["view_times"][..., 1] - batch["view_times"][..., 0]  # (B, 5): globals then locals
+    torch.testing.assert_close(length[:, :2], torch.full((4, 2), 2 * spec.window, dtype=torch.float64))
+    torch.testing.assert_close(length[:, 2:], torch.full((4, 3), spec.window, dtype=torch.float64))
+    crops = batch["view_crops"]
+    area = (crops[..., 2] - crops[..., 0]) * (crops[..., 3] - crops[..., 1])  # share of the decoded frame
+    assert (area[:, :2] > 0.4 - 0.05).all() and (area[:, 2:] < 0.4 + 0.05).all()  # integer pixel rounding
+    halves = split_batch(batch, 2)  # a micro-batch split cuts the group and the view tensors too
+    assert halves[1]["video/local"].shape == (2, 3, 3, 2, 8, 8) and torch.equal(halves[1]["view_times"],
+                                                                                  batch["view_times"][2:])
 
 
 def test_augmentation_is_off_by_default_and_consistent_over_time(demo_shards):

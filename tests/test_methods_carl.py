@@ -67,12 +67,12 @@ def _carl(**options):
 
 def _batch(n: int = 4):
     return {"video": torch.randn(n, 2, 3, 4, 32, 32),
-            "meta": [{"views": [[s, s + 2.0], [s + 0.5, s + 2.5]]} for s in torch.linspace(0, 3, n).tolist()]}
+            "view_times": torch.tensor([[[s, s + 2.0], [s + 0.5, s + 2.5]] for s in torch.linspace(0, 3, n).tolist()])}
 
 
 def test_carl_method_is_the_symmetric_loss_of_its_head_and_trains_it():
     from mmvssl.methods.carl import sequence_contrastive_loss
-    from mmvssl.methods.timing import token_times, view_windows
+    from mmvssl.methods.views import token_times, view_windows
     student, method = _carl(temperature=0.2, sigma=0.5)
     batch = _batch()
     embeddings = method.embed(student, batch)

@@ -24,11 +24,11 @@ def _indexed_batch(windows):
     B = len(windows)
     frame = torch.arange(4.0).view(1, 1, 1, 4, 1, 1)
     clip = 100 * torch.arange(B).view(B, 1, 1, 1, 1, 1) + 10 * torch.arange(2).view(1, 2, 1, 1, 1, 1)
-    return {"video": (frame + clip).expand(B, 2, 3, 4, 32, 32).clone(), "meta": [{"views": w} for w in windows]}
+    return {"video": (frame + clip).expand(B, 2, 3, 4, 32, 32).clone(), "view_times": torch.tensor(windows, dtype=torch.float64)}
 
 
 def test_cstp_overlap_target_is_the_temporal_iou_of_the_windows_by_hand():
-    from mmvssl.methods.timing import temporal_iou
+    from mmvssl.methods.views import temporal_iou
     # [0, 2] and [1, 3]: intersection 1, union 3; [0, 2] and [2, 4]: touching, 0; [1, 3] inside [0, 4]: 2 / 4
     iou = temporal_iou(torch.tensor([[0.0, 2.0], [0.0, 2.0], [1.0, 3.0]]), torch.tensor([[1.0, 3.0], [2.0, 4.0], [0.0, 4.0]]))
     torch.testing.assert_close(iou, torch.tensor([1 / 3, 0.0, 0.5]))
@@ -65,7 +65,7 @@ def test_cstp_rotates_the_second_view_by_its_label():
     _, method = _cstp(strides=[1])
     torch.manual_seed(0)
     video = torch.randn(8, 2, 3, 4, 32, 32)
-    batch = method.prepare({"video": video.clone(), "meta": [{"views": [[0.0, 2.0], [1.0, 3.0]]}] * 8})
+    batch = method.prepare({"video": video.clone(), "view_times": torch.tensor([[[0.0, 2.0], [1.0, 3.0]]] * 8)})
     torch.testing.assert_close(batch["video"][:, 0], video[:, 0])
     for b in range(8):
         k = int(batch["cstp_rotation"][b])
@@ -78,7 +78,7 @@ def test_cstp_target_takes_no_gradient_and_is_the_ema_of_the_online_network():
     heads = [method.predictor, method.overlap_head, method.rate_head, method.rotation_head]
     opt = torch.optim.SGD(list(student.parameters()) + [p for h in heads for p in h.parameters()], lr=0.5)
     batch = method.prepare({"video": torch.randn(4, 2, 3, 4, 32, 32),
-                            "meta": [{"views": [[s, s + 2.0], [s + 0.5, s + 2.5]]} for s in (0.0, 1.0, 2.0, 3.0)]})
+                            "view_times": torch.tensor([[[s, s + 2.0], [s + 0.5, s + 2.5]] for s in (0.0, 1.0, 2.0, 3.0)])})
     before = {n: p.clone() for n, p in method.target.named_parameters()}
     loss, terms = method(method.embed(student, batch), batch)
     assert set(terms) == {"byol", "overlap", "rate", "rotation"}
@@ -101,7 +101,7 @@ def test_cstp_with_feature_cached_accumulation_equals_one_step():
     from mmvssl.train.step import forward_backward
     torch.manual_seed(1)
     raw = {"video": torch.randn(4, 2, 3, 4, 32, 32),
-           "meta": [{"views": [[s, s + 2.0], [s + 0.5, s + 2.5]]} for s in (0.0, 1.0, 2.0, 3.0)]}
+           "view_times": torch.tensor([[[s, s + 2.0], [s + 0.5, s + 2.5]] for s in (0.0, 1.0, 2.0, 3.0)])}
     results = []
     for accum in (1, 2):
         student, method = _cstp()
@@ -131,11 +131,11 @@ def test_cstp_refuses_a_sampler_without_two_clips_and_bad_strides(demo_shards, t
 
 
 def test_cstp_overlap_target_multiplies_the_temporal_and_the_crop_iou_by_hand():
-    from mmvssl.methods.cstp import box_iou
+    from mmvssl.methods.views import box_iou
     _, method = _cstp(strides=[1])
     batch = _indexed_batch([[[0.0, 2.0], [1.0, 3.0]], [[0.0, 2.0], [0.0, 2.0]]])
-    batch["meta"][0]["crops"] = [[0.0, 0.0, 0.5, 1.0], [0.25, 0.0, 0.75, 1.0]]  # x overlap 0.25 of 0.75: 1/3
-    batch["meta"][1]["crops"] = [[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 0.75, 0.75]]  # 1/16 of 7/16: 1/7
+    batch["view_crops"] = torch.tensor([[[0.0, 0.0, 0.5, 1.0], [0.25, 0.0, 0.75, 1.0]],  # x overlap 0.25 of 0.75: 1/3
+                                        [[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 0.75, 0.75]]])  # 1/16 of 7/16: 1/7
     batch = method.prepare(batch)
     torch.testing.assert_close(batch["cstp_overlap"], torch.tensor([1 / 3 * 1 / 3, 1.0 * 1 / 7]))
     assert box_iou(torch.tensor([0.0, 0.0, 0.5, 0.5]), torch.tensor([0.5, 0.5, 1.0, 1.0])).item() == 0.0
@@ -178,10 +178,10 @@ def test_loader_records_each_views_crop(demo_shards):
     cfg = load_config(data_path("configs", "methods", "cstp.yaml"), TINY)
     batch = next(iter(build_loader(str(demo_shards["train"]), sample_spec(cfg.data, train=True, seed=0), 4,
                                    num_workers=0)))
-    crops = torch.tensor([m["crops"] for m in batch["meta"]])  # (B, V, 4)
+    crops = batch["view_crops"]  # (B, V, 4)
     assert crops.shape == (4, 2, 4) and crops.min() >= 0 and crops.max() <= 1
     assert (crops[..., 2:] > crops[..., :2]).all() and not torch.equal(crops[:, 0], crops[:, 1])
     cfg.data.augment.video = False
     batch = next(iter(build_loader(str(demo_shards["train"]), sample_spec(cfg.data, train=True, seed=0), 4,
                                    num_workers=0)))
-    assert all(m["crops"] == [[0.0, 0.0, 1.0, 1.0]] * 2 for m in batch["meta"])
+    assert torch.equal(batch["view_crops"], torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(4, 2, 4))

@@ -11,7 +11,7 @@ from mmvssl.errors import ConfigError
 
 
 def test_token_times_are_the_mean_time_of_the_frames_each_token_merges():
-    from mmvssl.methods.timing import token_times
+    from mmvssl.methods.views import token_times
     # a window [0, 4] s as 4 frames at 0, 1, 2, 3 s; 2 tokens of 2 frames each
     times = token_times(torch.tensor([[0.0, 4.0], [1.0, 3.0]]), num_frames=4, tokens=2)
     torch.testing.assert_close(times, torch.tensor([[0.5, 2.5], [1.25, 2.25]]))
@@ -21,7 +21,7 @@ def test_token_times_are_the_mean_time_of_the_frames_each_token_merges():
 
 def test_short_clip_tokens_align_to_the_long_clip_token_nearest_in_time():
     from mmvssl.methods.teg import aligned_positions
-    from mmvssl.methods.timing import token_times
+    from mmvssl.methods.views import token_times
     # long [0, 8] s in 4 tokens of 2 s (times 0.75, 2.75, 4.75, 6.75), short [3, 7] s in 4 tokens
     # (times 3.375, 4.375, 5.375, 6.375): nearest long tokens 1, 2, 2, 3 (by hand)
     long = token_times(torch.tensor([[0.0, 8.0]]), 8, 4)
@@ -33,7 +33,7 @@ def _aligned_example(shift: float):
     """Long-clip features of 3 clips; the short clip's features equal the long clip's at the truly
     aligned times; positives computed from windows whose short clip is moved by `shift` seconds."""
     from mmvssl.methods.teg import aligned_positions
-    from mmvssl.methods.timing import token_times
+    from mmvssl.methods.views import token_times
     g = torch.Generator().manual_seed(0)
     long = F.normalize(torch.randn(3, 4, 16, generator=g), dim=-1)  # (B, tl, D)
     long_windows = torch.tensor([[0.0, 8.0], [2.0, 10.0], [1.0, 9.0]])
@@ -82,7 +82,7 @@ def _teg(**options):
 def test_teg_trains_its_dense_head_and_the_student_through_both_terms():
     student, method = _teg()
     batch = {"video": torch.randn(3, 2, 3, 4, 32, 32),
-             "meta": [{"views": [[s, s + 4.0], [s + 1.0, s + 3.0]]} for s in (0.0, 1.5, 3.0)]}
+             "view_times": torch.tensor([[[s, s + 4.0], [s + 1.0, s + 3.0]] for s in (0.0, 1.5, 3.0)])}
     loss, terms = method(method.embed(student, batch), batch)
     assert set(terms) == {"dense", "persistent"}
     assert loss.item() == pytest.approx((terms["dense"] + terms["persistent"]).item(), rel=1e-6)
@@ -109,7 +109,7 @@ def test_teg_with_feature_cached_accumulation_equals_one_step():
 
     from mmvssl.train.step import forward_backward
     batch = {"video": torch.randn(4, 2, 3, 4, 32, 32),
-             "meta": [{"views": [[s, s + 4.0], [s + 1.0, s + 3.0]]} for s in (0.0, 1.5, 3.0, 0.5)]}
+             "view_times": torch.tensor([[[s, s + 4.0], [s + 1.0, s + 3.0]] for s in (0.0, 1.5, 3.0, 0.5)])}
     results = []
     for accum in (1, 2):
         student, method = _teg()

@@ -20,6 +20,7 @@ class AugmentOptions:
     video: bool = False
     crop_scale: tuple[float, float] = (0.3, 1.0)  # area of the random resized crop
     crop_ratio: tuple[float, float] = (0.5, 2.0)  # aspect ratio of the crop
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)  # SVT / DINO local views' crop area
     flip: float = 0.5  # horizontal flip probability (0 where captions name directions)
     jitter: tuple[float, float, float, float] = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation, hue
     jitter_p: float = 0.8

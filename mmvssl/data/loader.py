@@ -14,6 +14,7 @@ error naming the shard and key, never a silent skip.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import torch
 import webdataset as wds
 
 from ..errors import MmvsslError
-from ..modalities import MODALITIES, presence_key
+from ..modalities import MODALITIES, VIEW_KEYS, group_key, is_group, presence_key
 from .augment import Augmenter, AugmentOptions
 from .decode import DecodeError, decode_window, probe
 from .flow import pair_flow
@@ -56,6 +57,10 @@ class SampleSpec:
     long_scale: float = 2.0  # teg/svt: the long/global window is this many times num_frames / fps
     num_global: int = 2  # svt
     num_local: int = 2  # svt
+    # svt: local views are `local_frames` frames of `local_size` px (0: as the global views), cropped
+    # with `augment.local_crop_scale`; they travel as the view group `video/local`
+    local_size: int = 0
+    local_frames: int = 0
     text_sources: tuple[str, ...] = ("human",)  # human, paraphrase, pseudo: one drawn per sample (LaViLa)
     # the keys of the labelled samples, set by a label-using method (mmvssl.data.labels.labelled_keys);
     # with labelled_share > 0 that share of the resampled stream is drawn from them
@@ -72,6 +77,13 @@ class SampleSpec:
     @property
     def multi_view(self) -> bool:
         return self.sampler in ("cvrl", "teg", "svt") or (self.sampler in ("uniform", "same") and self.num_clips > 1)
+
+    @property
+    def groups(self) -> dict[str, tuple[int, int, int]]:
+        """Named view groups beyond `video`: name -> (views, frames, size)."""
+        if self.sampler == "svt" and self.num_local:
+            return {"local": (self.num_local, self.local_frames or self.num_frames, self.local_size or self.size)}
+        return {}
 
     @property
     def window(self) -> float:
@@ -104,6 +116,8 @@ class DecodeSamples:
         self.max_error_rate = max_error_rate
         self.min_samples_for_rate = min_samples_for_rate
         self.augmenter = Augmenter(spec.augment, spec.size)
+        self.local_augmenter = Augmenter(dataclasses.replace(spec.augment, crop_scale=spec.augment.local_crop_scale),
+                                         spec.groups["local"][2]) if "local" in spec.groups else None
 
     def __call__(self, src):
         rank, slot = self.position.slot()
@@ -147,15 +161,20 @@ class DecodeSamples:
             times = torch.from_numpy(start + np.arange(spec.num_frames) / (spec.num_frames / length))
             cached = pair_cached_frames(raw, times, spec.teacher_features)  # (T, D) float16
         augment = self.augmenter.video_transform is not None
+        local = len(windows) - spec.num_local if "local" in spec.groups else len(windows)  # first local view
         videos, crops, audio, first = [], [], None, None
         flips = []
         for v, (start, length) in enumerate(windows):
-            if v == 0 or windows[v] != windows[v - 1]:  # a repeated window (sampler `same`) is decoded once
-                clip = decode_window(data, start, spec.num_frames, spec.num_frames / length,
-                                     None if augment else spec.size, spec.audio_rate if v == 0 else None,
+            frames_n, size, augmenter = ((spec.num_frames, spec.size, self.augmenter) if v < local else
+                                         (spec.groups["local"][1], spec.size, self.local_augmenter))
+            if not augment and v >= local:
+                size = spec.groups["local"][2]  # no crop to make the local size: decode at it
+            if v == 0 or windows[v] != windows[v - 1] or v == local:  # a repeated window (`same`) is decoded once
+                clip = decode_window(data, start, frames_n, frames_n / length,
+                                     None if augment else size, spec.audio_rate if v == 0 else None,
                                      short_side=round(spec.size * spec.augment.decode_short_side) if augment else None)
             frames = torch.from_numpy(clip.frames)  # (T, H, W, 3) uint8
-            frames, crop, flipped = self.augmenter.video_crop_flip(frames, rng) if augment else (
+            frames, crop, flipped = augmenter.video_crop_flip(frames, rng) if augment else (
                 frames, [0.0, 0.0, 1.0, 1.0], False)
             crops.append(crop)  # [x0, y0, x1, y1], a share of the decoded frame
             flips.append(flipped)
@@ -173,17 +192,18 @@ class DecodeSamples:
         if texts:
             tokens[:len(texts)] = self.tokenizer(texts)
             text_mask[:len(texts)] = True
-        video = torch.stack(videos) if spec.multi_view else videos[0]  # (V, C, T, H, W) or (C, T, H, W)
-        window_meta = {"window": [first.start, first.end]}
-        if len(windows) > 1:
-            window_meta["views"] = [[s, s + n] for s, n in windows]
-            window_meta["crops"] = crops  # each view's spatial crop (before any flip)
+        video = torch.stack(videos[:local]) if spec.multi_view else videos[0]  # (V, C, T, H, W) or (C, T, H, W)
         sample = {
             "video": video, "audio": audio, "text": tokens, "text_mask": text_mask,
             "has_video": True, "has_audio": has_audio, "has_text": bool(texts), "text_generated": generated,
-            "key": key, "meta": {**meta, **window_meta, "source_shard": raw.get("__url__"),
+            "key": key, "meta": {**meta, "window": [first.start, first.end], "source_shard": raw.get("__url__"),
                                  "source_set": raw.get("__source__", "")},
         }
+        if local < len(windows):
+            sample[group_key("video", "local")] = torch.stack(videos[local:])  # (L, C, t, h, w)
+        if spec.multi_view:  # where each view lies in time and space, `video`'s views then each group's
+            sample["view_times"] = torch.tensor([[s, s + n] for s, n in windows], dtype=torch.float64)
+            sample["view_crops"] = torch.tensor(crops, dtype=torch.float32)  # before any flip
         if spec.flow:  # cached optical flow of `video`'s views, paired in time and cropped / flipped with them
             flows = [pair_flow(raw, torch.from_numpy(s + np.arange(spec.num_frames) / (spec.num_frames / n)),
                                crops[v] if augment else None, flips[v], spec.size)
@@ -207,6 +227,11 @@ def collate(samples: list[dict]) -> dict:
         "failed": torch.tensor(sum(s["_failed"] for s in samples)),  # samples skipped on the way
         "text_generated": torch.tensor([s["text_generated"] for s in samples], dtype=torch.bool),  # (B,)
     }
+    for k in samples[0]:
+        if k in VIEW_KEYS:
+            batch[k] = torch.stack([s[k] for s in samples])  # (B, V, 2) / (B, V, 4)
+        elif is_group(k):  # a named view group, e.g. video/local
+            batch[k] = normalize_video(torch.stack([s[k] for s in samples]))
     if "teacher_frames" in samples[0]:  # cached teacher features (teacher.cached)
         batch["teacher_frames"] = torch.stack([s["teacher_frames"] for s in samples]).float()  # (B, T, D)
     for m in MODALITIES:

@@ -15,6 +15,7 @@ class AugmentConfig:
     video: bool = False  # temporally consistent crop / flip / colour / grey / blur
     crop_area: list[float] = field(default_factory=lambda: [0.3, 1.0])  # random resized crop, share of the frame
     crop_aspect: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    local_crop_area: list[float] = field(default_factory=lambda: [0.05, 0.4])  # svt's local views (DINO's)
     flip: float = 0.5
     jitter: list[float] = field(default_factory=lambda: [0.8, 0.8, 0.8, 0.2])  # brightness, contrast, saturation, hue
     jitter_p: float = 0.8
@@ -49,6 +50,8 @@ class DataConfig:
     num_local: int = 2  # svt
     # cached optical flow in the batch as `flow` (B, [V,] 2, T, H, W): shards from `shards add-flow`
     flow: bool = False
+    local_size: int = 0  # svt: local views' size in px (0: data.size); DINO/SVT: 96 beside 224
+    local_frames: int = 0  # svt: local views' frame count (0: data.num_frames)
     # LaViLa: each sample's text comes from one of these that it has (human, paraphrase, pseudo),
     # drawn at random; the batch flags generated texts (text_generated)
     text_sources: list[str] = field(default_factory=lambda: ["human"])
@@ -65,6 +68,7 @@ def augment_options(cfg):
     """AugmentConfig (or a DictConfig of it) -> mmvssl.data.augment.AugmentOptions."""
     from .augment import AugmentOptions
     return AugmentOptions(video=bool(cfg.video), crop_scale=tuple(cfg.crop_area), crop_ratio=tuple(cfg.crop_aspect),
+                          local_crop_scale=tuple(cfg.local_crop_area),
                           flip=float(cfg.flip), jitter=tuple(cfg.jitter), jitter_p=float(cfg.jitter_p),
                           grayscale=float(cfg.grayscale), blur=float(cfg.blur), audio=bool(cfg.audio),
                           gain_db=tuple(cfg.gain_db), noise_snr_db=tuple(cfg.noise_snr_db), noise_p=float(cfg.noise_p))
@@ -82,6 +86,7 @@ def sample_spec(data, train: bool, seed: int):
                       context_length=data.context_length, num_candidates=data.num_candidates, train=train,
                       seed=seed, sampler=data.sampler if train else "random", num_clips=data.num_clips,
                       long_scale=data.long_scale, num_global=data.num_global, num_local=data.num_local,
+                      local_size=data.local_size, local_frames=data.local_frames,
                       text_sources=sources if train else ("human",),
                       labelled_share=float(data.labelled_share) if train else 0.0,
                       augment=augment_options(data.augment) if train else augment_options(AugmentConfig()),

@@ -3,13 +3,13 @@ Contrastive Learning"): frame-wise embeddings of two views of a video, trained w
 contrastive loss (SCL).
 
 - Views: two augmented views of overlapping windows (`data.sampler: same` with `data.num_clips: 2`,
-  or `cvrl`); each view's [start, end] seconds come from batch["meta"][i]["views"].
+  or `cvrl`); each view's [start, end] seconds come from batch["view_times"].
 - Frame embeddings: the video transformer's tokens averaged per temporal position
   (`video_frames`, (B, V, t, width)), through the method's own MLP projection head
   (Linear-BN-ReLU-Linear, trained, checkpointed, never shipped), L2-normalised.
 - Loss: for each temporal token i of view 1 the target over the tokens j of view 2 is a Gaussian
   prior over their time distance, p_ij = exp(-(t_i - t_j)^2 / (2 sigma^2)) / sum_j (...), with
-  times in seconds (mmvssl.methods.timing.token_times); the prediction is
+  times in seconds (mmvssl.methods.views.token_times); the prediction is
   q_ij = softmax_j(z_i . z_j / tau); the loss is KL(p_i || q_i), averaged over tokens and clips, and
   symmetrised (view 2 against view 1). Only the other view's tokens of the same video are in the
   softmax (CARL's released default), so nothing is gathered across processes: each process's
@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from .base import BuildContext, Method
 from .contrastive import build_student
 from .teg import frame_head
-from .timing import token_times, view_windows
+from .views import token_times, view_windows
 
 
 @dataclass

@@ -21,7 +21,7 @@ clip-level contrastive loss.
 - loss = region_weight * region + clip_weight * clip; a term is on when its weight is positive.
 
 Departures from the paper: the two views share one geometry (ConST-CL relates regions across
-different crops, and across time, of a clip; the loader records crops in batch["meta"][i]["crops"],
+different crops, and across time, of a clip; the loader records crops in batch["view_crops"],
 but flips are not recorded and boxes are not mapped between crops here); the
 regions are random boxes, not detected or tracked objects; the features are the transformer's
 tokens averaged over time (one spatial map per view), not a 3-D CNN's spatio-temporal map; the

@@ -12,7 +12,7 @@ pretext tasks: the clips' spatio-temporal overlap rate (STOR), their playback ra
   clip; a head on its features predicts k (4-way cross-entropy).
 - Overlap rate (STOR): the target is the temporal IoU of the two views' covered windows (after the
   stride subsampling) times the IoU of their spatial crops, which the loader records per view in
-  batch["meta"][i]["crops"] ([x0, y0, x1, y1], a share of the decoded frame; a horizontal flip after
+  batch["view_crops"] ([x0, y0, x1, y1], a share of the decoded frame; a horizontal flip after
   the crop does not change the region); a batch without crops counts as full frames. A head on both
   views' features ([f1, f2, |f1 - f2|, f1 * f2]) regresses it through a sigmoid, mean squared error.
 - BYOL (Grill et al. 2020): online = the model (encoder + projection head, `video_<space>`) + the
@@ -45,26 +45,7 @@ from torch import nn
 from ..errors import ConfigError
 from .base import BuildContext, Method, cosine_schedule, ema_update, frozen_copy, require_output, unwrap
 from .contrastive import build_student
-from .timing import temporal_iou, view_windows
-
-
-def view_crops(batch: dict, device=None) -> torch.Tensor:
-    """(B, V, 4) each view's crop [x0, y0, x1, y1] from batch["meta"][i]["crops"] (the loader's);
-    full frames [0, 0, 1, 1] for a batch whose metadata has none."""
-    meta = batch.get("meta") or []
-    if meta and all(isinstance(m, dict) and "crops" in m for m in meta):
-        return torch.tensor([m["crops"] for m in meta], dtype=torch.float32, device=device)
-    views = batch["video"].shape[1]
-    return torch.tensor([0.0, 0.0, 1.0, 1.0], device=device).expand(batch["video"].shape[0], views, 4)
-
-
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Intersection over union of boxes a, b (..., 4) [x0, y0, x1, y1] -> (...)."""
-    w = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
-    h = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(min=0)
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    return w * h / (area_a + area_b - w * h).clamp(min=1e-9)
+from .views import box_iou, temporal_iou, view_crops, view_windows
 
 
 @dataclass

@@ -2,8 +2,11 @@
 global and local views of a video.
 
 - Views (`data.sampler: svt`): `data.num_global` global views spanning `data.long_scale` x the
-  clip window (a lower frame rate) and `data.num_local` local views of one window, each placed at
-  random, all `data.num_frames` frames.
+  clip window (a lower frame rate), `data.num_frames` frames of `data.size` px, in `video`; and
+  `data.num_local` local views of one window, each placed at random, `data.local_frames` frames of
+  `data.local_size` px cropped with `data.augment.local_crop_area` (DINO's small crops), in the
+  view group `video/local`. The student embeds each group with its own forward (they differ in
+  size), globals first.
 - Student: the model (encoder + projection head `video_ssl`, L2-normalised: DINO's bottleneck)
   followed by the method's prototype layer (weight-normalised linear, norm fixed: DINO's
   `norm_last_layer`). It embeds every view.
@@ -17,9 +20,9 @@ global and local views of a video.
 - Centre: c <- m c + (1 - m) mean of the teacher's outputs over the global batch (every process),
   after each step.
 
-Departures from the paper: local views have the global views' spatial size (the loader stacks
-views of one shape; SVT's locals are 96 px crops of 224 px globals), and SVT's cross-view
-motion correspondence terms are the same DINO loss over the mixed frame rates, as in its code.
+Departures from the paper: SVT's cross-view motion correspondence terms are the same DINO loss
+over the mixed frame rates and sizes, as in its code; the local views share one frame count
+(SVT draws it per view).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..losses.gather import world
+from ..modalities import group_key
 from .base import BuildContext, Method, cosine_schedule, ema_update, frozen_copy, require_output, unwrap
 from .contrastive import build_student
 
@@ -122,8 +126,11 @@ class SVT(Method):
                                                     - self.o.warmup_teacher_temperature) * step / warm
 
     def embed(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        video = batch["video"]  # (B, V, C, T, H, W): globals first
-        student = self.prototypes(model({"video": video})[self.key])  # (B, V, K)
+        video = batch["video"]  # (B, G, C, T, H, W): the global views
+        student = self.prototypes(model({"video": video})[self.key])  # (B, G, K)
+        local = batch.get(group_key("video", "local"))  # (B, L, C, t, h, w)
+        if local is not None:
+            student = torch.cat([student, self.prototypes(model({"video": local})[self.key])], dim=1)  # (B, V, K)
         with torch.no_grad():
             self.teacher.train(model.training)
             teacher = self.teacher_prototypes(self.teacher({"video": video[:, :self.num_global]})[self.key])

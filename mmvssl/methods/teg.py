@@ -11,7 +11,7 @@ persistent (clip-level) loss pulls the two clips' embeddings together.
   trained, checkpointed, never shipped), L2-normalised.
 - Dense loss: every temporal token of the short clip is an anchor of InfoNCE at
   `dense_temperature`; its positive is the long clip's token nearest in time (token times from the
-  views' windows in batch["meta"], mmvssl.methods.timing); its negatives are every other temporal
+  views' windows in batch["view_times"], mmvssl.methods.views); its negatives are every other temporal
   token of every long clip of the global batch (the same clip's other times and other videos'),
   gathered across processes.
 - Persistent loss: NT-Xent (losses/contrastive.py) between the two clips' `video_<space>`
@@ -39,7 +39,7 @@ from ..losses.contrastive import global_mean, nt_xent_loss
 from ..losses.gather import gather_no_grad, gather_with_grad, world
 from .base import BuildContext, Method, require_output
 from .contrastive import build_student
-from .timing import token_times, view_windows
+from .views import token_times, view_windows
 
 
 @dataclass

@@ -23,19 +23,17 @@ import torch
 import torch.distributed as dist
 
 from ..losses.gather import world
-from ..modalities import PER_SAMPLE_KEYS
-
-SPLIT_KEYS = PER_SAMPLE_KEYS
+from ..modalities import is_per_sample
 
 
 def split_batch(batch: dict, parts: int) -> list[dict]:
     """The model inputs of `batch` in `parts` micro-batches along dim 0."""
-    size = next(v.shape[0] for k, v in batch.items() if k in SPLIT_KEYS and isinstance(v, torch.Tensor))
+    size = next(v.shape[0] for k, v in batch.items() if is_per_sample(k) and isinstance(v, torch.Tensor))
     if size % parts:
         raise ValueError(f"batch of {size} does not split into train.accum_steps={parts} equal micro-batches")
     chunks = [{} for _ in range(parts)]
     for k, v in batch.items():
-        if k in SPLIT_KEYS and isinstance(v, torch.Tensor):
+        if is_per_sample(k) and isinstance(v, torch.Tensor):
             for chunk, piece in zip(chunks, v.chunk(parts)):
                 chunk[k] = piece
     return chunks
