@@ -106,3 +106,12 @@ def test_maclr_refuses_one_view(demo_shards, tmp_path):
     with pytest.raises(ConfigError, match="method 'maclr' contrasts two clips"):
         pretrain(tiny_config(data_path("configs", "methods", "maclr.yaml"), demo_shards["train"], tmp_path,
                              "data.sampler=random"))
+
+
+def test_flow_motion_without_cached_flow_in_the_data_is_refused(demo_shards, tmp_path):
+    from mmvssl.train.engine import pretrain
+    from tests.test_methods import tiny_config
+    for name in ("maclr", "coclr"):
+        with pytest.raises(ConfigError, match=f"method '{name}': method.options.motion=flow .* set data.flow=true"):
+            pretrain(tiny_config(data_path("configs", "methods", f"{name}.yaml"), demo_shards["train"], tmp_path,
+                                 "method.options.motion=flow"))

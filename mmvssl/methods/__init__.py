@@ -20,6 +20,7 @@ MODULES = {
     "cstp": "cstp",
     "fame": "fame",
     "maclr": "maclr",
+    "mscl": "mscl",
     "narrator": "narrator",
     "simclr": "simclr",
     "supervised": "supervised",

@@ -46,7 +46,8 @@ from ..errors import ConfigError
 from ..losses.gather import gather_no_grad
 from .base import BuildContext, Method, ema_update, frozen_copy, require_output, unwrap
 from .contrastive import build_student
-from .motion_stream import MotionPathway, build_motion_network, check_motion, motion_modalities
+from .motion_stream import (MotionPathway, build_motion_network, check_motion, check_motion_data,
+                            motion_modalities)
 
 STREAMS = ("rgb", "motion")
 
@@ -116,6 +117,7 @@ class CoCLR(Method):
             raise ConfigError(f"method 'coclr' contrasts a query and a key view of each clip: data.sampler "
                               f"'{ctx.spec.sampler}' with data.num_clips={ctx.spec.num_clips} does not give them "
                               f"(use same with data.num_clips=2)")
+        check_motion_data(options.motion, ctx.spec, cls.name)
         net = build_student(cfg, ctx.accelerator)
         require_output(net, f"video_{options.space}", cls.name)
         return net, cls(net, build_motion_network(cfg, options.motion, cls.name), options)

@@ -38,7 +38,8 @@ from ..errors import ConfigError
 from ..losses.contrastive import nce_loss, nt_xent_loss
 from .base import BuildContext, Method, require_output
 from .contrastive import build_student
-from .motion_stream import MotionPathway, build_motion_network, check_motion, motion_modalities
+from .motion_stream import (MotionPathway, build_motion_network, check_motion, check_motion_data,
+                            motion_modalities)
 
 
 @dataclass
@@ -75,6 +76,7 @@ class MaCLR(Method):
         if not two_views(ctx.spec.sampler, ctx.spec.num_clips):
             raise ConfigError(f"method 'maclr' contrasts two clips of a video: data.sampler '{ctx.spec.sampler}' "
                               f"with data.num_clips={ctx.spec.num_clips} does not give 2 views (use cvrl)")
+        check_motion_data(options.motion, ctx.spec, cls.name)
         net = build_student(cfg, ctx.accelerator)
         require_output(net, f"video_{options.space}", cls.name)
         return net, cls(build_motion_network(cfg, options.motion, cls.name), options)

@@ -38,6 +38,13 @@ def check_motion(kind: str, method: str) -> int:
     return MOTION_CHANNELS[kind]
 
 
+def check_motion_data(kind: str, spec, method: str) -> None:
+    """`flow` needs the loader to put cached flow in the batch (data.flow, shards from add-flow)."""
+    if kind == "flow" and not getattr(spec, "flow", False):
+        raise ConfigError(f"method '{method}': method.options.motion=flow reads the cached optical flow: set "
+                          f"data.flow=true and train on shards made by `mmvssl shards add-flow`")
+
+
 def build_motion_network(cfg: DictConfig, kind: str, method: str) -> MultimodalModel:
     """The motion pathway: `model.preset` + `model.overrides` with `video.in_channels` set for
     `kind` (the student's architecture, as CoCLR's two S3Ds and MaCLR's two pathways)."""
