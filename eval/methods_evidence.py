@@ -2,12 +2,15 @@
 its pooled video features on the val split, beside a random initialisation of the same model.
 
     .venv/bin/python eval/methods_evidence.py --train runs/demo/shards/train --test runs/demo/shards/val \
-        --out runs/methods-evidence [--steps 300] [--methods simclr cvrl svt] [--set data.batch_size=16]
+        --out runs/methods-evidence [--steps 300] [--methods simclr cvrl svt] [--set data.batch_size=16] \
+        [--label shape motion]
 
 Each method is `configs/methods/<name>.yaml` as shipped, with data.shards, train.max_steps and
 train.output_dir set here (and data.batch_size / train.lr when given); the probes are those of
-eval/compare_random_init.py on `video_pooled`, the encoder's output before any head. Prints one
-table and writes OUT/methods_evidence.json and .md (docs/methods.md quotes it).
+eval/compare_random_init.py on `video_pooled`, the encoder's output before any head, for each
+metadata key of `--label` (default `label`; the demo samples also carry `shape`, `color` and
+`motion`), every label probed on the same trained model. Prints one table and writes
+OUT/methods_evidence.json and .md (docs/methods.md quotes it).
 """
 
 from __future__ import annotations
@@ -43,7 +46,14 @@ def rgb_methods() -> list[str]:
     return names
 
 
-def run(method: str, train: str, test: str, out: Path, steps: int, overrides: list[str]) -> dict:
+def run(method: str, train: str, test: str, out: Path, steps: int, overrides: list[str],
+        labels: tuple[str, ...] = ("label",)) -> list[dict]:
+    """Train `method` for `steps`, then one row per label key: its probes beside a random init."""
+    import mmvssl
+    import torch
+
+    from mmvssl.evaluation.protocols import evaluate_probe
+    from mmvssl.models.multimodal import MultimodalModel
     from mmvssl.train.engine import pretrain
     cfg = load_config(data_path("configs", "methods", f"{method}.yaml"),
                       [f"data.shards={train}", f"train.max_steps={steps}", f"train.output_dir={out / method}",
@@ -51,26 +61,37 @@ def run(method: str, train: str, test: str, out: Path, steps: int, overrides: li
     tic = time.perf_counter()
     model_dir = pretrain(cfg)
     minutes = (time.perf_counter() - tic) / 60
-    report = _compare_module().compare(str(model_dir), train, test, str(out / method / "eval"), [FEATURE])
-    r = report["results"]
-    row = {"method": method, "name": cfg.method.name, "steps": steps, "train_minutes": round(minutes, 2)}
-    for kind in ("linear", "knn"):
-        row[kind] = r[f"{kind} {FEATURE} (trained)"]["top1"]
-        row[f"{kind}_random"] = r[f"{kind} {FEATURE} (random init)"]["top1"]
-    row["chance"] = r[f"linear {FEATURE} (trained)"]["chance_top1"]
-    return row
+    compare = _compare_module()
+    trained = mmvssl.load_model(model_dir)
+    torch.manual_seed(0)
+    random_init = MultimodalModel(trained.config)  # same preset and sampling, fresh weights (as compare's)
+    rows = []
+    for label in labels:
+        row = {"method": method, "name": cfg.method.name, "label": label, "steps": steps,
+               "train_minutes": round(minutes, 2)}
+        for which, model in (("", trained), ("_random", random_init)):
+            cache = {split: compare._features(model, data, None, str(out / method / "eval"),
+                                              f"{which.strip('_') or 'trained'}_{split}")
+                     for split, data in (("train", train), ("test", test))}
+            for kind in ("linear", "knn"):
+                r = evaluate_probe(kind, model, cache["train"], cache["test"], None, label_key=label, feature=FEATURE)
+                row[f"{kind}{which}"] = r["top1"]
+                row["chance"] = r["chance_top1"]
+        rows.append(row)
+    return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method (config) | steps | linear top-1 | random init | kNN top-1 | random init | beats random init |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method (config) | label | steps | linear top-1 | random init | kNN top-1 | random init | chance | "
+             "beats random init |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         beats = "yes" if r["linear"] > r["linear_random"] and r["knn"] > r["knn_random"] else (
             "linear only" if r["linear"] > r["linear_random"] else "kNN only" if r["knn"] > r["knn_random"] else "no")
-        lines.append(f"| {r['method']} ({r['name']}) | {r['steps']} | {r['linear']:.1f} | {r['linear_random']:.1f} | "
-                     f"{r['knn']:.1f} | {r['knn_random']:.1f} | {beats} |")
+        lines.append(f"| {r['method']} ({r['name']}) | {r['label']} | {r['steps']} | {r['linear']:.1f} | "
+                     f"{r['linear_random']:.1f} | {r['knn']:.1f} | {r['knn_random']:.1f} | {r['chance']:.1f} | {beats} |")
     if rows:
-        lines.append(f"\nChance: {rows[0]['chance']:.1f}. Feature: `{FEATURE}`.")
+        lines.append(f"\nFeature: `{FEATURE}`.")
     return "\n".join(lines)
 
 
@@ -83,14 +104,17 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", help="config names under configs/methods/ (default: every RGB one)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="an override applied to every method, e.g. --set data.batch_size=16 (repeatable)")
+    p.add_argument("--label", nargs="+", default=["label"],
+                   help="metadata key(s) to probe, each on the same trained model (demo: label/shape, color, motion)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
         for method in args.methods or rgb_methods():
-            rows.append(run(method, args.train, args.test, out, args.steps, args.overrides))
-            print(json.dumps(rows[-1]), flush=True)
+            for row in run(method, args.train, args.test, out, args.steps, args.overrides, tuple(args.label)):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     except MmvsslError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
