@@ -41,7 +41,7 @@ class VideoClassifier(nn.Module):
         width = backbone.encoders["video"].width
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(width, len(classes))
-        nn.init.trunc_normal_(self.head.weight, std=0.02)  # VideoMAE / MAE fine-tuning's head init
+        nn.init.zeros_(self.head.weight)  # uniform predictions at the start (VideoMAE scales its head init by 0.001)
         nn.init.zeros_(self.head.bias)
         video = set(map(id, backbone.encoders["video"].parameters()))
         shared = set(map(id, backbone.backbone.parameters())) if hasattr(backbone, "backbone") else set()
