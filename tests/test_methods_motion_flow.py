@@ -1,0 +1,49 @@
+"""The motion methods on cached optical flow: the demo shards through `shards add-flow`, then maclr,
+coclr and mscl with `method.options.motion=flow` and `data.flow=true` train through the engine, their
+motion pathway built for 2 flow channels and fed the batch's flow (the tgrad path is every config's
+default: tests/test_methods.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmvssl.resources import data_path
+from tests.conftest import read_jsonl
+
+
+@pytest.fixture(scope="module")
+def demo_flow_shards(demo_shards, tmp_path_factory):
+    from mmvssl.data.add_flow import add_flow
+    out = tmp_path_factory.mktemp("demo-flow")
+    add_flow(str(demo_shards["train"]), out, fps=4.0, size=32, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("name", ["maclr", "coclr", "mscl"])
+def test_motion_method_trains_on_cached_flow(name, demo_flow_shards, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from mmvssl.methods import motion_stream
+    from mmvssl.train.engine import pretrain
+    from tests.test_methods import tiny_config
+    seen = []
+    real = motion_stream.motion_input
+
+    def recording(batch, kind):
+        seen.append((kind, "flow" in batch and batch["flow"].shape[-4] == 2))
+        return real(batch, kind)
+    monkeypatch.setattr(motion_stream, "motion_input", recording)
+    monkeypatch.setattr(f"mmvssl.methods.{name}.motion_input", recording, raising=False)
+    cfg = tiny_config(data_path("configs", "methods", f"{name}.yaml"), demo_flow_shards, tmp_path,
+                      "train.max_steps=2", "train.save_every=2", "method.options.motion=flow", "data.flow=true")
+    pretrain(cfg)
+    log = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
+    assert seen and all(kind == "flow" and has_flow for kind, has_flow in seen)
+    state = load_file(str(tmp_path / "checkpoints" / "step_00000002" / "method.safetensors"))
+    first = [v for k, v in state.items() if k.startswith("motion.network.encoders.video.") and v.ndim == 4][0]
+    assert first.shape[1] == 2  # the stem's first convolution takes the 2 flow channels
+    assert torch.isfinite(first).all()
