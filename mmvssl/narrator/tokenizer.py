@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 from pathlib import Path
 
@@ -62,11 +61,16 @@ def train_sentencepiece(texts: list[str], out_file: str | os.PathLike, vocab_siz
 def texts_from_shards(shards: str) -> list[str]:
     """Every caption and narration text in a shard set (metadata members only; videos skipped)."""
     import webdataset as wds
+    from ..data.decode import DecodeError
     from ..data.loader import list_shards
+    from ..data.rawsample import metadata
     texts = []
     for sample in wds.WebDataset(list_shards(shards), shardshuffle=False, empty_check=False).select(
             lambda s: "json" in s or "txt" in s):
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        caption = meta.get("caption") or (sample["txt"].decode("utf-8", "replace") if "txt" in sample else "")
+        try:
+            meta = metadata(sample, with_caption=True)
+        except DecodeError as e:
+            raise MmvsslError(f"{sample.get('__url__', shards)}: {e}") from None
+        caption = meta.get("caption") or ""
         texts += [caption] + [n.get("text", "") for n in meta.get("narrations") or [] if isinstance(n, dict)]
     return [t for t in texts if t]
