@@ -47,3 +47,22 @@ def test_motion_method_trains_on_cached_flow(name, demo_flow_shards, tmp_path, m
     first = [v for k, v in state.items() if k.startswith("motion.network.encoders.video.") and v.ndim == 4][0]
     assert first.shape[1] == 2  # the stem's first convolution takes the 2 flow channels
     assert torch.isfinite(first).all()
+
+
+def test_mcl_focuses_on_cached_flow(demo_flow_shards, tmp_path, monkeypatch):
+    """MCL has no motion network: the flow's magnitude is its motion map (sampling and Grad-CAM target)."""
+    from mmvssl.methods import mcl
+    from mmvssl.train.engine import pretrain
+    from tests.test_methods import tiny_config
+    kinds, real = [], mcl.motion_magnitude
+
+    def recording(batch, kind):
+        kinds.append(kind)
+        assert kind != "flow" or batch["flow"].shape[-4] == 2
+        return real(batch, kind)
+    monkeypatch.setattr(mcl, "motion_magnitude", recording)
+    cfg = tiny_config(data_path("configs", "methods", "mcl.yaml"), demo_flow_shards, tmp_path, "train.max_steps=2",
+                      "train.save_every=0", "method.options.motion=flow", "data.flow=true")
+    pretrain(cfg)
+    log = read_jsonl(tmp_path / "metrics.jsonl")
+    assert kinds == ["flow", "flow"] and all(math.isfinite(r["loss"]) and r["align"] >= 0 for r in log)
