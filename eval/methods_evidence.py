@@ -52,6 +52,7 @@ def run(method: str, train: str, test: str, out: Path, steps: int, overrides: li
     import mmvssl
     import torch
 
+    from mmvssl.evaluation.features import model_fingerprint
     from mmvssl.evaluation.protocols import evaluate_probe
     from mmvssl.models.multimodal import MultimodalModel
     from mmvssl.train.engine import pretrain
@@ -70,8 +71,11 @@ def run(method: str, train: str, test: str, out: Path, steps: int, overrides: li
         row = {"method": method, "name": cfg.method.name, "label": label, "steps": steps,
                "train_minutes": round(minutes, 2)}
         for which, model in (("", trained), ("_random", random_init)):
-            cache = {split: compare._features(model, data, None, str(out / method / "eval"),
-                                              f"{which.strip('_') or 'trained'}_{split}")
+            # a random init's features are shared by the methods whose model config is the same
+            # (the file is named by the model's fingerprint: config and weights)
+            where, name = ((out / method / "eval", "trained") if not which else
+                           (out / "random_init", f"random_{model_fingerprint(model)}"))
+            cache = {split: compare._features(model, data, None, str(where), f"{name}_{split}")
                      for split, data in (("train", train), ("test", test))}
             for kind in ("linear", "knn"):
                 r = evaluate_probe(kind, model, cache["train"], cache["test"], None, label_key=label, feature=FEATURE)
