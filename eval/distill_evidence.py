@@ -53,7 +53,7 @@ def train_teacher(train: str, test: str, out: Path, steps: int, seed: int = 0) -
     """A tiny open_clip image model whose per-frame embedding is trained to name the demo shape;
     returns (model-config JSON, checkpoint, its per-frame accuracy on `test`)."""
     import open_clip
-    from mmvssl.models.teacher import load_teacher
+    from mmvssl.teacher.model import load_teacher
     arch = out / "distill-evidence-teacher.json"
     arch.write_text(json.dumps(TEACHER_CONFIG))
     open_clip.add_model_config(arch)

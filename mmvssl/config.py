@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .data.options import DataConfig
 from .errors import ConfigError
 from .narrator.options import NarratorConfig
-from .teacher_options import TeacherConfig
+from .teacher.options import TeacherConfig
 from .train.options import ObjectiveConfig, TrainConfig
 
 

@@ -14,11 +14,11 @@ import webdataset as wds
 from mmvssl.cli import main
 from mmvssl.config import load_config
 from mmvssl.data.loader import SampleSpec, build_loader
-from mmvssl.data.teacher_cache import MEMBER, cached_times, decode_member, encode_member, nearest_indices
+from mmvssl.teacher.cache import MEMBER, cached_times, decode_member, encode_member, nearest_indices
 from mmvssl.errors import ConfigError, MmvsslError
-from mmvssl.models.teacher import load_teacher, teacher_identity
+from mmvssl.teacher.model import load_teacher, teacher_identity
 from mmvssl.resources import data_path
-from mmvssl.teacher_features import add_teacher_features, parse_teacher_spec
+from mmvssl.teacher.features import add_teacher_features, parse_teacher_spec
 from tests.conftest import read_jsonl
 from tests.helpers.tiny_teacher import save_tiny_teacher
 
@@ -196,7 +196,7 @@ def test_pretrain_with_cached_features_never_runs_the_teacher(teacher_files, dem
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was loaded although its features are cached")
-    monkeypatch.setattr("mmvssl.models.teacher.load_teacher", no_teacher)
+    monkeypatch.setattr("mmvssl.teacher.model.load_teacher", no_teacher)
     from mmvssl.train.engine import pretrain
     cfg = load_config(data_path("configs", "demo", "distill.yaml"), [
         f"data.shards={out}", "data.batch_size=4", "data.num_workers=0", "train.max_steps=2", "train.log_every=1",

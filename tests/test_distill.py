@@ -15,7 +15,7 @@ from mmvssl.config import load_config
 from mmvssl.errors import ConfigError
 from mmvssl.losses.distill import align_frames, distill_clip, distill_frames
 from mmvssl.losses.objective import Objective
-from mmvssl.models.teacher import load_teacher
+from mmvssl.teacher.model import load_teacher
 from mmvssl.resources import data_path
 from tests.conftest import load_eval_script, read_jsonl
 

@@ -138,7 +138,7 @@ def step_times(teacher, device: torch.device, batch_size: int = 8, steps: int = 
 
 
 def add_features_cost(arch: str, weights: str, shards: Path, out: Path, device: torch.device) -> dict:
-    from mmvssl.teacher_features import add_teacher_features
+    from mmvssl.teacher.features import add_teacher_features
     with Clock(device) as clock:
         report = add_teacher_features(arch, weights, str(shards), out, fps=4.0, device=device.type, progress=False,
                                       overwrite=True)
@@ -150,7 +150,7 @@ def add_features_cost(arch: str, weights: str, shards: Path, out: Path, device: 
 
 def pairing_cost(repeats: int = 200) -> float:
     """Microseconds to parse one sample's cached features (2 min at 4 frames/s, D = 512) and pick 8 frames."""
-    from mmvssl.data.teacher_cache import cached_times, encode_member, pair_cached_frames
+    from mmvssl.teacher.cache import cached_times, encode_member, pair_cached_frames
     identity = {"arch": "ViT-B-32", "pretrained": "x", "weights": "x", "image_size": 224, "embed_dim": 512}
     times = cached_times(120.0, 4.0)
     raw = {"__key__": "k", "teacher.safetensors": encode_member(torch.randn(len(times), 512), times, identity,
@@ -176,7 +176,7 @@ def main() -> None:
 
     from mmvssl.data.shards import build_shards
     from mmvssl.data.synth import make_synthetic_dataset
-    from mmvssl.models.teacher import load_teacher
+    from mmvssl.teacher.model import load_teacher
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = ["tiny"] if args.quick else ["tiny", "ViT-B-32"]
     rows = []

@@ -41,7 +41,7 @@ def _verify(args) -> None:
 
 
 def _add_features(args) -> None:
-    from ..teacher_features import add_teacher_features, parse_teacher_spec
+    from ..teacher.features import add_teacher_features, parse_teacher_spec
     arch, pretrained, image_size = parse_teacher_spec(args.teacher)
     report = add_teacher_features(arch, pretrained, args.shards, args.out, fps=args.fps, size=args.size,
                                   image_size=args.image_size or image_size, batch_size=args.batch_size,

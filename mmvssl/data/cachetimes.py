@@ -1,5 +1,5 @@
 """The frame times of a per-video cache, and their pairing with the frame times a clip sampler
-chose: shared by cached teacher features (teacher_cache.py) and cached optical flow (flow.py).
+chose: shared by cached teacher features (mmvssl/teacher/cache.py) and cached optical flow (flow.py).
 
 A cache holds one entry per time 0, 1/F, 2/F, ... over the whole video (F: the cache's fps). Each
 sampled frame time t (clamped to the video's duration, where the decoder holds the last frame)

@@ -8,7 +8,7 @@ once over all processes and workers (mmvssl.data.shardio). A sample that fails t
 skipped and counted, and the count travels with the next batch so it reaches the training log;
 video2dataset's failed downloads (metadata, no video) are skipped without counting as errors.
 With `SampleSpec.teacher_features` each sample also carries the cached teacher features of its
-frame times (mmvssl.data.teacher_cache); missing or foreign features stop the stream with an
+frame times (mmvssl.teacher.cache); missing or foreign features stop the stream with an
 error naming the shard and key, never a silent skip.
 """
 
@@ -33,7 +33,7 @@ from .labels import select_labelled
 from .sampling import select_source_texts, view_windows
 from .shardio import (VIDEO_EXTENSIONS, EpochSamples, list_shards, mix, parse_sources, skip_unreadable_shard,
                       tag_source)
-from .teacher_cache import pair_cached_frames
+from ..teacher.cache import pair_cached_frames
 from .text import build_tokenizer
 
 __all__ = ["SampleSpec", "build_loader", "build_dataset", "collate", "list_shards", "VIDEO_EXTENSIONS"]
@@ -67,7 +67,7 @@ class SampleSpec:
     labelled_keys: frozenset | None = None
     labelled_share: float = 0.0
     augment: AugmentOptions = field(default_factory=AugmentOptions)
-    # the teacher fingerprint (models.teacher.teacher_identity) whose cached features each sample
+    # the teacher fingerprint (mmvssl.teacher.model.teacher_identity) whose cached features each sample
     # must carry: they become `teacher_frames` for the first view's frame times; None: not read
     teacher_features: dict | None = None
     # cached optical flow (`shards add-flow`): `flow` ([V,] 2, T, H, W) float32 for `video`'s views,

@@ -59,7 +59,7 @@ def online_teacher(cfg: DictConfig, device):
     t = cfg.teacher
     if not t.arch or t.cached:
         return None
-    from ..models.teacher import load_teacher
+    from ..teacher.model import load_teacher
     return load_teacher(t.arch, t.pretrained, image_size=t.image_size, patch_tokens=t.patch_tokens,
                         device=device, precision=t.precision)
 
@@ -71,8 +71,8 @@ def cached_teacher(cfg: DictConfig, spec) -> dict | None:
     if not t.cached:
         return None
     from ..data.shardio import parse_sources
-    from ..data.teacher_cache import check_feature_folders
-    from ..models.teacher import teacher_identity
+    from ..teacher.cache import check_feature_folders
+    from ..teacher.model import teacher_identity
     if not t.arch:
         raise ConfigError("teacher.cached needs teacher.arch and teacher.pretrained: the teacher whose features "
                           "`mmvssl shards add-features` cached")

@@ -165,7 +165,7 @@ def init_clip_text_tower(encoder: nn.Module, clip: nn.Module, heads: nn.Module |
 def init_from_clip(net: nn.Module, arch: str, pretrained: str = "", towers=("video",)) -> list[str]:
     """The towers of a MultimodalModel `net` named in `towers` (video, text) from open_clip model
     `arch` with weights `pretrained`; returns the names set, prefixed by tower."""
-    from .teacher import create_open_clip
+    from ..teacher.model import create_open_clip
     unknown = sorted(set(towers) - {"video", "text"})
     if unknown or not towers:
         raise ConfigError(f"model.init_towers: {list(towers)}: expected a non-empty list of video, text")

@@ -5,9 +5,9 @@ once at fixed frame times and written into new shards, so that training reads th
 For each sample of each input shard: frames at 0, 1/F, 2/F, ... seconds over the whole video
 (F = `fps`), decoded with the loader's decoder (mmvssl.data.decode, centre-cropped to `size`),
 normalised as the loader normalises a batch, and embedded by the teacher exactly as the online
-path does (mmvssl.models.teacher: bf16 on GPU, fp32 on CPU), many frames of many samples per
+path does (mmvssl.teacher.model: bf16 on GPU, fp32 on CPU), many frames of many samples per
 teacher call. The output shard of the same name holds every member of the input sample copied
-byte for byte plus `<key>.teacher.safetensors` (format: mmvssl/data/teacher_cache.py).
+byte for byte plus `<key>.teacher.safetensors` (format: mmvssl/teacher/cache.py).
 
 A sample whose video cannot be decoded is left out and reported by key with its reason; the
 metadata-only records of video2dataset's failed downloads are copied as they are. Shards are
@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.decode import DecodeError, decode_window, probe
-from .data.loader import frames_to_tensor
-from .data.rawsample import is_failed_download, metadata, video_member
-from .data.rewrite import OutputShard, ShardRewriter, shard_parts
-from .data.shardio import list_shards, shard_size
-from .data.teacher_cache import MEMBER, REPORT, cached_times, describe, encode_member, same_teacher
-from .errors import MmvsslError
+from ..data.decode import DecodeError, decode_window, probe
+from ..data.loader import frames_to_tensor
+from ..data.rawsample import is_failed_download, metadata, video_member
+from ..data.rewrite import OutputShard, ShardRewriter, shard_parts
+from ..data.shardio import list_shards, shard_size
+from ..errors import MmvsslError
+from .cache import MEMBER, REPORT, cached_times, describe, encode_member, same_teacher
 
 CHUNK_FRAMES = 256  # frames decoded per call: bounds the memory a long video takes
 
@@ -43,7 +43,7 @@ def parse_teacher_spec(spec: str) -> tuple[str, str, int]:
     `hf-hub:org/repo` or a model-config JSON; a tag or a checkpoint file) or an experiment config
     YAML, whose `teacher:` section is read (arch, pretrained, image_size)."""
     if spec.endswith((".yaml", ".yml")):
-        from .config import load_config
+        from ..config import load_config
         t = load_config(spec).teacher
         if not t.arch:
             raise MmvsslError(f"{spec}: the config's teacher.arch is empty; it names no teacher")
@@ -181,7 +181,7 @@ def add_teacher_features(arch: str, pretrained: str, shards: str, out_dir: str |
     ({teacher, settings, shards: {name: {source, samples, frames, without_video, skipped}}}) plus
     `done_before`, the shards a previous run had finished. `size` 0: decode frames straight at the
     teacher's image size (data.size reproduces the online path's frames exactly)."""
-    from .models.teacher import load_teacher, teacher_identity
+    from .model import load_teacher, teacher_identity
     urls = list_shards(shards)
     parts = list(shard_parts(urls))  # one output shard per input shard, of the same name
     if fps <= 0 or size < 0 or batch_size < 1:

@@ -13,7 +13,7 @@ size, applies the teacher's own mean / std, and returns
 with `patch_tokens`, {"teacher_patches": (B, T, N, width)}.
 
 `teacher_identity(arch, pretrained, image_size)` is the fingerprint that cached features
-(`mmvssl shards add-features`, mmvssl/data/teacher_cache.py) carry and training checks.
+(`mmvssl shards add-features`, mmvssl/teacher/cache.py) carry and training checks.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The `teacher:` section of an experiment config (schema only): a frozen open_clip image model
-whose per-frame embeddings the video encoder is distilled towards (see mmvssl/models/teacher.py).
+whose per-frame embeddings the video encoder is distilled towards (see mmvssl/teacher/model.py).
 Off by default (`arch` empty). With `cached`, the teacher is not run: its features come from
-the shards (see mmvssl/teacher_features.py, mmvssl/data/teacher_cache.py)."""
+the shards (see mmvssl/teacher/features.py, mmvssl/teacher/cache.py)."""
 
 from __future__ import annotations
 

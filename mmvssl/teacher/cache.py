@@ -28,8 +28,8 @@ import struct
 
 import torch
 
+from ..data.cachetimes import TIME_SLACK, cached_times, nearest_indices  # noqa: F401 (the time pairing, shared with flow)
 from ..errors import ConfigError, MmvsslError
-from .cachetimes import TIME_SLACK, cached_times, nearest_indices  # noqa: F401 (the time pairing, shared with flow)
 
 MEMBER = "teacher.safetensors"  # the member's extension: <key>.teacher.safetensors
 REPORT = "features_report.json"
