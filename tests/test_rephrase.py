@@ -81,3 +81,23 @@ def test_rephrase_command_and_its_errors(t5_dir, demo_shards, tmp_path, capsys):
         load_paraphraser(tmp_path)
     with pytest.raises(MmvsslError, match="input shard folder"):
         rephrase_shards(str(t5_dir), str(demo_shards["val"]), str(demo_shards["val"]), progress=False)
+
+
+def test_a_resumed_rephrase_writes_what_an_uninterrupted_one_would(t5_dir, demo_shards, tmp_path):
+    from mmvssl.data.rawsample import read_shard
+    cfg = RephraseConfig(k=2, max_length=6, batch_size=4, seed=3)
+    whole = rephrase_shards(str(t5_dir), str(demo_shards["val"]), str(tmp_path / "a"), cfg, samples_per_shard=5,
+                            progress=False)
+    rephrase_shards(str(t5_dir), str(demo_shards["val"]), str(tmp_path / "b"), cfg, samples_per_shard=5,
+                    progress=False)
+    (tmp_path / "b" / "shard-000001.tar").unlink()  # as if interrupted before it was renamed
+    again = rephrase_shards(str(t5_dir), str(demo_shards["val"]), str(tmp_path / "b"), cfg, samples_per_shard=5,
+                            progress=False)
+    assert again["done_before"] == ["shard-000000.tar", "shard-000002.tar"]
+    assert again["samples"] == whole["samples"] == 12
+    for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar"):
+        a, b = list(read_shard(str(tmp_path / "a" / name))), list(read_shard(str(tmp_path / "b" / name)))
+        assert [s["json"] for s in a] == [s["json"] for s in b]  # the same paraphrases, sampled
+    with pytest.raises(MmvsslError, match="was written with.*--overwrite"):
+        rephrase_shards(str(t5_dir), str(demo_shards["val"]), str(tmp_path / "b"), RephraseConfig(k=1),
+                        samples_per_shard=5, progress=False)
