@@ -1,5 +1,5 @@
 """The motion methods on cached optical flow: the demo shards through `shards add-flow`, then maclr,
-coclr and mscl with `method.options.motion=flow` and `data.flow=true` train through the engine, their
+coclr, mscl and stcmix with `method.options.motion=flow` and `data.flow=true` train through the engine, their
 motion pathway built for 2 flow channels and fed the batch's flow (the tgrad path is every config's
 default: tests/test_methods.py)."""
 
@@ -22,7 +22,7 @@ def demo_flow_shards(demo_shards, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ["maclr", "coclr", "mscl"])
+@pytest.mark.parametrize("name", ["maclr", "coclr", "mscl", "stcmix"])
 def test_motion_method_trains_on_cached_flow(name, demo_flow_shards, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 

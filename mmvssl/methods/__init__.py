@@ -25,6 +25,7 @@ MODULES = {
     "mscl": "mscl",
     "narrator": "narrator",
     "simclr": "simclr",
+    "stcmix": "stcmix",
     "supervised": "supervised",
     "svt": "svt",
     "teg": "teg",
