@@ -18,13 +18,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from .data.decode import DecodeError, decode_window, probe
 from .data.loader import frames_to_tensor, list_shards
 from .data.rawsample import metadata, video_bytes
 from .data.rewrite import Part, ShardRewriter, chunked_parts, shard_parts
+from .data.sampling import sliding_windows
 from .data.shardio import skip_unreadable_shard
 from .data.shards import MEDIA_SUFFIXES
 from .errors import MmvsslError
@@ -98,7 +98,7 @@ def narrate(model_dir: str, source: str, out_file: str, window_seconds: float | 
             raise DecodeError(raw["__error__"])
         key, data = raw["__key__"], video_bytes(raw)
         duration = float(meta.get("duration") or probe(data).duration)
-        starts = np.arange(0.0, max(duration - window, 0.0) + 1e-6, stride).tolist()
+        starts = sliding_windows(duration, window, stride)
         todo = [s for s in starts if (key, round(s, 3)) not in done]
         counts["skipped_done"] += len(starts) - len(todo)
         rows = []

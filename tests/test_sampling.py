@@ -63,3 +63,12 @@ def test_data_config_reaches_the_sample_spec():
     default = sample_spec(OmegaConf.structured(DataConfig), train=True, seed=0)
     assert not default.augment.video and not default.augment.audio and default.sampler == "random"
     assert loader_options(cfg)["mode"] == "resampled"
+
+
+def test_sliding_windows_and_frame_times_are_the_ones_narrate_search_and_decode_use():
+    from mmvssl.data.sampling import frame_times, sliding_windows
+    assert sliding_windows(10.0, 4.0, 2.0) == [0.0, 2.0, 4.0, 6.0]  # the last window ends at the video's end
+    assert sliding_windows(9.0, 4.0, 2.0) == [0.0, 2.0, 4.0]  # 6.0 would end past 9 s
+    assert sliding_windows(3.0, 4.0, 2.0) == [0.0]  # a video shorter than the window: one window
+    assert sliding_windows(1.0, 0.3, 0.1)[-1] == 0.7  # rounded to the millisecond, no 0.7000000001
+    assert frame_times(1.5, 4, 2.0).tolist() == [1.5, 2.0, 2.5, 3.0]

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 import av
 import numpy as np
 
+from .sampling import frame_times
+
 
 AUDIO_PREROLL = 0.1  # seconds decoded before an audio window and thrown away
 
@@ -175,7 +177,7 @@ def decode_window(source: bytes | str | os.PathLike, start: float, num_frames: i
     out_size = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
     window = num_frames / fps
     end = start + window
-    times = start + np.arange(num_frames) / fps
+    times = frame_times(start, num_frames, fps)
     with _open(source) as container:
         if not container.streams.video:
             raise DecodeError("no video stream")

@@ -30,7 +30,7 @@ from .decode import DecodeError, decode_window, probe
 from .flow import pair_flow
 from .rawsample import is_failed_download, metadata, video_bytes
 from .labels import select_labelled
-from .sampling import select_source_texts, view_windows
+from .sampling import frame_times, select_source_texts, view_windows
 from .shardio import (VIDEO_EXTENSIONS, EpochSamples, list_shards, mix, parse_sources, skip_unreadable_shard,
                       tag_source)
 from ..teacher.cache import pair_cached_frames
@@ -158,7 +158,7 @@ class DecodeSamples:
         cached = None
         if spec.teacher_features is not None:  # the first view's frame times, as decode_window computes them
             start, length = windows[0]
-            times = torch.from_numpy(start + np.arange(spec.num_frames) / (spec.num_frames / length))
+            times = torch.from_numpy(frame_times(start, spec.num_frames, spec.num_frames / length))
             cached = pair_cached_frames(raw, times, spec.teacher_features)  # (T, D) float16
         augment = self.augmenter.video_transform is not None
         local = len(windows) - spec.num_local if "local" in spec.groups else len(windows)  # first local view
@@ -205,7 +205,7 @@ class DecodeSamples:
             sample["view_times"] = torch.tensor([[s, s + n] for s, n in windows], dtype=torch.float64)
             sample["view_crops"] = torch.tensor(crops, dtype=torch.float32)  # before any flip
         if spec.flow:  # cached optical flow of `video`'s views, paired in time and cropped / flipped with them
-            flows = [pair_flow(raw, torch.from_numpy(s + np.arange(spec.num_frames) / (spec.num_frames / n)),
+            flows = [pair_flow(raw, torch.from_numpy(frame_times(s, spec.num_frames, spec.num_frames / n)),
                                crops[v] if augment else None, flips[v], spec.size)
                      for v, (s, n) in enumerate(windows[:video.shape[0] if spec.multi_view else 1])]
             sample["flow"] = torch.stack(flows) if spec.multi_view else flows[0]  # ([V,] 2, T, H, W) float32

@@ -1,8 +1,24 @@
-"""Temporal sampling: which window of a video a sample uses, and which texts go with it."""
+"""Temporal sampling, in one place: which window of a video a sample uses (training samplers,
+evaluation clips, the sliding windows of narrate and the search index), which times its frames
+show, and which texts go with it."""
 
 from __future__ import annotations
 
 import random
+
+import numpy as np
+
+
+def frame_times(start: float, num_frames: int, fps: float) -> np.ndarray:
+    """(num_frames,) seconds: frame i of a clip decoded at `fps` from `start` shows time start + i / fps
+    (mmvssl.data.decode.decode_window; cached teacher features and flow pair with these times)."""
+    return start + np.arange(num_frames) / fps
+
+
+def sliding_windows(duration: float, window: float, stride: float) -> list[float]:
+    """Starts of windows of `window` s every `stride` s that fit in the video (at least one, at 0),
+    rounded to the millisecond (narrate's rows and the search index's windows are keyed by them)."""
+    return np.arange(0.0, max(duration - window, 0.0) + 1e-6, stride).round(3).tolist()
 
 
 def random_window(duration: float, window: float, rng: random.Random) -> float:

@@ -28,6 +28,7 @@ import torch
 from ..data.decode import DecodeError, decode_window, probe
 from ..data.loader import frames_to_tensor, list_shards
 from ..data.rawsample import video_member
+from ..data.sampling import sliding_windows
 from ..data.shardio import skip_unreadable_shard
 from ..data.shards import BuildReport, read_entries
 from ..errors import MmvsslError
@@ -72,8 +73,6 @@ class Queued:
     audio: np.ndarray | None
 
 
-def window_starts(duration: float, window: float, stride: float) -> list[float]:
-    return np.arange(0.0, max(duration - window, 0.0) + 1e-6, stride).round(3).tolist()
 
 
 def is_video_folder(source: str) -> bool:
@@ -134,7 +133,7 @@ class Indexer:
 
     def open(self, video: Video, sha: str, replaces: int | None) -> Pending:
         duration = float(probe(video.data).duration)
-        return Pending(video, sha, duration, replaces, window_starts(duration, self.window, self.stride))
+        return Pending(video, sha, duration, replaces, sliding_windows(duration, self.window, self.stride))
 
     def decode(self, item: Pending, w: int) -> Queued:
         """Window w of the item, decoded as the model sees it; its thumbnail goes into the item."""
