@@ -138,6 +138,13 @@ def cosine_schedule(start: float, end: float, step: int, total: int) -> float:
     return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
 
 
+def mlp(dim_in: int, hidden: int, dim_out: int, batch_norm: bool = False) -> nn.Sequential:
+    """The small head every method builds (projection, prediction and pretext heads):
+    Linear - [BatchNorm1d] - ReLU - Linear, on (N, dim_in) -> (N, dim_out)."""
+    norm = [nn.BatchNorm1d(hidden)] if batch_norm else []
+    return nn.Sequential(nn.Linear(dim_in, hidden), *norm, nn.ReLU(inplace=True), nn.Linear(hidden, dim_out))
+
+
 def require_output(net: nn.Module, key: str, method: str) -> dict[str, int]:
     """The model's output widths (`output_dims`), after checking that it gives `key`; a one-line
     ConfigError naming the method, the output and the model otherwise."""

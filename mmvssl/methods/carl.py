@@ -34,9 +34,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..errors import ConfigError
-from .base import BuildContext, Method
+from .base import BuildContext, Method, mlp
 from .contrastive import build_student
-from .teg import frame_head
 from .views import token_times, view_windows
 
 
@@ -76,7 +75,7 @@ class CARL(Method):
             raise ConfigError(f"method 'carl': method.options.temperature and sigma must be > 0 "
                               f"(got {options.temperature}, {options.sigma})")
         self.o, self.num_frames = options, num_frames
-        self.frame_head = frame_head(width, options.head_hidden, options.head_dim)
+        self.frame_head = mlp(width, options.head_hidden, options.head_dim, batch_norm=True)
         self.modalities = {"video"}
 
     @classmethod

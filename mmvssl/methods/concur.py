@@ -36,7 +36,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..losses.contrastive import global_mean, nt_xent_loss
 from ..losses.gather import gather_no_grad, world
-from .base import BuildContext, Method, require_output
+from .base import BuildContext, Method, mlp, require_output
 from .contrastive import build_student
 
 
@@ -107,8 +107,7 @@ class ConCur(Method):
         if o.temperature <= 0:
             raise ConfigError("method 'concur': method.options.temperature must be > 0")
         self.key = f"video_{o.space}"
-        self.distance_head = nn.Sequential(nn.Linear(4 * width, o.head_hidden), nn.BatchNorm1d(o.head_hidden),
-                                           nn.ReLU(inplace=True), nn.Linear(o.head_hidden, self.span_end + 1))
+        self.distance_head = mlp(4 * width, o.head_hidden, self.span_end + 1, batch_norm=True)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # steps taken, checkpointed
         self.modalities = {"video"}
 

@@ -41,8 +41,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..losses.contrastive import global_mean, nt_xent_loss
 from ..losses.gather import gather_no_grad, gather_with_grad, world
-from .base import BuildContext, Method
-from .teg import frame_head
+from .base import BuildContext, Method, mlp
 
 
 @dataclass
@@ -113,8 +112,8 @@ class ConSTCL(Method):
         layer = nn.TransformerDecoderLayer(width, options.decoder_heads, dim_feedforward=2 * width, dropout=0.0,
                                            batch_first=True)
         self.decoder = nn.TransformerDecoder(layer, options.decoder_layers)
-        self.predict_head = frame_head(width, options.head_hidden, options.head_dim)
-        self.target_head = frame_head(width, options.head_hidden, options.head_dim)
+        self.predict_head = mlp(width, options.head_hidden, options.head_dim, batch_norm=True)
+        self.target_head = mlp(width, options.head_hidden, options.head_dim, batch_norm=True)
         self.modalities = {"video"}
 
     @classmethod

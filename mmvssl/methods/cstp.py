@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..errors import ConfigError
-from .base import BuildContext, Method, cosine_schedule, ema_update, frozen_copy, require_output, unwrap
+from .base import BuildContext, Method, cosine_schedule, ema_update, frozen_copy, mlp, require_output, unwrap
 from .contrastive import build_student
 from .views import box_iou, temporal_iou, view_crops, view_windows
 
@@ -60,11 +60,6 @@ class CSTPOptions:
     predictor_hidden: int = 512
     head_hidden: int = 256  # the pretext heads: Linear-ReLU-Linear
     space: str = "ssl"
-
-
-def mlp(dim_in: int, hidden: int, dim_out: int, batch_norm: bool = False) -> nn.Sequential:
-    norm = [nn.BatchNorm1d(hidden)] if batch_norm else []
-    return nn.Sequential(nn.Linear(dim_in, hidden), *norm, nn.ReLU(inplace=True), nn.Linear(hidden, dim_out))
 
 
 def subsample_views(video: torch.Tensor, stride: torch.Tensor, offset: torch.Tensor, keep: int) -> torch.Tensor:

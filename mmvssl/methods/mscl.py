@@ -42,9 +42,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..losses.gather import gather_with_grad, world
-from .base import BuildContext, Method, require_output
+from .base import BuildContext, Method, mlp, require_output
 from .contrastive import build_student
-from .cstp import mlp
 from .motion_stream import (MotionPathway, build_motion_network, check_motion, check_motion_data, motion_input,
                             motion_modalities)
 

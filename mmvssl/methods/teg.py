@@ -37,7 +37,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..losses.contrastive import global_mean, nt_xent_loss
 from ..losses.gather import gather_no_grad, gather_with_grad, world
-from .base import BuildContext, Method, require_output
+from .base import BuildContext, Method, mlp, require_output
 from .contrastive import build_student
 from .views import token_times, view_windows
 
@@ -51,12 +51,6 @@ class TeGOptions:
     head_hidden: int = 512  # the dense head: Linear(width, hidden)-BN-ReLU-Linear(hidden, dim)
     head_dim: int = 128
     space: str = "ssl"  # the clip embedding `video_<space>`
-
-
-def frame_head(width: int, hidden: int, dim: int) -> nn.Sequential:
-    """The per-time projection head: (N, width) -> (N, dim)."""
-    return nn.Sequential(nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, dim))
 
 
 def aligned_positions(short_times: torch.Tensor, long_times: torch.Tensor) -> torch.Tensor:
@@ -95,7 +89,7 @@ class TeG(Method):
             raise ConfigError("method 'teg': method.options dense_temperature and clip_temperature must be > 0")
         self.o, self.num_frames = options, num_frames
         self.key = f"video_{options.space}"
-        self.frame_head = frame_head(width, options.head_hidden, options.head_dim)
+        self.frame_head = mlp(width, options.head_hidden, options.head_dim, batch_norm=True)
         self.modalities = {"video"}
 
     @classmethod
