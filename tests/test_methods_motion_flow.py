@@ -38,12 +38,12 @@ def test_motion_method_trains_on_cached_flow(name, demo_flow_shards, tmp_path, m
     monkeypatch.setattr(motion_stream, "motion_input", recording)
     monkeypatch.setattr(f"mmvssl.methods.{name}.motion_input", recording, raising=False)
     cfg = tiny_config(data_path("configs", "methods", f"{name}.yaml"), demo_flow_shards, tmp_path,
-                      "train.max_steps=2", "train.save_every=2", "method.options.motion=flow", "data.flow=true")
+                      "train.max_steps=1", "train.save_every=1", "method.options.motion=flow", "data.flow=true")
     pretrain(cfg)
     log = read_jsonl(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
+    assert [r["step"] for r in log] == [1] and all(math.isfinite(r["loss"]) for r in log)
     assert seen and all(kind == "flow" and has_flow for kind, has_flow in seen)
-    state = load_file(str(tmp_path / "checkpoints" / "step_00000002" / "method.safetensors"))
+    state = load_file(str(tmp_path / "checkpoints" / "step_00000001" / "method.safetensors"))
     first = [v for k, v in state.items() if k.startswith("motion.network.encoders.video.") and v.ndim == 4][0]
     assert first.shape[1] == 2  # the stem's first convolution takes the 2 flow channels
     assert torch.isfinite(first).all()
@@ -61,8 +61,8 @@ def test_mcl_focuses_on_cached_flow(demo_flow_shards, tmp_path, monkeypatch):
         assert kind != "flow" or batch["flow"].shape[-4] == 2
         return real(batch, kind)
     monkeypatch.setattr(mcl, "motion_magnitude", recording)
-    cfg = tiny_config(data_path("configs", "methods", "mcl.yaml"), demo_flow_shards, tmp_path, "train.max_steps=2",
+    cfg = tiny_config(data_path("configs", "methods", "mcl.yaml"), demo_flow_shards, tmp_path, "train.max_steps=1",
                       "train.save_every=0", "method.options.motion=flow", "data.flow=true")
     pretrain(cfg)
     log = read_jsonl(tmp_path / "metrics.jsonl")
-    assert kinds == ["flow", "flow"] and all(math.isfinite(r["loss"]) and r["align"] >= 0 for r in log)
+    assert kinds == ["flow"] and all(math.isfinite(r["loss"]) and r["align"] >= 0 for r in log)
