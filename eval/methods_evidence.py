@@ -27,6 +27,7 @@ from mmvssl.errors import MmvsslError
 from mmvssl.resources import data_path
 
 FEATURE = "video_pooled"
+RANDOM_PROBES: dict[tuple[str, str, str], dict] = {}  # (random init's fingerprint name, label, probe) -> result
 
 
 def _compare_module():
@@ -78,7 +79,11 @@ def run(method: str, train: str, test: str, out: Path, steps: int, overrides: li
             cache = {split: compare._features(model, data, None, str(where), f"{name}_{split}")
                      for split, data in (("train", train), ("test", test))}
             for kind in ("linear", "knn"):
-                r = evaluate_probe(kind, model, cache["train"], cache["test"], None, label_key=label, feature=FEATURE)
+                memo = (name, label, kind) if which else None  # a shared random init is probed once
+                r = RANDOM_PROBES.get(memo) or evaluate_probe(kind, model, cache["train"], cache["test"], None,
+                                                              label_key=label, feature=FEATURE)
+                if memo:
+                    RANDOM_PROBES[memo] = r
                 row[f"{kind}{which}"] = r["top1"]
                 row["chance"] = r["chance_top1"]
         rows.append(row)
