@@ -53,6 +53,8 @@ def _finetune(args) -> None:
         if final.name.startswith("step_"):
             print("stopped early; continue with the same command and train.resume=latest")
             return
+        if int(os.environ.get("RANK", "0") or 0) != 0:
+            return  # several processes trained; the main one tests (one report, not a race on it)
         best = os.path.join(args.out, "best")
         chosen = best if os.path.isdir(best) else str(final)
     options = ExtractOptions(num_clips=args.clips, num_crops=args.crops, batch_size=args.batch_size)
