@@ -48,7 +48,7 @@ def rgb_methods() -> list[str]:
 
 
 def run(method: str, train: str, test: str, out: Path, steps: int, overrides: list[str],
-        labels: tuple[str, ...] = ("label",)) -> list[dict]:
+        labels: tuple[str, ...] = ("label",), reuse: bool = False) -> list[dict]:
     """Train `method` for `steps`, then one row per label key: its probes beside a random init."""
     import mmvssl
     import torch
@@ -61,8 +61,16 @@ def run(method: str, train: str, test: str, out: Path, steps: int, overrides: li
                       [f"data.shards={train}", f"train.max_steps={steps}", f"train.output_dir={out / method}",
                        f"train.save_every={steps}", "train.log_with=none", *overrides])
     tic = time.perf_counter()
-    model_dir = pretrain(cfg)
-    minutes = (time.perf_counter() - tic) / 60
+    model_dir = out / method / "model"
+    if reuse and (model_dir / "config.json").is_file():  # probe a model this script trained before, with new labels
+        log = [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        if not log or log[-1]["step"] != steps:
+            raise MmvsslError(f"{out / method}: the saved model was trained for {log[-1]['step'] if log else 0} steps, "
+                              f"not --steps {steps}")
+        minutes = float("nan")
+    else:
+        model_dir = pretrain(cfg)
+        minutes = (time.perf_counter() - tic) / 60
     compare = _compare_module()
     trained = mmvssl.load_model(model_dir)
     torch.manual_seed(0)
@@ -115,13 +123,17 @@ def main(argv=None) -> int:
                    help="an override applied to every method, e.g. --set data.batch_size=16 (repeatable)")
     p.add_argument("--label", nargs="+", default=["label"],
                    help="metadata key(s) to probe, each on the same trained model (demo: label/shape, color, motion)")
+    p.add_argument("--reuse", action="store_true",
+                   help="probe the model already in OUT/<method>/model (trained by this script for --steps) "
+                        "instead of training again")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
         for method in args.methods or rgb_methods():
-            for row in run(method, args.train, args.test, out, args.steps, args.overrides, tuple(args.label)):
+            for row in run(method, args.train, args.test, out, args.steps, args.overrides, tuple(args.label),
+                           args.reuse):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     except MmvsslError as e:
