@@ -134,23 +134,23 @@ def test_tg_ships_the_rgb_stream_checkpoints_the_tg_stream_and_resumes_exactly(d
     from safetensors.torch import load_file
 
     import mmvssl
-    from mmvssl.methods import tg
+    from mmvssl.methods import pseudo_label
     from mmvssl.models.classifier import load_classifier
     from mmvssl.train.engine import pretrain
     from tests.conftest import read_jsonl
     straight, split = tmp_path / "straight", tmp_path / "split"
     final = pretrain(_config("tg", demo_shards["train"], straight, "train.max_steps=4", "method.options.threshold=0.2"))
-    calls, real = [], tg.strong_augment
+    calls, real = [], pseudo_label.strong_augment
 
     def signalling(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             signal.raise_signal(signal.SIGINT)
         return real(*args, **kwargs)
-    monkeypatch.setattr(tg, "strong_augment", signalling)
+    monkeypatch.setattr(pseudo_label, "strong_augment", signalling)
     stopped = pretrain(_config("tg", demo_shards["train"], split, "train.max_steps=4", "method.options.threshold=0.2"))
     assert stopped.name == "step_00000002"
-    monkeypatch.setattr(tg, "strong_augment", real)
+    monkeypatch.setattr(pseudo_label, "strong_augment", real)
     pretrain(_config("tg", demo_shards["train"], split, "train.max_steps=4", "method.options.threshold=0.2",
                      "train.resume=latest"))
     a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(split / "metrics.jsonl")

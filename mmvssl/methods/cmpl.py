@@ -25,11 +25,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import ConfigError
 from .base import BuildContext, Method
-from .pseudo_label import confident_pseudo_labels, labelled_cross_entropy, masked_cross_entropy
-from .supervised import build_classifier, setup_labels, task_of
-from .tg import check_semi_options, weak_and_strong
+from .pseudo_label import (build_semi, confident_pseudo_labels, labelled_cross_entropy, masked_cross_entropy,
+                           weak_and_strong)
 
 
 @dataclass
@@ -77,18 +75,9 @@ class CMPL(Method):
 
     @classmethod
     def build(cls, cfg: DictConfig, ctx: BuildContext):
-        options = cls.options(cfg)
-        check_semi_options(options, cls.name)
-        if ctx.spec.multi_view:
-            raise ConfigError(f"method '{cls.name}' makes its own strong view from one clip per sample: "
-                              f"data.sampler '{ctx.spec.sampler}' gives several (use random)")
-        task = task_of(options, cls.name)
-        net = build_classifier(cfg, options, task, pretrained=options.pretrained)
-        aux_cfg = OmegaConf.merge(cfg, {"model": {"overrides": dict(options.aux_overrides), "init_arch": ""}})
-        aux_net = build_classifier(aux_cfg, options, task)
-        method = cls(options, aux_net)
-        setup_labels(method, cfg, ctx, options, task)
-        return net, method
+        # the auxiliary network: the preset made lighter by aux_overrides, random initialisation
+        return build_semi(cls, cfg, ctx, lambda options: OmegaConf.merge(
+            cfg, {"model": {"overrides": dict(options.aux_overrides), "init_arch": ""}}))
 
     def decayed_modules(self):
         return [self.aux_net]

@@ -13,10 +13,15 @@ checkpoints, so a resumed run draws the same.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 
 from ..data.loader import VIDEO_MEAN, VIDEO_STD
+from ..errors import ConfigError
+from .supervised import build_classifier, setup_labels, targets_of, task_of
 
 
 def strong_augment(video: torch.Tensor, jitter: float = 0.4, grayscale: float = 0.2, cutout: float = 0.5
@@ -71,3 +76,37 @@ def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
     if not bool(known.any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits[known].float(), labels[known])
+
+
+def weak_and_strong(method, batch: dict) -> dict:
+    """The batch with video (B, 2, C, T, H, W): the loader's (weak) view and its strong augmentation,
+    and `labels` (B,), -1 where unlabelled."""
+    video = batch["video"]
+    if video.ndim != 5:
+        raise ConfigError(f"method '{method.name}' makes its own strong view from one clip per sample: "
+                          f"use data.sampler random (got video {tuple(video.shape)})")
+    o = method.opt
+    strong = strong_augment(video, o.jitter, o.grayscale, o.cutout)
+    return {**batch, "video": torch.stack([video, strong], dim=1), "labels": targets_of(method, batch)}
+
+
+def check_semi_options(options, name: str) -> None:
+    if not 0 < options.threshold <= 1:
+        raise ConfigError(f"method.options.threshold must be in (0, 1], got {options.threshold} (method '{name}')")
+
+
+def build_semi(cls, cfg: DictConfig, ctx, second_config: Callable) -> tuple:
+    """(main classifier, method) for a semi-supervised method with a second network (TG's temporal-
+    gradient stream, CMPL's auxiliary model): its options checked, one clip per sample, both
+    classifiers for the task (the main one from options.pretrained, the second from
+    second_config(options), randomly initialised), and the labelled subset set up."""
+    options = cls.options(cfg)
+    check_semi_options(options, cls.name)
+    if ctx.spec.multi_view:
+        raise ConfigError(f"method '{cls.name}' makes its own strong view from one clip per sample: "
+                          f"data.sampler '{ctx.spec.sampler}' gives several (use random)")
+    task = task_of(options, cls.name)
+    net = build_classifier(cfg, options, task, pretrained=options.pretrained)
+    method = cls(options, build_classifier(second_config(options), options, task))
+    setup_labels(method, cfg, ctx, options, task)
+    return net, method

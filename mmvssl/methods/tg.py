@@ -28,11 +28,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from ..data.motion import temporal_gradient
-from ..errors import ConfigError
 from .base import BuildContext, Method
-from .pseudo_label import (confident_pseudo_labels, labelled_cross_entropy, masked_cross_entropy,
-                           strong_augment)
-from .supervised import build_classifier, setup_labels, targets_of, task_of
+from .pseudo_label import (build_semi, confident_pseudo_labels, labelled_cross_entropy, masked_cross_entropy,
+                           weak_and_strong)
 
 
 @dataclass
@@ -51,23 +49,6 @@ class TGOptions:
     eval_crops: int = 1
 
 
-def weak_and_strong(method, batch: dict) -> dict:
-    """The batch with video (B, 2, C, T, H, W): the loader's (weak) view and its strong augmentation,
-    and `labels` (B,), -1 where unlabelled."""
-    video = batch["video"]
-    if video.ndim != 5:
-        raise ConfigError(f"method '{method.name}' makes its own strong view from one clip per sample: "
-                          f"use data.sampler random (got video {tuple(video.shape)})")
-    o = method.opt
-    strong = strong_augment(video, o.jitter, o.grayscale, o.cutout)
-    return {**batch, "video": torch.stack([video, strong], dim=1), "labels": targets_of(method, batch)}
-
-
-def check_semi_options(options, name: str) -> None:
-    if not 0 < options.threshold <= 1:
-        raise ConfigError(f"method.options.threshold must be in (0, 1], got {options.threshold} (method '{name}')")
-
-
 class TG(Method):
     name = "tg"
     paper = "TG (Xiao et al., CVPR 2022): RGB + temporal-gradient streams, FixMatch pseudo-labels, feature alignment"
@@ -81,17 +62,7 @@ class TG(Method):
 
     @classmethod
     def build(cls, cfg: DictConfig, ctx: BuildContext):
-        options = cls.options(cfg)
-        check_semi_options(options, cls.name)
-        if ctx.spec.multi_view:
-            raise ConfigError(f"method '{cls.name}' makes its own strong view from one clip per sample: "
-                              f"data.sampler '{ctx.spec.sampler}' gives several (use random)")
-        task = task_of(options, cls.name)
-        net = build_classifier(cfg, options, task, pretrained=options.pretrained)
-        tg_net = build_classifier(cfg, options, task)  # model.preset, random initialisation
-        method = cls(options, tg_net)
-        setup_labels(method, cfg, ctx, options, task)
-        return net, method
+        return build_semi(cls, cfg, ctx, lambda options: cfg)  # the TG stream: model.preset, random initialisation
 
     def decayed_modules(self):
         return [self.tg_net]
