@@ -24,11 +24,10 @@ from torch import nn
 from ..config import to_dict
 from ..data.motion import temporal_gradient
 from ..errors import ConfigError
+from ..modalities import MOTION_CHANNELS
 from ..models.multimodal import MultimodalModel
 from ..models.presets import apply_overrides, load_preset
 from .contrastive import sampling_of
-
-MOTION_CHANNELS = {"tgrad": 3, "flow": 2}
 
 
 def check_motion(kind: str, method: str) -> int:
