@@ -33,9 +33,15 @@ def _assert_same_grads(got: dict, expected: dict):
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "0", "--rdzv-backend", "c10d",
-                             "--rdzv-endpoint", "localhost:0", str(ROOT / "tests/helpers/dist_equivalence.py"),
-                             str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    for attempt in range(2):
+        result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "0", "--rdzv-backend", "c10d",
+                                 "--rdzv-endpoint", "localhost:0", str(ROOT / "tests/helpers/dist_equivalence.py"),
+                                 str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        # On a loaded 2-core machine a gloo process has been seen to abort while the process group is torn
+        # down ("terminate called without an active exception", twice in one day of runs beside other
+        # trainings): that launch is made once more; any other failure, or a second abort, fails here.
+        if result.returncode == 0 or "terminate called without an active exception" not in result.stderr:
+            break
     assert result.returncode == 0, result.stderr[-3000:]
     loss, terms, grads = _reference(make_batch(8))
     assert all(v > 0 for v in terms.values()) and len(terms) == 4
