@@ -44,9 +44,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..losses.gather import gather_no_grad
-from .base import BuildContext, Method, ema_update, frozen_copy, require_output, unwrap
-from .contrastive import build_student
-from .motion_stream import (MotionPathway, build_motion_network, check_motion, check_motion_data,
+from .base import BuildContext, Method, ema_update, frozen_copy, unwrap
+from .motion_stream import (MotionPathway, build_motion_network, build_same_window_student, check_motion,
                             motion_modalities)
 
 STREAMS = ("rgb", "motion")
@@ -113,13 +112,7 @@ class CoCLR(Method):
     @classmethod
     def build(cls, cfg: DictConfig, ctx: BuildContext):
         options = cls.options(cfg)
-        if ctx.spec.sampler != "same" or ctx.spec.num_clips != 2:
-            raise ConfigError(f"method 'coclr' contrasts a query and a key view of each clip: data.sampler "
-                              f"'{ctx.spec.sampler}' with data.num_clips={ctx.spec.num_clips} does not give them "
-                              f"(use same with data.num_clips=2)")
-        check_motion_data(options.motion, ctx.spec, cls.name)
-        net = build_student(cfg, ctx.accelerator)
-        require_output(net, f"video_{options.space}", cls.name)
+        net = build_same_window_student(cls, cfg, ctx, options, "contrasts a query and a key view of each clip")
         return net, cls(net, build_motion_network(cfg, options.motion, cls.name), options)
 
     def decayed_modules(self) -> list[nn.Module]:

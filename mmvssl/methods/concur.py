@@ -90,7 +90,8 @@ def cut_clips(video: torch.Tensor, first: torch.Tensor, second: torch.Tensor, cl
 
 class ConCur(Method):
     name = "concur"
-    paper = "ConCur (Roy and Etemad 2023): a curriculum of temporal span between positives, temporal distance prediction"
+    paper = ("ConCur (Roy and Etemad 2023): a curriculum of temporal span between positives, "
+             "temporal distance prediction")
     Options = ConCurOptions
 
     def __init__(self, options: ConCurOptions, width: int, num_frames: int, max_steps: int, seed: int):
@@ -133,7 +134,8 @@ class ConCur(Method):
         video = batch["video"]  # (B, 2, C, T, H, W): two augmentations of one long window
         B, T = video.shape[0], video.shape[3]
         if video.ndim != 6 or video.shape[1] != 2 or T != self.num_frames:
-            raise ConfigError(f"method 'concur' expects video (B, 2, C, {self.num_frames}, H, W), got {tuple(video.shape)}")
+            raise ConfigError(f"method 'concur' expects video (B, 2, C, {self.num_frames}, H, W), "
+                              f"got {tuple(video.shape)}")
         step = int(self.step)
         rank, _ = world()
         first, distance = draw_pairs(B, self.num_frames, self.o.clip_frames, self.span(step), self.seed, step)

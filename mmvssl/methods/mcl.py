@@ -43,9 +43,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..data.motion import temporal_gradient
 from ..errors import ConfigError
 from ..losses.contrastive import nt_xent_loss
-from .base import BuildContext, Method, require_output, unwrap
-from .contrastive import build_student
-from .motion_stream import check_motion, check_motion_data, motion_modalities
+from .base import BuildContext, Method, unwrap
+from .motion_stream import build_same_window_student, check_motion, motion_modalities
 from .mscl import most_moving_start
 
 
@@ -123,16 +122,10 @@ class MCL(Method):
     @classmethod
     def build(cls, cfg: DictConfig, ctx: BuildContext):
         options = cls.options(cfg)
-        if ctx.spec.sampler != "same" or ctx.spec.num_clips != 2:
-            raise ConfigError(f"method 'mcl' contrasts two augmentations of a window: data.sampler "
-                              f"'{ctx.spec.sampler}' with data.num_clips={ctx.spec.num_clips} does not give them "
-                              f"(use same with data.num_clips=2)")
+        net = build_same_window_student(cls, cfg, ctx, options, "contrasts two augmentations of a window")
         if cfg.train.accum_steps > 1:
             raise ConfigError("method 'mcl': train.accum_steps > 1 is not supported (Grad-CAM needs the graph from "
                               "the loss to the encoder's tokens in one pass)")
-        check_motion_data(options.motion, ctx.spec, cls.name)
-        net = build_student(cfg, ctx.accelerator)
-        require_output(net, f"video_{options.space}", cls.name)
         return net, cls(net, options, ctx.spec.num_frames)
 
     @torch.no_grad()

@@ -44,6 +44,22 @@ def check_motion_data(kind: str, spec, method: str) -> None:
                           f"data.flow=true and train on shards made by `mmvssl shards add-flow`")
 
 
+def build_same_window_student(cls, cfg: DictConfig, ctx, options, purpose: str) -> nn.Module:
+    """The student of a motion method that reads two augmentations of one window (coclr, mscl, mcl,
+    stcmix): data.sampler same with 2 clips (a one-line error saying the method's `purpose`
+    otherwise), the motion input available, and the student's `video_<options.space>`."""
+    from .base import require_output
+    from .contrastive import build_student
+    spec = ctx.spec
+    if spec.sampler != "same" or spec.num_clips != 2:
+        raise ConfigError(f"method '{cls.name}' {purpose}: data.sampler '{spec.sampler}' with "
+                          f"data.num_clips={spec.num_clips} does not give them (use same with data.num_clips=2)")
+    check_motion_data(options.motion, spec, cls.name)
+    net = build_student(cfg, ctx.accelerator)
+    require_output(net, f"video_{options.space}", cls.name)
+    return net
+
+
 def build_motion_network(cfg: DictConfig, kind: str, method: str) -> MultimodalModel:
     """The motion pathway: `model.preset` + `model.overrides` with `video.in_channels` set for
     `kind` (the student's architecture, as CoCLR's two S3Ds and MaCLR's two pathways)."""

@@ -42,9 +42,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..losses.gather import gather_with_grad, world
-from .base import BuildContext, Method, mlp, require_output
-from .contrastive import build_student
-from .motion_stream import (MotionPathway, build_motion_network, check_motion, check_motion_data, motion_input,
+from .base import BuildContext, Method, mlp
+from .motion_stream import (MotionPathway, build_motion_network, build_same_window_student, check_motion, motion_input,
                             motion_modalities)
 
 
@@ -145,13 +144,8 @@ class MSCL(Method):
     @classmethod
     def build(cls, cfg: DictConfig, ctx: BuildContext):
         options = cls.options(cfg)
-        if ctx.spec.sampler != "same" or ctx.spec.num_clips != 2:
-            raise ConfigError(f"method 'mscl' pairs RGB and motion of one window in two augmentations: data.sampler "
-                              f"'{ctx.spec.sampler}' with data.num_clips={ctx.spec.num_clips} does not give them "
-                              f"(use same with data.num_clips=2)")
-        check_motion_data(options.motion, ctx.spec, cls.name)
-        net = build_student(cfg, ctx.accelerator)
-        require_output(net, f"video_{options.space}", cls.name)
+        net = build_same_window_student(cls, cfg, ctx, options,
+                                        "pairs RGB and motion of one window in two augmentations")
         net.frame_features = True  # video_frames: the frame-level features
         motion = build_motion_network(cfg, options.motion, cls.name)
         motion.frame_features = True

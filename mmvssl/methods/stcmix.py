@@ -46,9 +46,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..losses.contrastive import nce_loss
 from ..losses.gather import gather_with_grad, world
-from .base import BuildContext, Method, require_output, unwrap
-from .contrastive import build_student
-from .motion_stream import (MotionPathway, build_motion_network, check_motion, check_motion_data, motion_input,
+from .base import BuildContext, Method, unwrap
+from .motion_stream import (MotionPathway, build_motion_network, build_same_window_student, check_motion, motion_input,
                             motion_modalities)
 
 
@@ -141,16 +140,10 @@ class STCMix(Method):
     @classmethod
     def build(cls, cfg: DictConfig, ctx: BuildContext):
         options = cls.options(cfg)
-        if ctx.spec.sampler != "same" or ctx.spec.num_clips != 2:
-            raise ConfigError(f"method 'stcmix' contrasts mixed clips with a second augmentation: data.sampler "
-                              f"'{ctx.spec.sampler}' with data.num_clips={ctx.spec.num_clips} does not give it "
-                              f"(use same with data.num_clips=2)")
+        net = build_same_window_student(cls, cfg, ctx, options, "contrasts mixed clips with a second augmentation")
         if cfg.train.accum_steps > 1:
             raise ConfigError("method 'stcmix': train.accum_steps > 1 is not supported (each micro-batch would "
                               "draw its own donors and cuboid)")
-        check_motion_data(options.motion, ctx.spec, cls.name)
-        net = build_student(cfg, ctx.accelerator)
-        require_output(net, f"video_{options.space}", cls.name)
         return net, cls(net, build_motion_network(cfg, options.motion, cls.name), options)
 
     def decayed_modules(self) -> list[nn.Module]:
