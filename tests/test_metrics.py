@@ -179,3 +179,17 @@ def test_several_captions_per_video_are_all_relevant():
     assert d["t2v"][0]["num_queries"] == 4 and d["t2v"][0]["R@1"] == 100.0
     assert d["v2t"][0]["num_queries"] == 3 and d["v2t"][0]["R@1"] == 100.0  # best of a video's captions
     assert "a2v" not in d  # no audio: no audio directions
+
+
+def test_scores_within_the_tie_tolerance_are_ties_whatever_their_last_bits():
+    # another CPU computes the same cosines with other last bits: a relevant item and a non-relevant
+    # one 1e-7 apart, in either order, are the same tie, counted against the model both ways
+    from mmvssl.evaluation.metrics import TIE_TOLERANCE
+    relevant = torch.tensor([[True, False, False]])
+    for eps in (1e-7, -1e-7, 0.4 * TIE_TOLERANCE, -0.4 * TIE_TOLERANCE):
+        assert query_ranks(torch.tensor([[0.5, 0.5 + eps, 0.1]], dtype=torch.float64), relevant).tolist() == [2]
+        scores = torch.tensor([[0.5, 0.5 + eps, 0.1]], dtype=torch.float64)
+        assert not topk_correct(scores, torch.tensor([0]), 1).item()
+    # a real difference is not a tie
+    assert query_ranks(torch.tensor([[0.5, 0.5 - 1e-3, 0.1]]), relevant).tolist() == [1]
+    assert topk_correct(torch.tensor([[0.5, 0.5 - 1e-3, 0.1]]), torch.tensor([0]), 1).item()

@@ -77,6 +77,13 @@ def dump(index_dir: Path) -> dict:
     return {"windows": rows, "faiss": faiss_counts}
 
 
+def tie_set(results: list[dict]) -> list[dict]:
+    """The results tied with the first: their scores (rounded to 4 places in the output) within
+    two rounding steps plus the tie tolerance of the best."""
+    from mmvssl.evaluation.metrics import TIE_TOLERANCE
+    return [r for r in results if r["score"] >= results[0]["score"] - 1e-4 - TIE_TOLERANCE]
+
+
 def assert_same_index(a: dict, b: dict) -> None:
     assert a["windows"].keys() == b["windows"].keys()
     assert a["faiss"] == b["faiss"]
@@ -96,10 +103,12 @@ def test_build_cuts_windows_and_queries_find_their_own_clip(index, videos, capsy
     assert report["num_accepted"] == 4 and report["num_rejected"] == 0
     searcher = Searcher(str(index))
     clip = (videos / "clips" / "clip2.mp4").read_bytes()
-    # the query window [1, 2) of clip2 is an indexed window: its own embedding comes back (score 1);
-    # by sound, clip2's other windows (the same steady tone) tie with it, other tones rank below
-    top = searcher.query(video=clip, start=1.0, end=2.0, k=3)[0]
-    assert (top["video"], top["start"], top["end"]) == ("clip2.mp4", 1.0, 2.0) and top["score"] > 0.9999
+    # the query window [1, 2) of clip2 is an indexed window: its own embedding comes back (score 1),
+    # at the top or tied with it (an untrained model may see other windows as nearly the same)
+    seen = searcher.query(video=clip, start=1.0, end=2.0, k=3)
+    assert any(r["score"] > 0.9999 for r in tie_set(seen) if (r["video"], r["start"], r["end"]) == ("clip2.mp4", 1.0, 2.0))
+    # by sound, clip2's windows (the same steady tone) come first, in some order among themselves;
+    # other tones rank below
     heard = searcher.query(audio=clip, start=1.0, end=2.0, k=5)
     assert [r["video"] for r in heard[:4]] == ["clip2.mp4"] * 4 and heard[4]["video"] != "clip2.mp4"
     assert next(r for r in heard if r["start"] == 1.0)["score"] > 0.9999
@@ -312,10 +321,14 @@ def test_uploads_are_limited_held_in_memory_and_never_run(served, videos):
         status, data, _ = request(served, "POST", "/api/search?kind=video", body=b"#!/bin/sh\ntouch /tmp/pwned\n")
         assert status == 400 and b"not a readable media file" in data
         clip = (videos / "clips" / "clip3.mp4").read_bytes()
-        status, data, _ = request(served, "POST", "/api/search?kind=audio&start=2&end=3&k=3", body=clip)
+        status, data, _ = request(served, "POST", "/api/search?kind=audio&start=2&end=3&k=5", body=clip)
         assert status == 200
-        top = json.loads(data)["results"][0]
-        assert (top["video"], top["start"]) == ("clip3.mp4", 2.0)
+        # the clips are steady tones: every window of clip3 ties with the query window by sound, so
+        # the query defines the video and that the window holding [2, 3) is in the top tie set,
+        # not which member of the tie comes first (that depends on float bits: docs/search.md)
+        results = json.loads(data)["results"]
+        assert results[0]["video"] == "clip3.mp4"
+        assert ("clip3.mp4", 2.0) in {(r["video"], r["start"]) for r in tie_set(results)}
         events = list(OpenAudit.events)
     finally:
         OpenAudit.events = None
@@ -394,3 +407,17 @@ def test_index_commands(models, videos, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("indexed 5 videos, 16 windows (4 videos embedded now")
     assert main(["index", "build", models["a"], "--input", str(tmp_path / "nowhere"), "--out", out]) == 2
     assert "index input not found" in capsys.readouterr().err
+
+
+def test_ties_are_ordered_by_video_then_start_whatever_the_last_bits():
+    from mmvssl.search.query import rank
+    keys = [("b.mp4", 1.0, 1, 4), ("a.mp4", 2.0, 1, 3), ("a.mp4", 0.0, 1, 2), ("c.mp4", 0.0, 1, 1)]
+    base = np.array([0.5, 0.5, 0.5, 0.9])
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # perturbations the size of another CPU's rounding, in every order
+        assert rank(base + rng.uniform(-2e-6, 2e-6, 4), keys) == [3, 2, 1, 0]
+    assert rank(base + np.array([0, 1e-3, 0, 0]), keys) == [3, 1, 2, 0]  # a real difference is no tie
+    # a run is tied with its best score, not chained: 0.5, 0.5 - 0.8 tol, 0.5 - 1.6 tol are two groups
+    from mmvssl.evaluation.metrics import TIE_TOLERANCE as t
+    assert rank(np.array([0.5 - 1.6 * t, 0.5 - 0.8 * t, 0.5, 0.9]), keys) == [3, 2, 1, 0]
+    assert rank(np.array([0.5, 0.5 - 0.8 * t, 0.5 - 1.6 * t, 0.9]), keys) == [3, 1, 0, 2]

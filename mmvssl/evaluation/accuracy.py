@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import torch
 
+from .metrics import TIE_TOLERANCE
+
 
 def topk_correct(scores: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
     """(N, C) scores, (N,) class indices -> (N,) bool: the target is among the k best scores.
 
     Ties count against the model: a target tied with the k-th best is only in when fewer than k
-    other classes score at least as high."""
+    other classes score at least as high (within metrics.TIE_TOLERANCE)."""
     target_score = scores.gather(1, targets[:, None])  # (N, 1)
-    others_ahead = (scores >= target_score).sum(dim=1) - 1
+    others_ahead = (scores >= target_score - TIE_TOLERANCE).sum(dim=1) - 1
     return others_ahead < k
 
 

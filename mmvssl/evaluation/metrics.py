@@ -3,11 +3,18 @@
 The rank of a query is the rank of its best relevant item, counted pessimistically: every
 non-relevant item scoring at least as high comes first, so a collapsed model (all scores
 equal) gets the worst rank, never a flattering one.
+
+Ties: scores within TIE_TOLERANCE of each other are equal here (and in `mmvssl search`'s ranking
+and classification's top-k). Cosine similarities of the same unit vectors computed by another BLAS
+kernel, thread count or CPU differ in their last float32 bits (summation order: ~1e-7 at D = 512,
+rarely past 1e-6); 1e-5 leaves a margin and is far below any difference a ranking should act on.
 """
 
 from __future__ import annotations
 
 import torch
+
+TIE_TOLERANCE = 1e-5  # scores this close are a tie (see the module docstring)
 
 
 def query_ranks(similarity: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
@@ -17,7 +24,7 @@ def query_ranks(similarity: torch.Tensor, relevant: torch.Tensor) -> torch.Tenso
     if not bool(relevant.any(dim=1).all()):
         raise ValueError("every query needs at least one relevant item")
     best = similarity.masked_fill(~relevant, float("-inf")).max(dim=1).values  # (Q,)
-    ahead = ((similarity >= best[:, None]) & ~relevant).sum(dim=1)  # non-relevant at or above
+    ahead = ((similarity >= best[:, None] - TIE_TOLERANCE) & ~relevant).sum(dim=1)  # non-relevant at or above (ties)
     return ahead + 1
 
 

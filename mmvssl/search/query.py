@@ -10,7 +10,8 @@ audio track, scores 0 there). The mix (docs/search.md):
   video  mean over the video spaces s of cos(video_s, video_s)   "more like this scene"
   image  mean over the video spaces s of cos(image_s, video_s)   (the still through the video tower)
 Each term's faiss index proposes candidates (exact search, or IVF past the size threshold); the
-union is then scored exactly from the stored vectors.
+union is then scored exactly from the stored vectors and ranked by `rank`: score, and within a
+tie (scores within evaluation.metrics.TIE_TOLERANCE) by video path, then start.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import MmvsslError
+from ..evaluation.metrics import TIE_TOLERANCE
 from . import store
 
 NARRATION_WEIGHT = 0.3
@@ -151,11 +153,11 @@ class Searcher:
                     sims = store.from_blobs([r[1] for r in rows]) @ t.vector  # (N,)
                     for (wid, _), s in zip(rows, sims):
                         scores[pos[wid]] += t.weight * float(s)
-            order = np.argsort(-scores, kind="stable")[:k]
-            top = [ids[n] for n in order]
             meta = {r[0]: r[1:] for r in self.db.execute(
                 f'SELECT w.id, v.source, v.root_id, w.start, w."end", w.narration FROM windows w '
-                f"JOIN videos v ON v.id = w.video_id WHERE w.id IN ({','.join('?' * len(top))})", top)}
+                f"JOIN videos v ON v.id = w.video_id WHERE w.id IN ({marks})", ids)}
+        keys = [(meta[wid][0], meta[wid][2], meta[wid][1], wid) for wid in ids]  # video, start, root, window
+        top = [ids[n] for n in rank(scores, keys)[:k]]
         return [{"video": meta[wid][0], "start": meta[wid][2], "end": meta[wid][3], "score": round(float(scores[pos[wid]]), 4),
                  "narration": meta[wid][4], "window": wid,
                  "media": f"/media/{meta[wid][1]}/{quote(meta[wid][0])}", "thumb": f"/thumb/{wid}"} for wid in top]
@@ -172,6 +174,22 @@ class Searcher:
         if video is not None:
             return self.search(self.video_terms(video, start, end), k)
         return self.search(self.image_terms(image), k)
+
+
+def rank(scores: np.ndarray, keys: list) -> list[int]:
+    """Positions of `scores` best first, in a documented order that does not depend on the CPU:
+    descending score, where scores within TIE_TOLERANCE of the best score of their run are a tie,
+    and a tie is ordered by its keys (video path, start, root, window id). Exact float order inside
+    a tie would differ between BLAS kernels and processors (docs/search.md, "Ranking")."""
+    order = sorted(range(len(scores)), key=lambda n: (-scores[n], keys[n]))
+    ranked, n = [], 0
+    while n < len(order):
+        head, run = scores[order[n]], []
+        while n < len(order) and scores[order[n]] >= head - TIE_TOLERANCE:  # the run tied with its best
+            run.append(order[n])
+            n += 1
+        ranked += sorted(run, key=lambda m: keys[m])
+    return ranked
 
 
 def format_table(results: list[dict]) -> str:
