@@ -15,10 +15,14 @@ global and local views of a video.
   `momentum_end` over `train.max_steps` (a schedule of the step, so a resumed run continues it).
 - Loss: for every teacher (global) view g and every student view v != g, the cross-entropy
   between the teacher's centred, sharpened distribution softmax((t_g - c) / tau_t) and the
-  student's softmax(s_v / tau_s), averaged over pairs and clips. tau_t warms up linearly from
-  `warmup_teacher_temperature` over `teacher_temperature_warmup_steps`.
-- Centre: c <- m c + (1 - m) mean of the teacher's outputs over the global batch (every process),
-  after each step.
+  student's softmax(s_v / tau_s), averaged over pairs and clips. tau_t follows SVT's schedule by
+  epoch (linspace from `warmup_teacher_temperature` to `teacher_temperature` over
+  `teacher_temperature_warmup_epochs`, endpoint included; an epoch is `steps_per_epoch` steps).
+- Centre: the loss centres with c from before this step; after it, c <- m c + (1 - m) mean of the
+  teacher's raw outputs over the global batch (every process).
+- Loss, schedule and centre follow kahnchana/svt @ 1827106d train_ssl.py `DINOLoss` (two_token=False,
+  2 global crops; the same as facebookresearch/dino @ 7c446df main_dino.py `DINOLoss`), checked
+  against the official numbers in tests/parity/dino.py.
 
 Departures from the paper: SVT's cross-view motion correspondence terms are the same DINO loss
 over the mixed frame rates and sizes, as in its code; the local views share one frame count
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -48,7 +53,9 @@ class SVTOptions:
     student_temperature: float = 0.1
     teacher_temperature: float = 0.04
     warmup_teacher_temperature: float = 0.04
-    teacher_temperature_warmup_steps: int = 0
+    # SVT's --warmup_teacher_temp_epochs: linspace(warmup, teacher, n) with its endpoint, then constant
+    teacher_temperature_warmup_epochs: int = 0
+    steps_per_epoch: int = 1  # optimizer steps per epoch of that schedule (SVT indexes it by epoch)
     center_momentum: float = 0.9
     momentum_start: float = 0.996  # teacher EMA momentum, cosine to momentum_end over train.max_steps
     momentum_end: float = 1.0
@@ -65,6 +72,29 @@ class Prototypes(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., K)
         return F.linear(F.normalize(z, dim=-1), F.normalize(self.weight, dim=-1))
+
+
+def teacher_temperature_schedule(warmup: float, final: float, warmup_epochs: int, epoch: int) -> float:
+    """The teacher temperature of `epoch` as SVT's train_ssl.py (and DINO's main_dino.py) build it:
+    np.linspace(warmup, final, warmup_epochs) -- endpoint included, so the last warm-up epoch is already
+    at `final` -- then `final` for every later epoch."""
+    if epoch < warmup_epochs:
+        return float(np.linspace(warmup, final, warmup_epochs)[epoch])
+    return float(final)
+
+
+@torch.no_grad()
+def update_center(center: torch.Tensor, teacher: torch.Tensor, momentum: float) -> torch.Tensor:
+    """DINO's centre after a step: momentum * centre + (1 - momentum) * the mean of the raw teacher
+    outputs (before centring and temperature) over every row of every process. center (..., K),
+    teacher (..., K) this process's rows."""
+    rows = teacher.reshape(-1, teacher.shape[-1])  # (N, K)
+    batch_center, count = rows.sum(dim=0), rows.shape[0]
+    _, size = world()
+    if size > 1:
+        dist.all_reduce(batch_center)
+        count *= size
+    return center * momentum + (batch_center / count).view_as(center) * (1 - momentum)
 
 
 def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, student_temperature: float,
@@ -90,6 +120,10 @@ class SVT(Method):
 
     def __init__(self, student: nn.Module, options: SVTOptions, num_global: int, max_steps: int):
         super().__init__()
+        if options.steps_per_epoch < 1 or options.teacher_temperature_warmup_epochs < 0:
+            raise ConfigError(f"method 'svt': method.options.steps_per_epoch must be >= 1 and "
+                              f"teacher_temperature_warmup_epochs >= 0 (got {options.steps_per_epoch}, "
+                              f"{options.teacher_temperature_warmup_epochs})")
         self.o, self.num_global, self.max_steps = options, num_global, max_steps
         self.key = f"video_{options.space}"
         dim = student.output_dims()[self.key]
@@ -119,11 +153,10 @@ class SVT(Method):
         return cosine_schedule(self.o.momentum_start, self.o.momentum_end, step, self.max_steps)
 
     def teacher_temperature(self, step: int) -> float:
-        warm = self.o.teacher_temperature_warmup_steps
-        if step >= warm:
-            return self.o.teacher_temperature
-        return self.o.warmup_teacher_temperature + (self.o.teacher_temperature
-                                                    - self.o.warmup_teacher_temperature) * step / warm
+        """The schedule at the epoch of `step` (steps taken before this one)."""
+        o = self.o
+        return teacher_temperature_schedule(o.warmup_teacher_temperature, o.teacher_temperature,
+                                            o.teacher_temperature_warmup_epochs, step // o.steps_per_epoch)
 
     def embed(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         video = batch["video"]  # (B, G, C, T, H, W): the global views
@@ -140,7 +173,7 @@ class SVT(Method):
         teacher = embeddings["teacher"].detach().float()
         tau_t = self.teacher_temperature(int(self.step))
         loss = dino_loss(embeddings["student"].float(), teacher, self.center, self.o.student_temperature, tau_t)
-        self._batch_center = teacher.mean(dim=(0, 1))  # (K,) this process's share, reduced after the step
+        self._batch_center = teacher  # (B, G, K) raw teacher outputs: the centre moves after the step
         with torch.no_grad():  # the part of the loss the student cannot change (logged, not optimised)
             targets = F.softmax((teacher - self.center) / tau_t, dim=-1)
             entropy = -(targets * targets.clamp_min(1e-12).log()).sum(-1).mean()
@@ -152,13 +185,8 @@ class SVT(Method):
         m = self.momentum(step - 1)  # the step just taken: momentum_start after the first
         ema_update(self.teacher, unwrap(model), m)
         ema_update(self.teacher_prototypes, self.prototypes, m)
-        if self._batch_center is not None:
-            center = self._batch_center
-            _, size = world()
-            if size > 1:
-                dist.all_reduce(center)
-                center = center / size
-            self.center.mul_(self.o.center_momentum).add_(center, alpha=1 - self.o.center_momentum)
+        if self._batch_center is not None:  # the loss used the centre from before this update
+            self.center.copy_(update_center(self.center, self._batch_center, self.o.center_momentum))
             self._batch_center = None
 
     def log_values(self) -> dict[str, float]:
