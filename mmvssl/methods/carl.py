@@ -7,21 +7,24 @@ contrastive loss (SCL).
 - Frame embeddings: the video transformer's tokens averaged per temporal position
   (`video_frames`, (B, V, t, width)), through the method's own MLP projection head
   (Linear-BN-ReLU-Linear, trained, checkpointed, never shipped), L2-normalised.
-- Loss: for each temporal token i of view 1 the target over the tokens j of view 2 is a Gaussian
-  prior over their time distance, p_ij = exp(-(t_i - t_j)^2 / (2 sigma^2)) / sum_j (...), with
-  times in seconds (mmvssl.methods.views.token_times); the prediction is
-  q_ij = softmax_j(z_i . z_j / tau); the loss is KL(p_i || q_i), averaged over tokens and clips, and
-  symmetrised (view 2 against view 1). Only the other view's tokens of the same video are in the
-  softmax (CARL's released default), so nothing is gathered across processes: each process's
-  mean, averaged by DDP, is the mean over the global batch.
+- Loss: CARL's SCL as minghchen/CARL_code @ c574312 algos/scl.py `SCL.compute_sequence_loss`
+  (POSITIVE_TYPE gauss, NEGATIVE_TYPE single_noself; `sequence_contrastive_loss`, checked against the
+  official numbers in tests/parity/carl.py). Each temporal token is a frame at position
+  t * data.fps (t its time in seconds, mmvssl.methods.views.token_times); its target over the other
+  view's tokens is a Gaussian in their distance with variance `label_variance` (CARL's
+  LABEL_VARIENCE, frames squared), row-normalised; the prediction is exp(z_i . z_j / tau) over the
+  other view's tokens only; the loss is the KL divergence (target entropy included) with 1e-6
+  inside the log, summed over both views' tokens and divided by their number. Nothing is gathered
+  across processes: each process's mean, averaged by DDP, is the mean over the global batch.
 
 Departures from the paper: CARL embeds every frame with a 2-D ResNet and a temporal transformer;
 here a "frame" is one temporal token of the video transformer (a tubelet of p frames), its time the
 mean time of those frames. CARL's views are two random temporal crops with different sampling of
 one long video; here they are the loader's windows (`same`: one window, two augmentations, so the
 prior centres on the same token; `cvrl`: two windows at a random gap, which may not overlap, in
-which case the prior still points at the nearest tokens in time). sigma is in seconds (CARL gives
-its variance in frames).
+which case the prior still points at the nearest tokens in time). CARL counts positions in the
+video's own frames; here in frames at data.fps (one grid for both views), and clips have no padding
+(CARL pads videos shorter than its frame count and masks them; the loss takes such masks).
 """
 
 from __future__ import annotations
@@ -41,27 +44,58 @@ from .views import token_times, view_windows
 
 @dataclass
 class CARLOptions:
-    temperature: float = 0.1  # CARL's tau
-    sigma: float = 1.0  # seconds: the Gaussian prior's standard deviation over time distance
+    temperature: float = 0.1  # CARL's SOFTMAX_TEMPERATURE
+    # CARL's LABEL_VARIENCE (a variance, not a standard deviation), in frames at data.fps squared
+    label_variance: float = 10.0
     head_hidden: int = 512  # the frame head: Linear(width, hidden)-BN-ReLU-Linear(hidden, dim)
     head_dim: int = 128
 
 
-def time_prior(times_a: torch.Tensor, times_b: torch.Tensor, sigma: float) -> torch.Tensor:
-    """times_a (B, ta), times_b (B, tb) seconds -> (B, ta, tb): for each token of a, the normalised
-    Gaussian weight exp(-(t_i - t_j)^2 / (2 sigma^2)) over the tokens j of b."""
-    distance = times_a[:, :, None] - times_b[:, None, :]
-    return torch.softmax(-distance.square() / (2 * sigma ** 2), dim=-1)
+def sequence_contrastive_terms(embs: torch.Tensor, steps: torch.Tensor, seq_lens: torch.Tensor,
+                               masks: torch.Tensor, label_variance: float, temperature: float
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """CARL's SCL before the reduction, on N = 2 B T rows indexed n = (b * 2 + view) * T + t.
+
+    embs (B, 2, T, C) frame embeddings, steps (B, 2, T) frame positions, seq_lens (B, 2) video
+    lengths in the same unit, masks (B, 2, T) 1 for real frames -> (log_prob, label), both (N, N):
+    log_prob = log(p + 1e-6) with p_ij = exp(l_ij) / sum_k w_ik exp(l_ik), l = E E^T / temperature,
+    w = 1 on the other view of the same video, 0 elsewhere, 1e-6 on every pair with a padded frame;
+    label = the Gaussian exp(-d^2 / (2 label_variance)) over the other view of the same video,
+    row-normalised (0 on padded rows), d_ij = |steps_i / len_i * len_j - steps_j| (1e6 with padding).
+    """
+    B, V, T, C = embs.shape
+    n = B * V * T
+    z = embs.reshape(n, C)
+    logits = z @ z.T / temperature  # (N, N)
+    video = torch.arange(B, device=z.device).repeat_interleave(V * T)  # (N,)
+    view = torch.arange(V, device=z.device).repeat_interleave(T).repeat(B)
+    other_view = (video[:, None] == video[None, :]) & (view[:, None] != view[None, :])  # (N, N)
+    real = masks.reshape(n) > 0
+    real_pair = real[:, None] & real[None, :]
+    pos = steps.reshape(n).to(z.dtype)
+    length = seq_lens.to(z.dtype)[:, :, None].expand(B, V, T).reshape(n)
+    distance = (pos[:, None] / length[:, None] * length[None, :] - pos[None, :]).abs()
+    distance = distance.masked_fill(~real_pair, 1e6)
+    gauss = torch.exp(-distance.square() / (2 * label_variance)) * other_view
+    total = gauss.sum(dim=1, keepdim=True)
+    label = torch.where(total > 0, gauss / total.clamp_min(torch.finfo(z.dtype).tiny), torch.zeros_like(gauss))
+    weights = other_view.to(z.dtype).masked_fill(~real_pair, 1e-6)
+    # CARL exponentiates the logits directly; shifting by the row maximum is the same ratio, and keeps
+    # exp finite at small temperatures
+    shifted = logits - logits.max(dim=1, keepdim=True).values.detach()
+    prob = shifted.exp() / (weights * shifted.exp()).sum(dim=1, keepdim=True)
+    return torch.log(prob + 1e-6), label
 
 
-def sequence_contrastive_loss(a: torch.Tensor, b: torch.Tensor, times_a: torch.Tensor, times_b: torch.Tensor,
-                              sigma: float, temperature: float) -> torch.Tensor:
-    """a (B, ta, D), b (B, tb, D) normalised token embeddings of two views; mean over clips and over
-    the tokens of a of KL(prior over b's tokens || softmax(a_i . b_j / tau) over j)."""
-    prior = time_prior(times_a, times_b, sigma)  # (B, ta, tb)
-    log_q = F.log_softmax(torch.einsum("bid,bjd->bij", a, b) / temperature, dim=-1)
-    kl = (torch.xlogy(prior, prior) - prior * log_q).sum(dim=-1)  # (B, ta)
-    return kl.mean()
+def sequence_contrastive_loss(embs: torch.Tensor, steps: torch.Tensor, seq_lens: torch.Tensor, masks: torch.Tensor,
+                              label_variance: float, temperature: float) -> torch.Tensor:
+    """CARL's SCL (minghchen/CARL_code algos/scl.py, gauss / single_noself): the KL divergence of
+    sequence_contrastive_terms' label from its prediction, target entropy included, summed over the
+    pairs of real frames and divided by the number of real frames."""
+    log_prob, label = sequence_contrastive_terms(embs, steps, seq_lens, masks, label_variance, temperature)
+    real = masks.reshape(-1) > 0
+    kl = torch.xlogy(label, label) - label * log_prob  # (N, N); 0 where the label is 0
+    return (kl * (real[:, None] & real[None, :])).sum() / masks.sum()
 
 
 class CARL(Method):
@@ -69,12 +103,12 @@ class CARL(Method):
     paper = "CARL (Chen et al. 2022): frame-wise embeddings by sequence contrastive learning with a Gaussian time prior"
     Options = CARLOptions
 
-    def __init__(self, options: CARLOptions, width: int, num_frames: int):
+    def __init__(self, options: CARLOptions, width: int, num_frames: int, fps: float = 4.0):
         super().__init__()
-        if options.temperature <= 0 or options.sigma <= 0:
-            raise ConfigError(f"method 'carl': method.options.temperature and sigma must be > 0 "
-                              f"(got {options.temperature}, {options.sigma})")
-        self.o, self.num_frames = options, num_frames
+        if options.temperature <= 0 or options.label_variance <= 0:
+            raise ConfigError(f"method 'carl': method.options.temperature and label_variance must be > 0 "
+                              f"(got {options.temperature}, {options.label_variance})")
+        self.o, self.num_frames, self.fps = options, num_frames, fps
         self.frame_head = mlp(width, options.head_hidden, options.head_dim, batch_norm=True)
         self.modalities = {"video"}
 
@@ -88,7 +122,7 @@ class CARL(Method):
                               f"(use same with num_clips=2, or cvrl)")
         net = build_student(cfg, ctx.accelerator)
         net.frame_features = True  # forward also returns video_frames (B, V, t, width)
-        return net, cls(options, net.output_dims()["video_frames"], spec.num_frames)
+        return net, cls(options, net.output_dims()["video_frames"], spec.num_frames, spec.fps)
 
     def decayed_modules(self) -> list[nn.Module]:
         return [self.frame_head]
@@ -97,7 +131,9 @@ class CARL(Method):
         frames = embeddings["video_frames"].float()  # (B, 2, t, width)
         z = F.normalize(self.frame_head(frames.flatten(0, 2)).view(*frames.shape[:3], -1), dim=-1)  # (B, 2, t, D)
         times = token_times(view_windows(batch, z.device), self.num_frames, z.shape[2])  # (B, 2, t)
-        o = self.o
-        loss = 0.5 * (sequence_contrastive_loss(z[:, 0], z[:, 1], times[:, 0], times[:, 1], o.sigma, o.temperature)
-                      + sequence_contrastive_loss(z[:, 1], z[:, 0], times[:, 1], times[:, 0], o.sigma, o.temperature))
+        # CARL's frame positions: times in frames at data.fps; both views are of one video (one length)
+        steps = times * self.fps
+        length = torch.ones(z.shape[0], 2, dtype=z.dtype, device=z.device)
+        real = torch.ones(z.shape[:3], dtype=z.dtype, device=z.device)
+        loss = sequence_contrastive_loss(z, steps, length, real, self.o.label_variance, self.o.temperature)
         return loss, {"scl": loss.detach()}
