@@ -39,6 +39,38 @@ def test_mined_positives_are_the_other_streams_nearest_queue_entries():
     assert mask[1].nonzero().flatten().tolist() == [0, 2, 6]
 
 
+def test_same_video_entries_are_positives_and_kept_out_of_the_mining():
+    """CoCLR's mask_source: queue rows of the clip's own source video are positives whatever their
+    similarity, the top-k is drawn from the other videos' rows, and before the queue is full only the
+    own key and the same-video rows are positives. (The official numbers: tests/parity/coclr.py.)"""
+    from mmvssl.methods.coclr import drop_self, mine_positives, same_video_mask
+    g = torch.Generator().manual_seed(0)
+    queue = F.normalize(torch.randn(6, 8, generator=g), dim=1)
+    key = F.normalize(torch.randn(1, 8, generator=g), dim=1)
+    queue[2] = key[0]  # the nearest row, but of the clip's own video
+    queue[4] = F.normalize(key[0] + 0.1 * torch.randn(8, generator=g), dim=0)  # the nearest of another video
+    same = same_video_mask(torch.tensor([7]), torch.tensor([1, 1, 7, -1, 3, 7]))
+    assert same.tolist() == [[False, False, True, False, False, True]]
+    assert mine_positives(key, queue, 1, same).nonzero()[:, 1].tolist() == [0, 3, 5, 6]  # own, 2, 4, 5
+    assert mine_positives(key, queue, 1, same, queue_full=False).nonzero()[:, 1].tolist() == [0, 3, 6]
+    assert same_video_mask(torch.tensor([-2]), torch.tensor([-2, 0])).sum() == 0  # unknown videos never match
+    # self-masking drops the own key only where another positive remains
+    positives = torch.tensor([[True, True, False], [True, False, False]])
+    assert drop_self(positives).tolist() == [[False, True, False], [True, False, False]]
+
+
+def test_video_ids_come_from_the_data_and_are_shared_by_clips_of_one_source():
+    from mmvssl.methods.coclr import video_ids
+    batch = {"key": ["000_000", "000_001", "001", "002"],
+             "meta": [{"source": "a.mp4", "clip_index": 0}, {"source": "a.mp4", "clip_index": 1},
+                      {"source": "b.mp4", "video_id": "g08"}, {}]}
+    ids = video_ids(batch)
+    assert ids.dtype == torch.long and (ids >= 0).all()
+    assert ids[0] == ids[1] and len({int(ids[1]), int(ids[2]), int(ids[3])}) == 3
+    assert video_ids({"key": ["x"], "meta": [{"source": "c.mp4", "video_id": "g08"}]})[0] == ids[2]  # video_id first
+    assert torch.equal(video_ids(batch), ids)  # the same in every call (and process)
+
+
 def test_multi_instance_nce_by_hand_and_moco_infonce_with_one_positive():
     from mmvssl.methods.coclr import multi_instance_nce
     g = torch.Generator().manual_seed(1)
@@ -59,8 +91,11 @@ def test_multi_instance_nce_by_hand_and_moco_infonce_with_one_positive():
     assert multi_instance_nce(q, k, queue, own, 0.1).item() == pytest.approx(moco.item(), rel=1e-5)
 
 
-def test_rgb_phase_loss_uses_positives_from_the_motion_streams_neighbours():
-    from mmvssl.methods.coclr import mine_positives, multi_instance_nce
+@pytest.mark.parametrize("drop", [False, True])
+def test_rgb_phase_loss_uses_positives_from_the_motion_streams_neighbours(drop, monkeypatch):
+    from mmvssl.methods import coclr
+    from mmvssl.methods.coclr import drop_self, mine_positives, multi_instance_nce
+    monkeypatch.setattr(coclr, "SELF_MASK_PROBABILITY", 1.0 if drop else 0.0)
     _, method = _coclr(queue_size=12, topk=1, init_steps=0, cycle_steps=5)
     assert method.phase() == "rgb"
     g = torch.Generator().manual_seed(2)
@@ -70,15 +105,32 @@ def test_rgb_phase_loss_uses_positives_from_the_motion_streams_neighbours():
     # queue rows 0-3 hold the clips' neighbours in the motion stream, rows 8-11 in the RGB stream
     method.queue_motion[:4] = motion_key
     method.queue_rgb[8:] = rgb_key
+    method.queue_video.fill_(coclr.UNKNOWN_VIDEO)  # a full queue of other videos: mining is on
     loss, terms = method({"rgb_query": query, "rgb_key": rgb_key, "motion_key": motion_key}, {})
     assert set(terms) == {"rgb_nce"}
     positives = mine_positives(motion_key, method.queue_motion, 1)
     assert [p.nonzero().flatten().tolist() for p in positives] == [[0, 1 + i] for i in range(4)]  # motion's rows 0-3
+    positives = drop_self(positives) if drop else positives
     expected = multi_instance_nce(query, rgb_key, method.queue_rgb, positives, method.o.temperature)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     from_rgb = multi_instance_nce(query, rgb_key, method.queue_rgb, mine_positives(rgb_key, method.queue_rgb, 1),
                                   method.o.temperature)
     assert abs(loss.item() - from_rgb.item()) > 1e-3
+
+
+def test_the_frozen_streams_key_encoder_keeps_its_batchnorm_statistics():
+    """CoCLR's sampler runs in eval mode: in an RGB phase the motion key encoder's BatchNorm
+    statistics stay; in the init phase (both streams train) they move."""
+    student, method = _coclr(queue_size=16, init_steps=1, cycle_steps=5)
+    stats = [n for n, b in method.motion_key_encoder.named_buffers() if "running_mean" in n]
+    assert stats, "the tiny preset has BatchNorm (stem / head)"
+    video = torch.randn(4, 2, 3, 4, 32, 32)
+    for step, moves in ((1, False), (0, True)):
+        method.step.fill_(step)
+        before = {n: b.clone() for n, b in method.motion_key_encoder.named_buffers()}
+        method.embed(student.train(), {"video": video})
+        after = dict(method.motion_key_encoder.named_buffers())
+        assert any(not torch.equal(before[n], after[n]) for n in stats) is moves
 
 
 def test_phases_follow_the_steps_taken():
@@ -102,9 +154,11 @@ def test_the_stream_that_mines_takes_no_gradient(phase_step, rgb, motion):
 def test_both_queues_take_the_keys_at_the_same_rows_and_wrap():
     _, method = _coclr(queue_size=5)
     a, b = torch.randn(3, 128), torch.randn(3, 128)
-    method.enqueue(a, -a)
-    method.enqueue(b, -b)
-    assert int(method.queue_ptr) == 1
+    method.enqueue(a, -a, torch.tensor([0, 1, 2]))
+    assert not method.queue_full()
+    method.enqueue(b, -b, torch.tensor([3, 4, 5]))
+    assert int(method.queue_ptr) == 1 and method.queue_full()
+    assert method.queue_video.tolist() == [5, 1, 2, 3, 4]
     torch.testing.assert_close(method.queue_rgb[[0, 1, 2, 3, 4]], torch.cat([b[2:], a[1:], b[:2]]))
     torch.testing.assert_close(method.queue_motion, -method.queue_rgb)
 
