@@ -11,7 +11,7 @@ def _build(args) -> None:
                           samples_per_shard=args.samples_per_shard, progress=True, workers=args.workers,
                           short_side=args.short_side, fps=args.fps, clip_seconds=args.max_seconds,
                           overwrite=args.overwrite, max_pixels=args.max_pixels, max_seconds=args.max_duration,
-                          check=args.check)
+                          check=args.check, max_member_mb=args.max_member_mb)
     total = report["num_accepted"] + report["num_rejected"]
     print(f"inputs {total}: accepted {report['num_accepted']}, rejected {report['num_rejected']} "
           f"-> {args.out} (details in {os.path.join(args.out, 'build_report.json')})")
@@ -20,18 +20,23 @@ def _build(args) -> None:
         print(f"  rejected {item['source']}{where}: {item['reason']}")
 
 
+def _limits(args):
+    from ..data.shardio import MemberLimits
+    return MemberLimits(args.max_member_mb, args.max_text_member_mb)
+
+
 def _inspect(args) -> None:
     from ..data.audit import contact_sheet, inspect_shards
-    print(json.dumps(inspect_shards(args.shards), indent=2))
+    print(json.dumps(inspect_shards(args.shards, _limits(args)), indent=2))
     if args.sheet:
-        rows = contact_sheet(args.shards, args.sheet)
+        rows = contact_sheet(args.shards, args.sheet, limits=_limits(args))
         print(f"contact sheet with {rows} samples -> {args.sheet}")
 
 
 def _verify(args) -> None:
     from ..data.audit import verify_shards
     from ..errors import MmvsslError
-    result = verify_shards(args.shards)
+    result = verify_shards(args.shards, limits=_limits(args))
     print(f"checked {result['checked']} samples ({result['without_video']} without video): "
           f"{len(result['failed'])} failed")
     for item in result["failed"]:
@@ -72,6 +77,15 @@ def _add_flow(args) -> None:
         print(f"  skipped {name} {item['key']}: {item['reason']}")
 
 
+def _limit_flags(parser) -> None:
+    from ..data.shardio import MemberLimits
+    parser.add_argument("--max-member-mb", type=float, default=MemberLimits.max_member_mb,
+                        help="refuse (unread) shard members larger than this, from the tar header "
+                             "(data.max_member_mb when training)")
+    parser.add_argument("--max-text-member-mb", type=float, default=MemberLimits.max_text_member_mb,
+                        help="the same for .json / .txt / .cls members (data.max_text_member_mb)")
+
+
 def register(sub) -> None:
     shards = sub.add_parser("shards", help="webdataset shards").add_subparsers(dest="action", required=True)
     b = shards.add_parser("build", help="videos + captions.jsonl/csv -> tar shards, sizes.json, build_report.json")
@@ -89,13 +103,17 @@ def register(sub) -> None:
     b.add_argument("--check", choices=["full", "first-frame"], default="full",
                    help="full: decode every video packet to catch truncated files")
     b.add_argument("--overwrite", action="store_true", help="rebuild instead of resuming an earlier build")
+    b.add_argument("--max-member-mb", type=float, default=1024.0,
+                   help="reject video files larger than this (shard readers refuse larger members: data.max_member_mb)")
     b.set_defaults(func=_build)
     i = shards.add_parser("inspect", help="counts, hours, distributions; --sheet writes a contact sheet PNG")
     i.add_argument("shards")
     i.add_argument("--sheet", default=None)
+    _limit_flags(i)
     i.set_defaults(func=_inspect)
     v = shards.add_parser("verify", help="decode every sample and list the failures")
     v.add_argument("shards")
+    _limit_flags(v)
     v.set_defaults(func=_verify)
     f = shards.add_parser("add-features", help="cache a frozen image teacher's per-frame features in new shards "
                                                "(train with teacher.cached=true)")

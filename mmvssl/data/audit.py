@@ -12,20 +12,24 @@ import torch
 import webdataset as wds
 
 from .decode import DecodeError, decode_all, decode_window, probe
-from .rawsample import metadata, video_member
-from .shardio import list_shards
+from .rawsample import REFUSED, metadata, video_member
+from .shardio import MemberLimits, list_shards, skip_unreadable_shard, tar_stage
 
 
-def iter_raw(shards: str):
-    """Raw samples (member bytes, nothing decoded or unpickled) of every shard, in order."""
-    return wds.DataPipeline(wds.SimpleShardList(list_shards(shards)), wds.tarfile_to_samples())
+def iter_raw(shards: str, limits: MemberLimits | None = None):
+    """Raw samples (member bytes, nothing decoded or unpickled) of every shard, in order; members
+    over `limits` are refused unread (the sample carries rawsample.REFUSED)."""
+    return wds.DataPipeline(wds.SimpleShardList(list_shards(shards)), tar_stage(skip_unreadable_shard, limits))
 
 
-def _meta(raw: dict) -> dict:
-    """The metadata with the caption, {} when they are not a JSON object (counted, not fatal)."""
+def _meta(raw: dict, problems: list | None = None) -> dict:
+    """The metadata with the caption, {} when they are unusable (not a JSON object, a bad type or
+    number: rawsample.metadata_problem); the key and reason go to `problems`, never fatal."""
     try:
         return metadata(raw, with_caption=True)
-    except DecodeError:
+    except DecodeError as e:
+        if problems is not None:
+            problems.append({"shard": raw.get("__url__"), "key": raw.get("__key__"), "reason": str(e)})
         return {}
 
 
@@ -34,18 +38,27 @@ def _video(raw: dict) -> bytes | None:
     return raw[ext] if ext else None
 
 
-def inspect_shards(shards: str) -> dict:
-    """Counts, total hours, duration and resolution distributions, modality coverage."""
+def inspect_shards(shards: str, limits: MemberLimits | None = None) -> dict:
+    """Counts, total hours, duration and resolution distributions, modality coverage; samples
+    with unusable metadata or a member over `limits` are counted (`bad_metadata`, `refused`) and
+    listed with their key and reason (`problems`, the first 20)."""
     durations, resolutions, codecs = [], Counter(), Counter()
     stats = Counter()
-    for raw in iter_raw(shards):
+    problems: list[dict] = []
+    for raw in iter_raw(shards, limits):
         stats["samples"] += 1
-        meta, data = _meta(raw), _video(raw)
+        if REFUSED in raw:
+            stats["refused"] += 1
+            _meta(raw, problems)
+            continue
+        before = len(problems)
+        meta, data = _meta(raw, problems), _video(raw)
+        stats["bad_metadata"] += len(problems) > before
         if data is None:
             stats["without_video"] += 1
             continue
         stats["with_video"] += 1
-        if "duration" not in meta or "width" not in meta:
+        if any(meta.get(k) is None for k in ("duration", "width", "height")):
             try:
                 meta.update(probe(data, check_decode=False).to_dict())
             except DecodeError:
@@ -66,6 +79,7 @@ def inspect_shards(shards: str) -> dict:
                        "p90": float(np.percentile(d, 90)), "max": float(d.max())},
         "resolutions": dict(resolutions.most_common(10)),
         "video_codecs": dict(codecs.most_common()),
+        **({"problems": problems[:20]} if problems else {}),
     }
 
 
@@ -85,7 +99,8 @@ def _flow_images(raw: dict, times: np.ndarray) -> list[np.ndarray] | None:
     return [flow_to_rgb(dequantise(q[i], scale).numpy(), max_magnitude=scale) for i in index.tolist()]
 
 
-def contact_sheet(shards: str, out_png: str, num_samples: int = 8, frames_per_sample: int = 4) -> int:
+def contact_sheet(shards: str, out_png: str, num_samples: int = 8, frames_per_sample: int = 4,
+                  limits: MemberLimits | None = None) -> int:
     """A PNG grid: one row per sample (the first `num_samples` with video), a few frames
     across its duration, its caption as the row title; beside each frame its cached optical
     flow when the sample has some (`shards add-flow`), colour-wheel coded (hue: direction,
@@ -95,7 +110,7 @@ def contact_sheet(shards: str, out_png: str, num_samples: int = 8, frames_per_sa
     import matplotlib.pyplot as plt
 
     rows = []
-    for raw in iter_raw(shards):
+    for raw in iter_raw(shards, limits):
         data = _video(raw)
         if data is None:
             continue
@@ -129,11 +144,19 @@ def contact_sheet(shards: str, out_png: str, num_samples: int = 8, frames_per_sa
     return len(rows)
 
 
-def verify_shards(shards: str, size: int = 32) -> dict:
+def verify_shards(shards: str, size: int = 32, limits: MemberLimits | None = None) -> dict:
     """Decode every frame and the audio of every sample; {checked, failed: [{shard, key, reason}]}.
-    Samples without a video member (video2dataset's failed downloads) are counted, not failures."""
+    Samples without a video member (video2dataset's failed downloads) are counted, not failures;
+    a member over `limits` or unusable metadata is a failure."""
     checked, missing, failed = 0, 0, []
-    for raw in iter_raw(shards):
+    for raw in iter_raw(shards, limits):
+        if REFUSED in raw or "json" in raw:
+            problems: list[dict] = []
+            _meta(raw, problems)
+            if problems:
+                checked += 1
+                failed.extend(problems)
+                continue
         data = _video(raw)
         if data is None:
             missing += 1

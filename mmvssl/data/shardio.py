@@ -23,9 +23,111 @@ from torch.utils.data import IterableDataset
 from braceexpand import braceexpand
 
 from ..errors import MmvsslError
-from .rawsample import VIDEO_EXTENSIONS  # noqa: F401 (read from here by older imports)
+from .rawsample import REFUSED, VIDEO_EXTENSIONS  # noqa: F401 (VIDEO_EXTENSIONS read from here by older imports)
 
 _reported_shards: set[str] = set()
+_reported_members: set[tuple[str, str]] = set()
+
+# members whose whole content is parsed as text (metadata, captions, labels): small
+TEXT_MEMBER_SUFFIXES = ("json", "txt", "cls", "cls2", "index", "id")
+
+
+@dataclass(frozen=True)
+class MemberLimits:
+    """The largest shard member a reader takes into memory, checked against the tar header before
+    a byte of it is read (`data.max_member_mb`, `data.max_text_member_mb`; `--max-member-mb` on the
+    shards commands). A 918-byte bzip2 tar can declare a 1 GiB member, a 10 KB sparse tar 2 GiB."""
+    max_member_mb: float = 1024.0  # videos and feature members
+    max_text_member_mb: float = 16.0  # .json / .txt / .cls members
+
+    def limit(self, name: str) -> tuple[int, str]:
+        """(bytes, option name) for the member `name`."""
+        suffix = name.rpartition("/")[2].split(".", 1)[-1].lower()
+        if suffix in TEXT_MEMBER_SUFFIXES:
+            return int(self.max_text_member_mb * 2**20), "data.max_text_member_mb"
+        return int(self.max_member_mb * 2**20), "data.max_member_mb"
+
+
+def _refusal(name: str, size: int, limits: MemberLimits) -> str | None:
+    limit, option = limits.limit(name)
+    if size <= limit:
+        return None
+    return f"member {name} is {size / 2**20:.1f} MiB, over {option}={limit / 2**20:g} (refused unread)"
+
+
+def report_refused_member(url: str, name: str, reason: str) -> None:
+    """One line on stderr, once per member and process."""
+    if (url, name) not in _reported_members:
+        _reported_members.add((url, name))
+        print(f"mmvssl: warning: {url}: {reason}", file=sys.stderr)
+
+
+def _open_tar(stream) -> tuple[tarfile.TarFile, bool, bool]:
+    """(tar, random_access, skippable): a seekable tar is opened for random access, and when it is
+    plain (uncompressed) a refused member is passed by a seek; a compressed or streamed tar can
+    only be passed by reading (decompressing) the member, so there a refusal ends the shard."""
+    if getattr(stream, "seekable", lambda: False)():
+        tar = tarfile.open(fileobj=stream, mode="r:*")
+        return tar, True, tar.fileobj is stream
+    return tarfile.open(fileobj=stream, mode="r|*"), False, False
+
+
+def _tar_members(stream, url: str, limits: MemberLimits):
+    """webdataset's tar_file_iterator with the member size checked from the header first:
+    {fname, data} per regular file; a refused member yields {fname: <key>.__refused__, data: reason}."""
+    tar, random_access, skippable = _open_tar(stream)
+    for info in tar:
+        if not info.isreg() or info.name.startswith("__") or "." not in info.name.rpartition("/")[2]:
+            continue
+        reason = _refusal(info.name, info.size, limits)
+        if reason is not None:
+            if not skippable:
+                reason += "; rest of this compressed or streamed shard skipped (passing it means reading it)"
+            report_refused_member(url, info.name, reason)
+            key = info.name.rpartition("/")[0] + "/" if "/" in info.name else ""
+            key += info.name.rpartition("/")[2].split(".", 1)[0]
+            if not skippable:
+                reason += "; rest of the shard skipped (reading past it would mean reading it)"
+            yield {"fname": f"{key}.{REFUSED}", "data": reason.encode()}
+            if not skippable:
+                break
+            continue
+        yield {"fname": info.name, "data": tar.extractfile(info).read()}
+        if not random_access:
+            tar.members = []  # stream mode: keep no headers (random-access mode indexes them)
+    tar.close()
+
+
+def tar_samples(src, handler=None, limits: MemberLimits | None = None):
+    """Pipeline stage like webdataset's tarfile_to_samples (urls -> samples of member bytes),
+    every member checked against `limits` from its tar header before it is read. A refused member
+    is never read; its sample carries the reason under rawsample.REFUSED (the loader skips and
+    counts it, `shards inspect` counts it)."""
+    from webdataset.tariterators import group_by_keys, url_opener
+    handler = handler or skip_unreadable_shard
+    limits = limits or MemberLimits()
+
+    def files():
+        for source in url_opener(src, handler=handler):
+            url = source["url"]
+            try:
+                for item in _tar_members(source["stream"], url, limits):
+                    yield {**item, "__url__": url}
+                yield {}  # end of shard: samples of two shards never merge
+            except Exception as exn:  # noqa: BLE001 - handed to the handler, as webdataset does
+                exn.args = exn.args + (source.get("stream"), url)
+                if not handler(exn):
+                    break
+            finally:
+                close = getattr(source["stream"], "close", None)
+                if close:
+                    close()
+    return group_by_keys(files(), handler=handler)
+
+
+def tar_stage(handler=None, limits: MemberLimits | None = None):
+    """tar_samples as a DataPipeline stage."""
+    return lambda src: tar_samples(src, handler, limits)
 
 
 def report_unreadable_shard(url: str, reason: str) -> None:
@@ -99,8 +201,9 @@ def _key_of(name: str) -> str:
     return (head + "/" if head else "") + base.split(".", 1)[0]
 
 
-def shard_size(url: str) -> int:
-    """Samples in a shard: from sizes.json beside it, else by reading the tar headers."""
+def shard_size(url: str, limits: MemberLimits | None = None) -> int:
+    """Samples in a shard: from sizes.json beside it, else by reading the tar headers (stopping,
+    as the readers do, at a member over `limits` in a compressed tar)."""
     sizes_path = os.path.join(os.path.dirname(url), "sizes.json")
     if os.path.isfile(sizes_path):
         try:
@@ -110,15 +213,19 @@ def shard_size(url: str) -> int:
         except (json.JSONDecodeError, ValueError, OSError):
             pass
     count, last = 0, None
+    limits = limits or MemberLimits()
     try:
-        with tarfile.open(url) as tar:
+        with open(url, "rb") as f:
+            tar, _, skippable = _open_tar(f)
             for member in tar:
                 if not member.isfile():
                     continue
                 key = _key_of(member.name)
                 if key != last:
                     count, last = count + 1, key
-    except tarfile.TarError as e:  # the samples before the damage still count (and are read)
+                if not skippable and _refusal(member.name, member.size, limits):
+                    break
+    except (tarfile.TarError, OSError) as e:  # the samples before the damage still count (and are read)
         report_unreadable_shard(url, f"{type(e).__name__}: {e}")
     return count
 
@@ -133,9 +240,11 @@ class EpochSamples(IterableDataset):
 
     `set_epoch(e)` before creating the DataLoader iterator changes the seeded shard order."""
 
-    def __init__(self, sets: list[ShardSet], seed: int = 0, shuffle: bool = False):
+    def __init__(self, sets: list[ShardSet], seed: int = 0, shuffle: bool = False,
+                 limits: MemberLimits | None = None):
         self.items = [(url, s.name) for s in sets for url in s.urls]
-        self.sizes = [shard_size(url) for url, _ in self.items]
+        self.limits = limits or MemberLimits()
+        self.sizes = [shard_size(url, self.limits) for url, _ in self.items]
         self.seed, self.shuffle, self.epoch = seed, shuffle, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -156,7 +265,7 @@ class EpochSamples(IterableDataset):
             first, offset = offset, offset + self.sizes[i]
             if offset <= lo or first >= hi:
                 continue  # outside this slot's range: never opened
-            for j, raw in enumerate(wds.tarfile_to_samples(handler=skip_unreadable_shard)([{"url": url}])):
+            for j, raw in enumerate(tar_samples([{"url": url}], skip_unreadable_shard, self.limits)):
                 if lo <= first + j < hi:
                     raw["__source__"] = name
                     yield raw

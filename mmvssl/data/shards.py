@@ -25,7 +25,10 @@ from pathlib import Path
 import webdataset as wds
 
 from ..errors import MmvsslError
+from ..fsio import atomic_write_json, commit_file, inside, outside_reason
 from .decode import DecodeError, check_video_stream, probe
+from .rawsample import metadata_problem
+from .shardio import MemberLimits
 from .transcode import TranscodeOptions, transcode
 
 MEDIA_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v"}
@@ -80,25 +83,14 @@ def read_entries(videos_dir: Path, captions: Path | None, report: BuildReport) -
     valid = []
     for line_no, entry in entries:
         where = f"{captions}:{line_no}"
+        problem = metadata_problem(entry) if isinstance(entry, dict) else None
         if not isinstance(entry, dict) or not isinstance(entry.get("video"), str) or not entry["video"]:
             report.reject(where, "entry has no 'video' path", line_no)
-        elif "caption" in entry and not isinstance(entry["caption"], str):
-            report.reject(where, "'caption' is not a string", line_no)
-        elif "narrations" in entry and not _valid_narrations(entry["narrations"]):
-            report.reject(where, "'narrations' must be a list of {start, end, text} with start <= end", line_no)
+        elif problem:  # the same check every reader of the shards applies (rawsample.metadata_problem)
+            report.reject(where, problem, line_no)
         else:
             valid.append((line_no, entry))
     return valid
-
-
-def _valid_narrations(items) -> bool:
-    if not isinstance(items, list):
-        return False
-    try:
-        return all(isinstance(n, dict) and isinstance(n.get("text"), str)
-                   and float(n["start"]) <= float(n["end"]) for n in items)
-    except (KeyError, TypeError, ValueError):
-        return False
 
 
 @dataclass
@@ -107,6 +99,7 @@ class Limits:
     max_pixels: int = 4096 * 2160
     max_seconds: float = 4 * 3600.0
     check: str = "full"  # "full": decode every video packet (finds truncation); "first-frame": faster
+    max_member_mb: float = MemberLimits.max_member_mb  # larger files would be refused by every shard reader
 
 
 @dataclass
@@ -124,8 +117,12 @@ def ingest_one(job: Job, limits: Limits, options: TranscodeOptions) -> tuple[str
     try:
         if not path.is_file():
             raise DecodeError("file not found")
-        if path.stat().st_size == 0:
+        size = path.stat().st_size
+        if size == 0:
             raise DecodeError("empty file (0 bytes)")
+        if size > limits.max_member_mb * 2**20:
+            raise DecodeError(f"file of {size / 2**20:.1f} MiB, over max_member_mb={limits.max_member_mb:g} "
+                              f"(--max-member-mb; shard readers refuse larger members)")
         data = path.read_bytes()
         info = probe(data, max_pixels=limits.max_pixels, max_seconds=limits.max_seconds)
         if limits.check == "full":
@@ -194,7 +191,7 @@ class ShardWriter:
         if self.writer is None:
             return False
         self.writer.close()
-        os.replace(self.out_dir / (self.name + ".partial"), self.out_dir / self.name)
+        commit_file(self.out_dir / (self.name + ".partial"), self.out_dir / self.name)
         self.writer = None
         return True
 
@@ -231,15 +228,18 @@ def _prepare_output(out_dir: Path, fingerprint: str, overwrite: bool) -> dict | 
 def build_shards(videos_dir: str | os.PathLike, out_dir: str | os.PathLike, captions: str | os.PathLike | None = None,
                  samples_per_shard: int = 256, max_pixels: int = 4096 * 2160, max_seconds: float = 4 * 3600.0,
                  progress: bool = False, workers: int = 1, short_side: int | None = None, fps: float | None = None,
-                 clip_seconds: float | None = None, overwrite: bool = False, check: str = "full") -> dict:
+                 clip_seconds: float | None = None, overwrite: bool = False, check: str = "full",
+                 max_member_mb: float = MemberLimits.max_member_mb) -> dict:
     """Probe (and optionally re-encode) every listed video, write the good ones into shards,
-    report every input. Re-running on the same `out_dir` resumes; `overwrite` rebuilds."""
+    report every input. Re-running on the same `out_dir` resumes; `overwrite` rebuilds. A `video`
+    path that leads outside `videos_dir` (absolute elsewhere, `..`, a symlink out) is rejected
+    (fsio.inside, the rule `index build` and `datasets cut` apply too)."""
     videos_dir, out_dir = Path(videos_dir), Path(out_dir)
     if not videos_dir.is_dir():
         raise MmvsslError(f"videos folder not found: {videos_dir}")
     if check not in ("full", "first-frame"):
         raise MmvsslError(f"check must be 'full' or 'first-frame', got '{check}'")
-    limits = Limits(max_pixels, max_seconds, check)
+    limits = Limits(max_pixels, max_seconds, check, max_member_mb)
     options = TranscodeOptions(short_side, fps, clip_seconds)
     report = BuildReport()
     entries = read_entries(videos_dir, Path(captions) if captions else None, report)
@@ -252,7 +252,13 @@ def build_shards(videos_dir: str | os.PathLike, out_dir: str | os.PathLike, capt
 
     jobs, seen = [], {}
     for index, (line_no, entry) in enumerate(entries):
-        resolved = str((videos_dir / entry["video"]).resolve())
+        contained = inside(videos_dir, entry["video"])
+        if contained is None:
+            if index >= start:
+                report.reject(entry["video"], f"refused, {outside_reason(videos_dir, entry['video'])}", line_no)
+                report.rejected[-1]["_input"] = index
+            continue
+        resolved = str(contained)
         if resolved in seen:
             if index >= start:
                 report.reject(entry["video"], f"duplicate entry of line {seen[resolved]}", line_no)
@@ -270,9 +276,8 @@ def build_shards(videos_dir: str | os.PathLike, out_dir: str | os.PathLike, capt
         result["progress"] = {"fingerprint": fingerprint, "next_input": next_input, "complete": complete,
                               "sizes": dict(sizes), "accepted": report.accepted,
                               "rejected": [r for r in report.rejected if r.get("_input", next_input) < next_input]}
-        for name, value in (("sizes.json", sizes), ("build_report.json", result)):  # atomic: temp file, rename
-            (out_dir / f".{name}.tmp").write_text(json.dumps(value, indent=2))
-            os.replace(out_dir / f".{name}.tmp", out_dir / name)
+        for name, value in (("sizes.json", sizes), ("build_report.json", result)):
+            atomic_write_json(out_dir / name, value)  # temp file, fsync, rename, fsync the folder
         return result
 
     shard = ShardWriter(out_dir, samples_per_shard, {k: v for k, v in sizes.items()})

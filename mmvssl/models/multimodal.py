@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +25,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..data.motion import temporal_gradient
+from ..fsio import atomic_folder
+from .safeload import check_config_fits_weights
 from ..modalities import MODALITIES, MOTION_CHANNELS, VIDEO_LIKE
 from .builders import build, build_backbone, build_encoders
 from .heads import HEADS
@@ -163,21 +163,10 @@ class MultimodalModel(nn.Module):
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as tmp:  # fsynced, swapped in; the old folder stays until then
             (tmp / "config.json").write_text(json.dumps(self.config, indent=2))
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                folder.rename(old)
-                tmp.rename(folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, map_location: str = "cpu") -> "MultimodalModel":
@@ -190,6 +179,7 @@ class MultimodalModel(nn.Module):
             config = json.loads(cfg_file.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{cfg_file}: invalid JSON ({e})") from None
+        check_config_fits_weights(lambda: cls(config), cfg_file, weights)  # on the meta device, before any memory
         model = cls(config)
         try:
             state = load_file(str(weights), device=map_location)

@@ -12,7 +12,6 @@ import inspect
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,7 +20,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ConfigError
+from ..fsio import atomic_folder
 from ..models.builders import build_encoders
+from ..models.safeload import check_config_fits_weights
 
 
 class AttentionPooler(nn.Module):
@@ -172,8 +173,7 @@ class Narrator(nn.Module):
     def save_pretrained(self, folder: str | os.PathLike, tokenizer_file: str | os.PathLike | None = None) -> None:
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as tmp:  # fsynced, then swapped in: the old folder outlives the swap
             config = dict(self.config)
             tokenizer_file = tokenizer_file or self.tokenizer_file
             if tokenizer_file is not None:
@@ -185,11 +185,6 @@ class Narrator(nn.Module):
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             state.pop("lm.lm_head.weight", None)  # tied to the token embedding
             save_file(state, str(tmp / "model.safetensors"))
-            if folder.exists():
-                shutil.rmtree(folder)
-            tmp.rename(folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "Narrator":
@@ -201,6 +196,7 @@ class Narrator(nn.Module):
         config = json.loads(cfg_file.read_text())
         if config.pop("kind", None) != "narrator":
             raise ConfigError(f"{cfg_file}: not a narrator (no \"kind\": \"narrator\")")
+        check_config_fits_weights(lambda: cls(config), cfg_file, weights, optional=("lm.lm_head.weight",))
         model = cls(config)
         missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
         missing = [k for k in missing if k != "lm.lm_head.weight"]

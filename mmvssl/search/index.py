@@ -32,6 +32,7 @@ from ..data.sampling import sliding_windows
 from ..data.shardio import skip_unreadable_shard
 from ..data.shards import BuildReport, read_entries
 from ..errors import MmvsslError
+from ..fsio import inside
 from . import store
 
 THUMB_SHORT_SIDE = 144
@@ -86,7 +87,7 @@ def scan(source: str, report: BuildReport) -> Iterator[Video]:
         root = Path(source).resolve()
         for _, entry in read_entries(root, None, report):
             rel = entry["video"]
-            if not (root / rel).resolve().is_relative_to(root):
+            if inside(root, rel) is None:  # the one containment rule (shards build, datasets cut)
                 yield Video(rel, None, error="symlink out of the collection")
                 continue
             try:
@@ -328,12 +329,20 @@ def check_input(source: str) -> None:
 def build_index(model_dir: str, source: str, out: str, window: float | None = None, stride: float | None = None,
                 narrator: str | None = None, batch_size: int = 16, progress: bool = False,
                 approx_threshold: int = store.APPROX_THRESHOLD) -> dict:
-    """Create (or resume, or bring up to date) the index `out` of `source` embedded by `model_dir`."""
-    from ..evaluation.features import eval_spec, model_fingerprint
+    """Create (or resume, or bring up to date) the index `out` of `source` embedded by `model_dir`; one
+    writer at a time (store.writer_lock: another `index build` / `index add` on it is refused)."""
     from ..models.presets import load_model
     check_input(source)
     model = load_model(model_dir)
     folder = Path(out)
+    with store.writer_lock(folder):
+        return _build_locked(folder, model, model_dir, source, window, stride, narrator, batch_size, progress,
+                             approx_threshold)
+
+
+def _build_locked(folder: Path, model, model_dir: str, source: str, window, stride, narrator, batch_size: int,
+                  progress: bool, approx_threshold: int) -> dict:
+    from ..evaluation.features import eval_spec, model_fingerprint
     db = store.connect(folder, create=True)
     try:
         store.check_model(db, folder, model_fingerprint(model), model.name, model_dir)
@@ -357,11 +366,18 @@ def build_index(model_dir: str, source: str, out: str, window: float | None = No
 
 def add_to_index(index_dir: str, source: str, batch_size: int = 16, progress: bool = False,
                  approx_threshold: int = store.APPROX_THRESHOLD) -> dict:
-    """Take the videos of `source` into an existing index, with the model and settings it records."""
-    from ..evaluation.features import model_fingerprint
-    from ..models.presets import load_model
+    """Take the videos of `source` into an existing index, with the model and settings it records; one
+    writer at a time (store.writer_lock)."""
     check_input(source)
     folder = Path(index_dir)
+    store.connect(folder, readonly=True).close()  # an index, before anything is written into its folder
+    with store.writer_lock(folder):
+        return _add_locked(folder, source, batch_size, progress, approx_threshold)
+
+
+def _add_locked(folder: Path, source: str, batch_size: int, progress: bool, approx_threshold: int) -> dict:
+    from ..evaluation.features import model_fingerprint
+    from ..models.presets import load_model
     db = store.connect(folder)
     try:
         info, settings = store.get_info(db, "model"), store.get_info(db, "settings")

@@ -18,6 +18,11 @@ committed and never keeps half a video):
 window ids as faiss ids. Exact inner-product search (IndexFlatIP) up to APPROX_THRESHOLD vectors, an
 inverted-file index (IndexIVFFlat: 2 sqrt(N) lists, 1/16 of them visited, at least 32) past it. Each file's sha256 is recorded in info, so a damaged
 file is detected before faiss reads it. No pickle anywhere.
+
+Concurrent use: one writer at a time (`index build` / `index add` hold index.lock, writer_lock;
+a second one is refused with one line), any number of readers (the server) beside it, as the
+database is in WAL mode. Video and window ids are AUTOINCREMENT, never reused after a deletion.
+Files are written atomically (fsio: temp file, fsync, rename, fsync the folder).
 """
 
 from __future__ import annotations
@@ -27,10 +32,14 @@ import json
 import math
 import os
 import sqlite3
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
+from .. import fsio
 from ..errors import MmvsslError
 
 FORMAT = "mmvssl-search-index/1"
@@ -48,18 +57,23 @@ def ivf_nprobe(nlist: int) -> int:
     eval/bench/search.py; 32 alone gave 0.92 there)."""
     return min(nlist, max(32, nlist // 16))
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS roots (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, kind TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS videos (id INTEGER PRIMARY KEY, root_id INTEGER NOT NULL, source TEXT NOT NULL,
-  shard TEXT, member TEXT, sha256 TEXT NOT NULL, duration REAL NOT NULL, UNIQUE (root_id, source));
-CREATE TABLE IF NOT EXISTS windows (id INTEGER PRIMARY KEY, video_id INTEGER NOT NULL, start REAL NOT NULL,
-  "end" REAL NOT NULL, thumb BLOB, narration TEXT, narration_score REAL);
-CREATE INDEX IF NOT EXISTS windows_video ON windows (video_id);
-CREATE TABLE IF NOT EXISTS vectors (window_id INTEGER NOT NULL, space TEXT NOT NULL, vec BLOB NOT NULL,
-  PRIMARY KEY (window_id, space));
-CREATE TABLE IF NOT EXISTS rejected (root_id INTEGER NOT NULL, source TEXT NOT NULL, reason TEXT NOT NULL);
-"""
+TABLES = {  # ids never reused (AUTOINCREMENT): a faiss file or a page read before a deletion never
+    # names another video's window
+    "info": "CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "roots": "CREATE TABLE IF NOT EXISTS roots (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, kind TEXT NOT NULL)",
+    "videos": "CREATE TABLE IF NOT EXISTS videos (id INTEGER PRIMARY KEY AUTOINCREMENT, root_id INTEGER NOT NULL, "
+              "source TEXT NOT NULL, shard TEXT, member TEXT, sha256 TEXT NOT NULL, duration REAL NOT NULL, "
+              "UNIQUE (root_id, source))",
+    "windows": 'CREATE TABLE IF NOT EXISTS windows (id INTEGER PRIMARY KEY AUTOINCREMENT, video_id INTEGER NOT NULL, '
+               'start REAL NOT NULL, "end" REAL NOT NULL, thumb BLOB, narration TEXT, narration_score REAL)',
+    "vectors": "CREATE TABLE IF NOT EXISTS vectors (window_id INTEGER NOT NULL, space TEXT NOT NULL, vec BLOB NOT NULL, "
+               "PRIMARY KEY (window_id, space))",
+    "rejected": "CREATE TABLE IF NOT EXISTS rejected (root_id INTEGER NOT NULL, source TEXT NOT NULL, reason TEXT NOT NULL)",
+}
+INDEXES = "CREATE INDEX IF NOT EXISTS windows_video ON windows (video_id);"
+SCHEMA = ";\n".join(TABLES.values()) + ";\n" + INDEXES
+LOCK_NAME = "index.lock"  # held by the one process writing the index (writer_lock)
+OWNER_NAME = "index.lock.json"  # who holds it: {pid, command}
 
 
 def _db_error(path: Path, e: Exception) -> MmvsslError:
@@ -76,9 +90,14 @@ def connect(index_dir: str | os.PathLike, create: bool = False, readonly: bool =
     try:
         if readonly:  # the server's threads share one read-only connection behind a lock
             db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-        else:
-            db = sqlite3.connect(path)
+        else:  # writers hold writer_lock; WAL lets the server read while one writes
+            db = sqlite3.connect(path, timeout=30)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.OperationalError:  # a reader holds the old journal: WAL on the next write
+                pass
             db.executescript(SCHEMA)
+            _never_reuse_ids(db)
         fmt = get_info(db, "format")
         if fmt is None and not readonly:
             set_info(db, "format", FORMAT)
@@ -88,6 +107,46 @@ def connect(index_dir: str | os.PathLike, create: bool = False, readonly: bool =
     except sqlite3.DatabaseError as e:
         raise _db_error(path, e) from None
     return db
+
+
+def _never_reuse_ids(db: sqlite3.Connection) -> None:
+    """An index written before ids were AUTOINCREMENT: its videos and windows tables are rebuilt
+    as such in one transaction (rows and ids kept), so deleted ids are not handed out again."""
+    for table in ("videos", "windows"):
+        sql = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()[0]
+        if "AUTOINCREMENT" in sql.upper():
+            continue
+        db.executescript(f"BEGIN IMMEDIATE; ALTER TABLE {table} RENAME TO {table}_old; {TABLES[table]}; "
+                         f"INSERT INTO {table} SELECT * FROM {table}_old; DROP TABLE {table}_old; {INDEXES} COMMIT;")
+
+
+@contextmanager
+def writer_lock(index_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold the index's writer lock (index.lock) for the block: `index build` / `index add` in two
+    processes at once would interleave their transactions and ids. filelock (flock on POSIX,
+    msvcrt on Windows; torch depends on it) is used rather than fcntl by hand: portable, and the
+    kernel releases the lock when its process dies, so a killed writer leaves no stale lock. A second
+    writer gets one line naming the index and the holder, and waits for nothing."""
+    from filelock import FileLock, Timeout
+    folder = Path(index_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / LOCK_NAME), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            owner = json.loads((folder / OWNER_NAME).read_text())
+            holder = f" (pid {int(owner['pid'])}: {str(owner.get('command', ''))[:120]})"
+        except (OSError, ValueError, KeyError, TypeError):
+            holder = ""
+        raise MmvsslError(f"search index {folder} is being written by another process{holder}; wait for it to "
+                          f"finish, then run this again ({folder / LOCK_NAME} is released when that process "
+                          f"exits)") from None
+    try:
+        atomic_write_json(folder / OWNER_NAME, {"pid": os.getpid(), "command": " ".join(sys.argv)})
+        yield
+    finally:
+        lock.release()
 
 
 def get_info(db: sqlite3.Connection, key: str, default=None):
@@ -134,7 +193,7 @@ def index_kind(index) -> str:
 
 
 def write_faiss_files(db: sqlite3.Connection, folder: Path, threshold: int = APPROX_THRESHOLD) -> dict:
-    """Rebuild every space's faiss file from the vectors table (temp file, then rename); returns
+    """Rebuild every space's faiss file from the vectors table (fsio.atomic_write_bytes); returns
     the info entry {space: {file, kind, count, dim, sha256}}. Spaces that lost all vectors are removed."""
     import faiss
     entries = {}
@@ -145,9 +204,7 @@ def write_faiss_files(db: sqlite3.Connection, folder: Path, threshold: int = APP
         index = make_faiss_index(from_blobs([r[1] for r in rows]), ids, threshold)
         data = faiss.serialize_index(index).tobytes()
         name = f"{space}.faiss"
-        tmp = folder / f".{name}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, folder / name)
+        fsio.atomic_write_bytes(folder / name, data)
         entries[space] = {"file": name, "kind": index_kind(index), "count": len(ids), "dim": int(index.d),
                           "sha256": hashlib.sha256(data).hexdigest()}
     for stale in folder.glob("*.faiss"):
@@ -188,6 +245,4 @@ def check_model(db: sqlite3.Connection, index_dir, fingerprint: str, name: str, 
 
 
 def atomic_write_json(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    fsio.atomic_write_json(path, value)  # temp file, fsync, rename, fsync the folder

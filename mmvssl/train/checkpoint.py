@@ -1,5 +1,6 @@
-"""Training checkpoints: a folder per step, written to a temporary name and renamed into place,
-so a crash (even kill -9) mid-save leaves the previous checkpoint intact. Weights are
+"""Training checkpoints: a folder per step, written to a temporary name, fsynced and renamed into
+place (mmvssl.fsio), so a crash (even kill -9 or a power cut) mid-save leaves the previous
+checkpoint intact. Weights are
 safetensors; optimizer, scheduler, loss-scaler and RNG states load with `weights_only=True`,
 so loading never runs pickled code.
 
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import MmvsslError
+from ..fsio import replace_folder
 
 PREFIX = "step_"
 TMP_PREFIX = ".tmp_"
@@ -50,11 +52,6 @@ def _load_weights(model: torch.nn.Module, file: Path) -> None:
                           f"unexpected {unexpected[:3]})")
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module | dict, optimizer, scheduler,
                     extra: dict | None = None, keep_last: int = 2, modules: dict[str, torch.nn.Module] | None = None,
                     states: dict | None = None) -> Path:
@@ -73,11 +70,7 @@ def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **(states or {})},
                    tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
-        for f in tmp.iterdir():  # make the content durable before the rename
-            _fsync(f)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)  # content fsynced, renamed (swapped with an older save of this step), folder fsynced
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:

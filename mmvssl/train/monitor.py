@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
+
+from ..fsio import atomic_write_text
 
 
 def git_commit() -> str | None:
@@ -64,12 +67,28 @@ def flat_scalars(tree: dict, prefix: str = "") -> dict:
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
-    """A resumed run rewrites the steps after its checkpoint: drop them from metrics.jsonl."""
+    """A resumed run rewrites the steps after its checkpoint: drop them from metrics.jsonl. A line
+    that is not a JSON object (the last one cut short when the run was killed mid-write) is
+    dropped with a one-line note; the file is rewritten atomically."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines()
-             if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    kept, dropped = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            dropped.append(number)
+        elif not isinstance(record.get("step", 0), (int, float)) or record.get("step", 0) <= step:
+            kept.append(line)
+    if dropped:
+        print(f"mmvssl: note: {path}: dropped {len(dropped)} unreadable line(s) ({', '.join(map(str, dropped[:5]))}"
+              f"{', ...' if len(dropped) > 5 else ''}; a run killed mid-write leaves its last line cut short)",
+              file=sys.stderr)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 class RunLog:

@@ -10,6 +10,7 @@ from pathlib import Path
 import av
 import numpy as np
 
+from ...fsio import commit_file, inside, outside_reason
 from ..decode import DecodeError, decode_audio
 from ..synth import write_mp4
 
@@ -38,7 +39,7 @@ def wrap_audio(source: Path, target: Path, rate: int = 44100, fps: int = 4, size
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".tmp_{target.name}")
     write_mp4(tmp, frames, audio, fps, rate)
-    tmp.rename(target)
+    commit_file(tmp, target)
     return seconds
 
 
@@ -74,27 +75,41 @@ def cut_clip(source: Path, target: Path, start: float, end: float, fps: int = 30
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".tmp_{target.name}")
     write_mp4(tmp, np.ascontiguousarray(frames), audio.astype(np.float32), fps, audio_rate)
-    tmp.rename(target)
+    commit_file(tmp, target)
 
 
 def cut_clips(captions: str | Path, videos_dir: str | Path, out_dir: str | Path, fps: int = 30,
               short_side: int = 256, audio_rate: int = 48000) -> dict:
     """Cut every entry of a converted captions.jsonl that names a `clip` [start, end] of a
     `source_video` (EK-100 MIR) out of `videos_dir/<source_video>` into `out_dir/<video>`;
-    clips already cut are kept (re-running resumes); failures are listed with their line."""
+    clips already cut are kept (re-running resumes); failures are listed with their line. Both
+    paths must stay inside their folder (fsio.inside: no absolute path elsewhere, no `..`, no
+    symlink out): an entry that leaves one is a failure, nothing is read or written for it."""
     import json
     captions, videos_dir, out_dir = Path(captions), Path(videos_dir), Path(out_dir)
     done, skipped, failed, total = 0, 0, [], 0
     for line_no, line in enumerate(captions.read_text(encoding="utf-8").splitlines(), start=1):
-        entry = json.loads(line) if line.strip() else {}
-        if not isinstance(entry.get("clip"), list) or "source_video" not in entry:
+        try:
+            entry = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError as e:
+            entry = {"clip": [], "source_video": None, "_error": f"malformed JSON ({e.msg})"}
+        if not isinstance(entry, dict) or not isinstance(entry.get("clip"), list) or "source_video" not in entry:
             continue
         total += 1
-        target = out_dir / entry["video"]
+        video, source_video = entry.get("video"), entry["source_video"]
+        if "_error" in entry or not (isinstance(video, str) and video and isinstance(source_video, str) and source_video):
+            reason = entry.get("_error", "'video' and 'source_video' must be non-empty paths")
+            failed.append({"line": line_no, "id": entry.get("id"), "reason": reason})
+            continue
+        target, source = inside(out_dir, video), inside(videos_dir, source_video)
+        if target is None or source is None:
+            reason = (f"video: {outside_reason(out_dir, video)}" if target is None
+                      else f"source_video: {outside_reason(videos_dir, source_video)}")
+            failed.append({"line": line_no, "id": entry.get("id"), "reason": f"refused, {reason}"})
+            continue
         if target.is_file():
             skipped += 1
             continue
-        source = videos_dir / entry["source_video"]
         try:
             if not source.is_file():
                 raise DecodeError(f"source video not found: {source}")
@@ -102,4 +117,7 @@ def cut_clips(captions: str | Path, videos_dir: str | Path, out_dir: str | Path,
             done += 1
         except (DecodeError, OSError, ValueError, av.error.FFmpegError) as e:
             failed.append({"line": line_no, "id": entry.get("id"), "reason": str(e)})
+        except (IndexError, TypeError, OverflowError):
+            failed.append({"line": line_no, "id": entry.get("id"), "reason": f"clip {entry['clip']!r} is not "
+                                                                          f"[start, end] in finite seconds"})
     return {"clips": total, "written": done, "already_there": skipped, "failed": failed}
