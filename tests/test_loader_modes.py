@@ -138,3 +138,16 @@ def test_augmentation_is_off_by_default_and_consistent_over_time(demo_shards):
     assert torch.equal(v[0], v[1]) and torch.equal(v[1], v[2])  # grey in every frame
     again = next(iter(build_loader(str(demo_shards["train"]), spec, 2)))
     assert torch.equal(again["video"], batch["video"]) and torch.equal(again["audio"], batch["audio"])
+
+
+def test_labelled_share_is_refused_in_epoch_mode_not_ignored(demo_shards):
+    """data.labelled_share draws labelled samples at a share of a resampled stream; in epoch mode
+    (every sample once) it would be silently ignored, so it is refused with one line naming it."""
+    from mmvssl.errors import MmvsslError
+    keys = frozenset(_all_keys(demo_shards)[:4])
+    spec = SampleSpec(**SPEC, train=True, seed=0, labelled_share=0.5, labelled_keys=keys)
+    with pytest.raises(MmvsslError, match=r"data\.labelled_share=0\.5 .* data\.mode=epoch") as e:
+        next(iter(build_loader(str(demo_shards["train"]), spec, 4, mode="epoch")))
+    assert "\n" not in str(e.value)
+    spec.labelled_share = 0.0  # each sample once per epoch, labelled or not
+    assert len([k for b in build_loader(str(demo_shards["train"]), spec, 4, mode="epoch") for k in b["key"]]) == 24

@@ -1,7 +1,8 @@
 """`mmvssl finetune MODEL --train SHARDS --test SHARDS --task TASK --out DIR [--set key=value ...]`: a
 classifier head on MODEL's video encoder trained with the task's labels (the `supervised` method
-through the training engine: accelerate, resume, several processes), then the best checkpoint by
-val top-1 scored on --test with multi-clip multi-crop testing (report.{json,md,html} in DIR/eval).
+through the training engine: accelerate, resume, several processes), then the checkpoint
+chosen on --val by top-1 (or, without --val, the last one: nothing is ever selected on --test) scored
+on --test with multi-clip multi-crop testing (report.{json,md,html} in DIR/eval).
 MODEL is a model folder, or a preset name to train from scratch (the supervised-only baseline)."""
 
 import os
@@ -37,6 +38,16 @@ def finetune_config(model: str, train: str, task: str, out: str, val: str = "", 
     return load_config(path, [*given, *overrides])
 
 
+def shared_shards(a: str, b: str) -> bool:
+    """Whether two shard specs share a file (so a val set that is, or holds part of, the test set is
+    caught however it is spelt: another brace range, a trailing slash, a relative path)."""
+    from ..data.shardio import list_shards
+    try:
+        return bool({os.path.realpath(u) for u in list_shards(a)} & {os.path.realpath(u) for u in list_shards(b)})
+    except MmvsslError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _finetune(args) -> None:
     from ..evaluation.classifier import evaluate_classifier
     from ..evaluation.features import ExtractOptions
@@ -47,7 +58,10 @@ def _finetune(args) -> None:
         raise MmvsslError("mmvssl finetune needs --train SHARDS and --task TASK (or --eval-only with a fine-tuned folder)")
     else:
         from ..train.engine import pretrain
-        cfg = finetune_config(args.model, args.train, args.task, args.out, args.val or args.test, args.config,
+        if args.val and shared_shards(args.val, args.test):
+            raise MmvsslError(f"--val {args.val} shares shards with --test {args.test}: choosing the checkpoint on the test set flatters "
+                              f"the result; give a separate validation split, or leave --val out to test the last step")
+        cfg = finetune_config(args.model, args.train, args.task, args.out, args.val or "", args.config,
                               args.overrides)
         final = pretrain(cfg)
         if final.name.startswith("step_"):
@@ -56,10 +70,12 @@ def _finetune(args) -> None:
         if int(os.environ.get("RANK", "0") or 0) != 0:
             return  # several processes trained; the main one tests (one report, not a race on it)
         best = os.path.join(args.out, "best")
-        chosen = best if os.path.isdir(best) else str(final)
+        chosen = best if args.val and os.path.isdir(best) else str(final)
+        if not args.val:
+            print(f"no --val: testing the last checkpoint ({final}); give --val SHARDS to keep the best by val top-1")
     options = ExtractOptions(num_clips=args.clips, num_crops=args.crops, batch_size=args.batch_size)
     report = evaluate_classifier(load_classifier(chosen), args.test, os.path.join(args.out, "eval"), options,
-                                 model_path=chosen, extra={"selected_on": args.val or args.test})
+                                 model_path=chosen, extra={"selected_on": None if args.eval_only else (args.val or None)})
     print(f"{chosen} on {args.test} ({args.clips} clips x {args.crops} crops): top1 {report['top1']:.1f}  "
           f"top5 {report['top5']:.1f}  mean class acc {report['mean_class_acc']:.1f}  "
           f"(chance top1 {report['chance_top1']:.1f}; {report['num_samples']} samples)")
@@ -72,7 +88,8 @@ def register(sub) -> None:
                                  "from scratch; with --eval-only, a fine-tuned folder")
     p.add_argument("--train", help="training shards (labels in each sample's metadata)")
     p.add_argument("--test", required=True, help="test shards, scored with --clips x --crops views per video")
-    p.add_argument("--val", help="shards that choose the best checkpoint by top-1 (default: --test)")
+    p.add_argument("--val", help="validation shards that choose the best checkpoint by top-1 (never --test; "
+                                 "without --val the last checkpoint is tested)")
     p.add_argument("--task", help="eval/tasks/X.yaml or a task name: the classes and the label key")
     p.add_argument("--out", required=True, help="run folder: checkpoints, model (last), best, eval/report.*")
     p.add_argument("--config", help=f"the fine-tuning config (default {DEFAULT_CONFIG})")

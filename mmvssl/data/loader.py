@@ -328,3 +328,7 @@ def build_loader(shards: str, spec: SampleSpec, batch_size: int, num_workers: in
         dataset.pipeline[0].set_epoch(epoch)
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                        persistent_workers=False, prefetch_factor=2 if num_workers else None)
+        if spec.train and spec.labelled_share > 0 and spec.labelled_keys is not None:
+            raise MmvsslError(f"data.labelled_share={spec.labelled_share} draws labelled samples at that share of a "
+                              f"resampled stream; data.mode=epoch reads every sample once: use data.mode=resampled, "
+                              f"or data.labelled_share=0 (each labelled and unlabelled sample once per epoch)")
