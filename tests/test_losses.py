@@ -194,3 +194,41 @@ def test_learnable_temperature_is_a_clamped_parameter_without_weight_decay():
     assert opt.param_groups[1]["weight_decay"] == 0.0 and all(id(p) in no_decay for p in obj.parameters())
     with pytest.raises(ConfigError, match="temperature 0.001 is outside"):
         Objective([{"name": "x", "loss": "nce", "inputs": ["a_va", "b_va"], "temperature": 0.001}])
+
+
+# --- LaViLa's SSLCLIPLoss (its official numbers: tests/parity/lavila.py) ---------------------------------
+
+def test_ssl_clip_without_pseudo_pairs_is_clip_and_pseudo_pairs_take_the_pseudo_scale():
+    from mmvssl.losses.contrastive import ssl_clip_loss, ssl_clip_scales
+    torch.manual_seed(0)
+    a, b = F.normalize(torch.randn(5, 8), dim=1), F.normalize(torch.randn(5, 8), dim=1)
+    assert ssl_clip_loss(a, b, 0.07, pseudo_temperature=0.2).item() == pytest.approx(nce_loss(a, b, 0.07).item(), rel=1e-6)
+    everyone_pseudo = torch.zeros(5, dtype=torch.bool)
+    assert ssl_clip_loss(a, b, 0.07, pseudo_temperature=0.2, ground_truth=everyone_pseudo).item() == pytest.approx(
+        nce_loss(a, b, 0.2).item(), rel=1e-6)
+    truth = torch.tensor([True, False])
+    scales = ssl_clip_scales(truth, truth, 0.05, 0.2)  # scales 20 and 5: mixed pairs at sqrt(100) = 10
+    torch.testing.assert_close(scales, torch.tensor([[20.0, 10.0], [10.0, 5.0]]))
+
+
+def test_objective_ssl_clip_term_owns_a_pseudo_temperature_and_flags_narrator_texts_as_pseudo():
+    from mmvssl.losses.contrastive import ssl_clip_loss
+    term = {"name": "vt", "loss": "ssl_clip", "inputs": ["video_vat", "text_vat"], "pseudo_temperature": 0.1}
+    objective = Objective([term], temperature=0.07, learnable_temperature=True)
+    assert "log_pseudo_temperature.vt" in objective.state_dict()  # checkpointed with the method
+    torch.manual_seed(1)
+    video, text = F.normalize(torch.randn(4, 8), dim=1), F.normalize(torch.randn(4, 1, 8), dim=-1)
+    generated = torch.tensor([False, True, True, False])
+    batch = {"text_generated": generated, "text_mask": torch.ones(4, 1, dtype=torch.bool)}
+    loss, values = objective({"video_vat": video, "text_vat": text}, batch)
+    expected = ssl_clip_loss(video, text[:, 0], 0.07, pseudo_temperature=0.1, ground_truth=~generated)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert objective.log_pseudo_temperature["vt"].grad.abs() > 0  # the pseudo scale learns
+    assert objective.temperatures()["pseudo_temperature/vt"] == pytest.approx(0.1, rel=1e-5)
+    frozen = Objective([term], temperature=0.07)
+    assert not frozen.log_pseudo_temperature["vt"].requires_grad and "log_pseudo_temperature.vt" in frozen.state_dict()
+    with pytest.raises(ConfigError, match="ssl_clip pairs each clip with one text"):
+        objective({"video_vat": video, "text_vat": text.expand(4, 2, 8)}, batch)
+    with pytest.raises(ConfigError, match="pseudo_temperature belongs to an ssl_clip term"):
+        Objective([{**term, "loss": "nce"}])

@@ -362,3 +362,38 @@ def test_visual_overrides_reshape_a_preset_and_are_refused_for_a_trained_model(t
     ncfg.visual, ncfg.visual_overrides = str(tmp_path / "dual"), {"video.patch": [1, 8, 8]}
     with pytest.raises(ConfigError, match="narrator.visual_overrides: .* is a trained model"):
         build_narrator(ncfg, tok)
+
+
+def test_a_config_freezing_random_parts_refuses_to_start_naming_them(demo_shards, tmp_path):
+    """configs/lavila/narrator_base.yaml freezes GPT-2 and the visual encoder: with a GPT-2 size and a
+    preset (random weights) nothing but the pooler and gates could learn, so training refuses in one
+    line naming both parts; a trained visual folder and a GPT-2 folder would satisfy it."""
+    from mmvssl.config import load_config
+    from mmvssl.methods.narrator import check_frozen_parts_are_pretrained
+    from mmvssl.resources import data_path
+    from mmvssl.train.engine import pretrain
+    cfg = load_config(data_path("configs", "lavila", "narrator_base.yaml"),
+                      [f"data.shards={demo_shards['train']}", f"train.output_dir={tmp_path}", "data.num_workers=0"])
+    with pytest.raises(ConfigError) as error:
+        pretrain(cfg)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("method 'narrator' cannot learn")
+    assert "narrator.lm 'gpt2'" in message and "narrator.visual 'vatt-bbs'" in message
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "dual").mkdir()
+    (tmp_path / "dual" / "config.json").write_text("{}")
+    check_frozen_parts_are_pretrained(SimpleNamespace(lm=str(tmp_path / "gpt2"), freeze_lm=True,
+                                                      visual=str(tmp_path / "dual"), freeze_visual=True))
+    with pytest.raises(ConfigError, match="narrator.lm 'tiny' is a GPT-2 size") as error:
+        check_frozen_parts_are_pretrained(SimpleNamespace(lm="tiny", freeze_lm=True, visual="vatt-tiny",
+                                                          freeze_visual=False))
+    assert "narrator.visual" not in str(error.value)
+
+
+def test_methods_command_shows_the_lavila_configs(capsys):
+    from mmvssl.cli import main
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    configs = {lines[i].split()[0]: lines[i + 1] for i in range(0, len(lines) - 1) if not lines[i].startswith(" ")}
+    assert "configs/lavila/narrator_base.yaml" in configs["narrator"]
+    assert "configs/lavila/dual_encoder.yaml" in configs["contrastive"]

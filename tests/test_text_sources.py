@@ -33,7 +33,8 @@ def test_each_source_gives_its_texts_nearest_the_window_and_flags_generated_ones
     assert select_source_texts(META, 4.5, 5.5, 3) == (select_texts(META, 4.5, 5.5, 3), False)
     assert select_source_texts(META, 4.5, 5.5, 3, ("pseudo",), rng) == (["p4", "p0"], True)
     texts, generated = select_source_texts(META, 4.5, 5.5, 2, ("paraphrase",), rng)
-    assert generated and texts[0].startswith("overlap ") and texts[1].startswith("early ")  # one per narration
+    # one per narration; paraphrases are ground truth (LaViLa), only narrator outputs are flagged
+    assert not generated and texts[0].startswith("overlap ") and texts[1].startswith("early ")
     drawn = {select_source_texts(META, 0, 1, 1, ("paraphrase",), random.Random(s))[0][0] for s in range(30)}
     assert drawn == {"early 0", "early 1", "early 2"}
     # a source the sample lacks is never drawn; without any source there is no text

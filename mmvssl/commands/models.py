@@ -8,8 +8,12 @@ def _list(args) -> None:
 
 
 def _methods(args) -> None:
+    from ..config import load_config
     from ..methods import MODULES, get_method, method_configs
+    from ..resources import data_path
     configs = method_configs()
+    for path in sorted(data_path("configs", "lavila").glob("*.yaml")):  # LaViLa's narrator and dual encoder
+        configs.setdefault(load_config(path).method.name, []).append(f"configs/lavila/{path.name}")
     for name in MODULES:
         method = get_method(name)
         print(f"{name:<14}{method.paper}")

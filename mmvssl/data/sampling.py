@@ -88,7 +88,8 @@ def source_texts(meta: dict, source: str, start: float, end: float, k: int,
 def select_source_texts(meta: dict, start: float, end: float, k: int, sources: tuple[str, ...] = ("human",),
                         rng: random.Random | None = None) -> tuple[list[str], bool]:
     """LaViLa's text for a clip: one of `sources` that this sample has, drawn with `rng`; returns
-    (texts, generated) where generated says the texts are paraphrases or pseudo-narrations.
+    (texts, generated) where generated says the texts are pseudo-narrations (narrator outputs);
+    paraphrases of human narrations count as ground truth, as in LaViLa.
     With the single source "human" this is select_texts and draws nothing."""
     if tuple(sources) == ("human",):
         return select_texts(meta, start, end, k), False
@@ -96,7 +97,7 @@ def select_source_texts(meta: dict, start: float, end: float, k: int, sources: t
     if not available:
         return [], False
     source = rng.choice(available) if rng is not None and len(available) > 1 else available[0]
-    return source_texts(meta, source, start, end, k, rng), source != "human"
+    return source_texts(meta, source, start, end, k, rng), source == "pseudo"
 
 
 def cvrl_gap(max_gap: float, rng: random.Random) -> float:

@@ -60,6 +60,56 @@ def nce_loss(a: torch.Tensor, b: torch.Tensor, temperature: float | torch.Tensor
     return global_mean(per_sample, mask.float(), all_mask.float())
 
 
+def ssl_clip_scales(ground_truth: torch.Tensor, all_ground_truth: torch.Tensor, temperature: float | torch.Tensor,
+                    pseudo_temperature: float | torch.Tensor | None = None) -> torch.Tensor:
+    """LaViLa's per-pair logit scale (B, N) for local rows `ground_truth` (B,) and gathered columns
+    (N,): 1 / temperature where both samples are ground truth, 1 / pseudo_temperature where both are
+    pseudo-narrations, their geometric mean sqrt(scale * pseudo scale) where they are mixed."""
+    scale = 1 / torch.as_tensor(temperature, dtype=torch.float32, device=ground_truth.device)
+    pseudo = scale if pseudo_temperature is None else 1 / torch.as_tensor(
+        pseudo_temperature, dtype=torch.float32, device=ground_truth.device)
+    both = ground_truth.long()[:, None] + all_ground_truth.long()[None, :]  # (B, N): 0, 1 or 2 ground truths
+    return torch.where(both == 2, scale, torch.where(both == 0, pseudo, torch.sqrt(scale * pseudo)))
+
+
+def ssl_clip_loss(a: torch.Tensor, b: torch.Tensor, temperature: float | torch.Tensor = 0.07,
+                  mask: torch.Tensor | None = None, pseudo_temperature: float | torch.Tensor | None = None,
+                  ground_truth: torch.Tensor | None = None) -> torch.Tensor:
+    """LaViLa's SSLCLIPLoss (facebookresearch/LaViLa lavila/models/loss.py): CLIPLoss -- the mean of
+    the video-to-text and text-to-video cross-entropies over paired rows of a, b (B, D) -- with each
+    logit a_i . b_j scaled by ssl_clip_scales of samples i and j (`ground_truth` (B,): human or
+    rephrased narrations True, narrator outputs False). Without pseudo pairs it is CLIPLoss, the
+    same as nce_loss."""
+    B = a.shape[0]
+    mask = _default_mask(a, mask)
+    truth = torch.ones(B, dtype=torch.bool, device=a.device) if ground_truth is None else ground_truth.bool()
+    rank, _ = world()
+    all_a, all_b = gather_with_grad(a), gather_with_grad(b)
+    all_mask, all_truth = gather_no_grad(mask), gather_no_grad(truth)
+    labels = torch.arange(B, device=a.device) + rank * B
+    scales = ssl_clip_scales(truth, all_truth, temperature, pseudo_temperature)  # (B, N), symmetric in (i, j)
+    invalid = ~all_mask[None, :]
+    logits_ab = (a @ all_b.T * scales).masked_fill(invalid, NEG_INF)  # (B, N): video i against every text
+    logits_ba = (b @ all_a.T * scales).masked_fill(invalid, NEG_INF)
+    per_sample = 0.5 * (F.cross_entropy(logits_ab, labels, reduction="none")
+                        + F.cross_entropy(logits_ba, labels, reduction="none"))  # (B,)
+    return global_mean(per_sample, mask.float(), all_mask.float())
+
+
+@torch.no_grad()
+def ssl_clip_accuracy(a: torch.Tensor, b: torch.Tensor, temperature: float | torch.Tensor = 0.07,
+                      pseudo_temperature: float | torch.Tensor | None = None,
+                      ground_truth: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """LaViLa's accuracies of one process's batch, in percent: the rows of the scaled video-to-text
+    logits whose argmax is their own text, over all rows (`acc`), ground-truth rows (`acc_gt`) and
+    pseudo rows (`acc_pseudo`; NaN where there are none)."""
+    B = a.shape[0]
+    truth = torch.ones(B, dtype=torch.bool, device=a.device) if ground_truth is None else ground_truth.bool()
+    logits = a @ b.T * ssl_clip_scales(truth, truth, temperature, pseudo_temperature)
+    correct = (logits.argmax(dim=1) == torch.arange(B, device=a.device)).float()
+    return {"acc": 100 * correct.mean(), "acc_gt": 100 * correct[truth].mean(), "acc_pseudo": 100 * correct[~truth].mean()}
+
+
 def nt_xent_loss(a: torch.Tensor, b: torch.Tensor, temperature: float | torch.Tensor = 0.1,
                  mask: torch.Tensor | None = None) -> torch.Tensor:
     """NT-Xent (SimCLR, CVRL) between two views a, b (B, D): each of the 2N views is an anchor
@@ -143,4 +193,5 @@ def siglip_loss(a: torch.Tensor, b: torch.Tensor, temperature: float | torch.Ten
     return global_mean(pair_loss.sum(dim=1), mask.float(), all_mask.float())
 
 
-LOSSES = {"nce": nce_loss, "nt_xent": nt_xent_loss, "mil_nce": mil_nce_loss, "siglip": siglip_loss}
+LOSSES = {"nce": nce_loss, "nt_xent": nt_xent_loss, "mil_nce": mil_nce_loss, "siglip": siglip_loss,
+          "ssl_clip": ssl_clip_loss}

@@ -16,8 +16,12 @@ per MIL-NCE candidate.
 Temperatures are fixed numbers or learnable parameters of the objective (stored as a log, so
 they stay positive, and clamped to [min_temperature, max_temperature] in the forward pass, as
 open_clip clamps CLIP's logit scale). `generated_temperature` (NCE and MIL-NCE terms with a
-text input) is LaViLa's separate, fixed temperature: pairs whose text is a paraphrase or a
-pseudo-narration (the batch's `text_generated`) use it for their rows. SigLIP terms carry a
+text input) is a separate, fixed temperature: pairs whose text is a pseudo-narration (the batch's
+`text_generated`) use it for their rows. An `ssl_clip` term is
+LaViLa's SSLCLIPLoss: CLIP's symmetric loss with a scale per pair (ground truth, pseudo, mixed:
+the geometric mean) and a second temperature, `pseudo_temperature`, for pseudo-narrations (the
+batch's `text_generated`: narrator outputs; human and rephrased narrations are ground truth), held
+as a log parameter of the objective, trained when the term is learnable. SigLIP terms carry a
 bias, learnable with the temperature. The engine gives these parameters to the optimizer (never weight-decayed) and
 saves them in checkpoints.
 """
@@ -47,6 +51,7 @@ class Term:
     bias: float = -10.0
     generated_temperature: float | None = None
     distance: str = "cosine"
+    pseudo_temperature: float | None = None
 
 
 class Objective(nn.Module):
@@ -58,6 +63,8 @@ class Objective(nn.Module):
         self.terms: list[Term] = []
         self.log_temperature = nn.ParameterDict()  # one learnable log-temperature per learnable term
         self.bias = nn.ParameterDict()  # one learnable bias per learnable SigLIP term
+        # LaViLa's pseudo scale, one per ssl_clip term: a log temperature, trained when the term is learnable
+        self.log_pseudo_temperature = nn.ParameterDict()
         self.predictors = nn.ModuleDict()  # one predictor MLP per distillation term
         for i, t in enumerate(terms):
             name = t.get("name") or f"term{i}"
@@ -93,13 +100,25 @@ class Objective(nn.Module):
                     raise ConfigError(f"objective.terms[{i}] '{name}': generated_temperature {generated_tau} is "
                                       f"outside [{min_temperature}, {max_temperature}]")
                 generated_tau = float(generated_tau)
+            pseudo_tau = t.get("pseudo_temperature")
+            if pseudo_tau is not None and t["loss"] != "ssl_clip":
+                raise ConfigError(f"objective.terms[{i}] '{name}': pseudo_temperature belongs to an ssl_clip term "
+                                  f"(LaViLa's pseudo-narration scale), got loss {t['loss']}")
+            pseudo_tau = float(tau if pseudo_tau is None else pseudo_tau)
+            if not min_temperature <= pseudo_tau <= max_temperature:
+                raise ConfigError(f"objective.terms[{i}] '{name}': pseudo_temperature {pseudo_tau} is outside "
+                                  f"[{min_temperature}, {max_temperature}]")
             learnable = t.get("learnable")
             learnable = bool(learnable_temperature if learnable is None else learnable)
             if float(t.get("weight", 1.0)) <= 0:
                 continue
             term = Term(name, t["loss"], inputs, float(t.get("weight", 1.0)), tau, learnable,
-                        float(t.get("bias", -10.0) if t.get("bias") is not None else -10.0), generated_tau)
+                        float(t.get("bias", -10.0) if t.get("bias") is not None else -10.0), generated_tau,
+                        pseudo_temperature=pseudo_tau if t["loss"] == "ssl_clip" else None)
             self.terms.append(term)
+            if term.loss == "ssl_clip":  # a parameter either way, so it is checkpointed with the method
+                self.log_pseudo_temperature[name] = nn.Parameter(torch.tensor(math.log(pseudo_tau)),
+                                                                 requires_grad=learnable)
             if learnable:
                 self.log_temperature[name] = nn.Parameter(torch.tensor(math.log(tau)))
                 if term.loss == "siglip":
@@ -132,6 +151,10 @@ class Objective(nn.Module):
             return term.temperature
         return self.log_temperature[term.name].exp().clamp(self.min_temperature, self.max_temperature)
 
+    def pseudo_temperature(self, term: Term) -> torch.Tensor:
+        """An ssl_clip term's temperature of pseudo-narration pairs (the inverse of LaViLa's pseudo scale)."""
+        return self.log_pseudo_temperature[term.name].exp().clamp(self.min_temperature, self.max_temperature)
+
     def pair_temperatures(self, term: Term, batch: dict) -> float | torch.Tensor:
         """The term's temperature, or (B,) per pair when generated texts have their own."""
         tau = self.temperature(term)
@@ -143,7 +166,11 @@ class Objective(nn.Module):
 
     def temperatures(self) -> dict[str, float]:
         """The current temperature of every learnable term, for logging."""
-        return {f"temperature/{t.name}": float(torch.as_tensor(self.temperature(t)).detach()) for t in self.terms if t.learnable}
+        values = {f"temperature/{t.name}": float(torch.as_tensor(self.temperature(t)).detach())
+                  for t in self.terms if t.learnable}
+        values.update({f"pseudo_temperature/{t.name}": float(self.pseudo_temperature(t).detach())
+                       for t in self.terms if t.learnable and t.loss == "ssl_clip"})
+        return values
 
     def forward(self, embeddings: dict[str, torch.Tensor], batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, values = 0.0, {}
@@ -171,10 +198,30 @@ class Objective(nn.Module):
                 kwargs["candidate_mask"] = batch.get("text_mask")
             if t.loss == "siglip":
                 kwargs["bias"] = self.bias[t.name] if t.name in self.bias else t.bias
+            if t.loss == "ssl_clip":
+                a, b, kwargs["mask"] = self._one_text(t, a, b, mask, batch)
+                kwargs["temperature"] = self.temperature(t)
+                kwargs["pseudo_temperature"] = self.pseudo_temperature(t)
+                generated = batch.get("text_generated")  # narrator outputs; human and rephrased texts are truth
+                kwargs["ground_truth"] = None if generated is None else ~generated.bool()
             value = LOSSES[t.loss](a, b, **kwargs)
             values[t.name] = value
             total = total + t.weight * value
         return total, values
+
+    @staticmethod
+    def _one_text(t: Term, a: torch.Tensor, b: torch.Tensor, mask, batch: dict):
+        """ssl_clip pairs each clip with one text: (B, 1, D) candidates become (B, D), their mask joined."""
+        if a.ndim == 2 and b.ndim == 2:
+            return a, b, mask
+        texts = a if a.ndim == 3 else b
+        if texts.shape[1] != 1:
+            raise ConfigError(f"objective term '{t.name}': ssl_clip pairs each clip with one text (LaViLa's "
+                              f"CLIPLoss), got {texts.shape[1]} candidates per clip: set data.num_candidates=1")
+        candidate = batch.get("text_mask")
+        if candidate is not None:
+            mask = candidate[:, 0].bool() if mask is None else mask & candidate[:, 0].bool()
+        return (a[:, 0] if a.ndim == 3 else a), (b[:, 0] if b.ndim == 3 else b), mask
 
     def _distill(self, t: Term, embeddings: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:
         student, teacher = t.inputs

@@ -3,9 +3,12 @@ et al. 2020) and LaViLa's dual encoder (Zhao et al. 2023), with iBoot-style imag
 distillation (the `teacher:` section) beside it.
 
 The model is a MultimodalModel from `model.preset`; the loss is the Objective of
-`objective.terms` (NCE, MIL-NCE, NT-Xent, SigLIP, distillation terms), which decides everything
-that distinguishes VATT from MMV from LaViLa: which embeddings meet, with which loss and
-temperature. A `teacher:` section adds a frozen open_clip image model whose per-frame features
+`objective.terms` (NCE, MIL-NCE, NT-Xent, SigLIP, SSL-CLIP, distillation terms), which decides
+everything that distinguishes VATT from MMV from LaViLa: which embeddings meet, with which loss and
+temperature. LaViLa's dual encoder (configs/lavila/dual_encoder.yaml) trains with `ssl_clip`,
+LaViLa's SSLCLIPLoss as facebookresearch/LaViLa @ 8002b5a lavila/models/loss.py (its pseudo
+temperature a parameter of the objective, in this method's state), checked against the official
+numbers in tests/parity/lavila.py. A `teacher:` section adds a frozen open_clip image model whose per-frame features
 (`teacher_frames`) the distillation terms read: computed on the device once per batch, or read
 from the shards when `teacher.cached`. With `method.options.teacher_view` and a two-view sampler
 the teacher sees its own augmentation of the clip (iBoot, configs/methods/iboot.yaml).

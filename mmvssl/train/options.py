@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 @dataclass
 class TermConfig:
     name: str = ""
-    loss: str = "nce"  # nce | nt_xent | mil_nce | siglip | distill_frames | distill_clip | model
+    loss: str = "nce"  # nce | nt_xent | mil_nce | siglip | ssl_clip | distill_frames | distill_clip | model
     inputs: list[str] = field(default_factory=list)  # two embedding names from model.forward (distill: student, teacher)
     weight: float = 1.0
     temperature: float | None = None  # None: objective.temperature
     learnable: bool | None = None  # None: objective.learnable_temperature
     bias: float = -10.0  # siglip only: initial logit bias
     generated_temperature: float | None = None  # nce/mil_nce: fixed temperature of pairs whose text is generated
+    pseudo_temperature: float | None = None  # ssl_clip only: LaViLa's pseudo-narration temperature; None: temperature
     distance: str = "cosine"  # distill only: cosine (1 - cos, BYOL style) | smooth_l1 (to layer-normed targets)
     predictor_hidden: int = 0  # distill only: hidden width of the predictor MLP; 0: 2 x the teacher's width
 
