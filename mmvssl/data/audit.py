@@ -53,7 +53,9 @@ def inspect_shards(shards: str, limits: MemberLimits | None = None) -> dict:
             continue
         before = len(problems)
         meta, data = _meta(raw, problems), _video(raw)
-        stats["bad_metadata"] += len(problems) > before
+        if len(problems) > before:  # the loader skips it: counted here, never in the hours
+            stats["bad_metadata"] += 1
+            continue
         if data is None:
             stats["without_video"] += 1
             continue

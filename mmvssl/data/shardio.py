@@ -40,19 +40,19 @@ class MemberLimits:
     max_member_mb: float = 1024.0  # videos and feature members
     max_text_member_mb: float = 16.0  # .json / .txt / .cls members
 
-    def limit(self, name: str) -> tuple[int, str]:
-        """(bytes, option name) for the member `name`."""
+    def limit(self, name: str) -> tuple[float, str]:
+        """(MiB, option name) for the member `name`."""
         suffix = name.rpartition("/")[2].split(".", 1)[-1].lower()
         if suffix in TEXT_MEMBER_SUFFIXES:
-            return int(self.max_text_member_mb * 2**20), "data.max_text_member_mb"
-        return int(self.max_member_mb * 2**20), "data.max_member_mb"
+            return self.max_text_member_mb, "data.max_text_member_mb"
+        return self.max_member_mb, "data.max_member_mb"
 
 
 def _refusal(name: str, size: int, limits: MemberLimits) -> str | None:
     limit, option = limits.limit(name)
-    if size <= limit:
+    if size <= limit * 2**20:
         return None
-    return f"member {name} is {size / 2**20:.1f} MiB, over {option}={limit / 2**20:g} (refused unread)"
+    return f"member {name} is {size / 2**20:.1f} MiB, over {option}={limit:g} (refused unread)"
 
 
 def report_refused_member(url: str, name: str, reason: str) -> None:

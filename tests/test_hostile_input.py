@@ -1,0 +1,378 @@
+"""Files users hand in, crafted to hurt (issue 29, "Readers of files users hand in"), and writes that
+claim to be atomic: shard members over the size limit (a bzip2 bomb, a sparse tar) refused from the
+tar header, bad metadata skipped and counted, paths that leave their folder refused by one rule,
+model folders whose config asks for huge tensors, a cut-short metrics.jsonl, and folder swaps that
+keep the old folder until the new one is in place."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import tarfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmvssl import fsio
+from mmvssl.data.decode import DecodeError
+from mmvssl.data.rawsample import REFUSED, metadata
+from mmvssl.data.shardio import MemberLimits, tar_samples
+from mmvssl.errors import ConfigError
+
+# A 934-byte bzip2 tar: 000000.mp4 declares (and decompresses to) 1025 MiB of zeros, then 000000.json.
+# Made once with bz2.BZ2Compressor over a tar header and the zeros (13 s); stored here so the test is fast.
+BOMB = base64.b64decode(
+    "QlpoOTFBWSZTWbecdLUFfjLbgNiAQAFlgAEAYAJeAAAIIAB1CSEJppkMQIqgbKAGnqTFqRQBVUTMAEBVUTXSInGbACASSSEMiuYp"
+    "EhBitqK03bDTjLwdydj7u96qoFQBVUT8xQVkmU1kOCeLfAV+OQADAAAAIIAAwgE1GQqAlqQqAlzFBWSZTWQ4J4t8BX45AAMAAAAg"
+    "gADCATUZCoCWpCoCXMUFZJlNZDgni3wFfjkAAwAAACCAAMIBNRkKgJakKgJcxQVkmU1kOCeLfAV+OQADAAAAIIAAwgE1GQqAlqQq"
+    "AlzFBWSZTWQ4J4t8BX45AAMAAAAggADCATUZCoCWpCoCXMUFZJlNZDgni3wFfjkAAwAAACCAAMIBNRkKgJakKgJcxQVkmU1kOCeL"
+    "fAV+OQADAAAAIIAAwgE1GQqAlqQqAlzFBWSZTWQ4J4t8BX45AAMAAAAggADCATUZCoCWpCoCXMUFZJlNZDgni3wFfjkAAwAAACCA"
+    "AMIBNRkKgJakKgJcxQVkmU1kOCeLfAV+OQADAAAAIIAAwgE1GQqAlqQqAlzFBWSZTWQ4J4t8BX45AAMAAAAggADCATUZCoCWpCoC"
+    "XMUFZJlNZDgni3wFfjkAAwAAACCAAMIBNRkKgJakKgJcxQVkmU1kOCeLfAV+OQADAAAAIIAAwgE1GQqAlqQqAlzFBWSZTWQ4J4t8"
+    "BX45AAMAAAAggADCATUZCoCWpCoCXMUFZJlNZDgni3wFfjkAAwAAACCAAMIBNRkKgJakKgJcxQVkmU1kOCeLfAV+OQADAAAAIIAA"
+    "wgE1GQqAlqQqAlzFBWSZTWQ4J4t8BX45AAMAAAAggADCATUZCoCWpCoCXMUFZJlNZDgni3wFfjkAAwAAACCAAMIBNRkKgJakKgJc"
+    "xQVkmU1kOCeLfAV+OQADAAAAIIAAwgE1GQqAlqQqAlzFBWSZTWQ4J4t8BX45AAMAAAAggADCATUZCoCWpCoCXMUFZJlNZDgni3wF"
+    "fjkAAwAAACCAAMIBNRkKgJakKgJcxQVkmU1kOCeLfAV+OQADAAAAIIAAwgE1GQqAlqQqAlzFBWSZTWZYuouYBCt/bgNqAUAF9kAI"
+    "AZDGeCkQIIAByGVMgepo0NDTQZqBFRGjKNMQyBkw499IzghtAAUURAN7AABURAJY0L7pSgqqKIgEEppVldvO+2MxD1nRKvOV3G8Y"
+    "IgSLBSDWYzFJ+qtVbVX57yCSQSCCAB+LuSKcKEgOw2nzAA=="
+)
+
+
+def sparse_member(name: str, real_size: int, data: bytes = b"x" * 512) -> bytes:
+    """One GNU sparse tar member (old 'S' header): 512 stored bytes standing for `real_size` bytes."""
+    h = bytearray(512)
+
+    def put(offset: int, value: bytes) -> None:
+        h[offset:offset + len(value)] = value
+    put(0, name.encode()), put(100, b"0000644\0"), put(108, b"0000000\0"), put(116, b"0000000\0")
+    put(124, b"%011o\0" % len(data)), put(136, b"%011o\0" % 0), put(156, b"S"), put(257, b"ustar  \0")
+    put(386, b"%011o\0" % (real_size - len(data))), put(398, b"%011o\0" % len(data))  # one sparse block, at the end
+    put(483, b"%011o\0" % real_size)
+    put(148, b" " * 8), put(148, b"%06o\0 " % sum(h))
+    return bytes(h) + data
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def read_all(path, limits=None) -> tuple[list[dict], float, int]:
+    """Every sample of one shard through tar_samples; (samples, seconds, peak bytes Python allocated)."""
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        samples = list(tar_samples([{"url": str(path)}], limits=limits))
+        return samples, time.perf_counter() - start, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+# ---- shard members over the size limit
+
+def test_sparse_tar_member_of_2_gib_is_refused_unread_and_the_next_sample_read(tmp_path, capsys):
+    shard = tmp_path / "sparse.tar"
+    shard.write_bytes(sparse_member("000000.mp4", 2**31) + tar_bytes({"000001.json": b'{"duration": 2}'}))
+    assert shard.stat().st_size < 16_000
+    assert tarfile.open(shard).getmember("000000.mp4").size == 2**31  # what a plain read would allocate
+    samples, seconds, peak = read_all(shard)
+    assert [s["__key__"] for s in samples] == ["000000", "000001"]
+    assert "mp4" not in samples[0] and samples[1]["json"] == b'{"duration": 2}'
+    assert peak < 20 * 2**20 and seconds < 10
+    with pytest.raises(DecodeError, match=r"sample 000000: member 000000\.mp4 is 2048\.0 MiB, over "
+                                          r"data\.max_member_mb=1024"):
+        metadata(samples[0])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sparse.tar" in err[0] and "data.max_member_mb=1024" in err[0]
+
+
+def test_bzip2_bomb_is_refused_from_its_header_without_decompressing_it(tmp_path, capsys):
+    shard = tmp_path / "bomb.tar.bz2"
+    shard.write_bytes(BOMB)
+    assert len(BOMB) < 1000
+    samples, seconds, peak = read_all(shard)
+    assert len(samples) == 1 and REFUSED in samples[0] and "mp4" not in samples[0]
+    # a compressed tar can only be passed by decompressing: the rest of that shard is skipped, said so
+    assert b"1025.0 MiB, over data.max_member_mb=1024" in samples[0][REFUSED]
+    assert b"rest of this compressed or streamed shard skipped" in samples[0][REFUSED]
+    assert peak < 20 * 2**20 and seconds < 10  # reading the member would hold 1025 MiB
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_limits_are_options_per_member_kind(tmp_path):
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(tar_bytes({"a.mp4": b"v" * 3000, "a.json": b"{}", "b.mp4": b"v" * 10, "b.txt": b"t" * 3000}))
+    samples, _, _ = read_all(shard, MemberLimits(max_member_mb=2000 / 2**20, max_text_member_mb=1000 / 2**20))
+    assert samples[0]["json"] == b"{}" and b"a.mp4 is 0.0 MiB, over data.max_member_mb" in samples[0][REFUSED]
+    assert samples[1]["mp4"] == b"v" * 10 and b"b.txt" in samples[1][REFUSED] and b"max_text_member_mb" in samples[1][REFUSED]
+    samples, _, _ = read_all(shard)  # the defaults take all of it
+    assert [sorted(k for k in s if not k.startswith("__")) for s in samples] == [["json", "mp4"], ["mp4", "txt"]]
+
+
+# ---- bad metadata: one check, a DecodeError naming the key and the reason
+
+@pytest.mark.parametrize("text, reason", [
+    ('{"duration": 1e400}', "key 'duration' is Infinity, not a finite number >= 0"),
+    ('{"duration": Infinity}', "key 'duration' is Infinity"),
+    ('{"duration": NaN}', "key 'duration' is NaN"),
+    ('{"duration": [1]}', r"key 'duration' is \[1\]"),
+    ('{"duration": true}', "key 'duration' is true"),
+    ('{"fps": -3}', "key 'fps' is -3"),
+    ('{"narrations": 5}', "key 'narrations' is int, not a list"),
+    ('{"narrations": [{"start": [0], "end": 1, "text": "a"}]}', r"narrations\[0\]\.start is \[0\]"),
+    ('{"narrations": [{"start": 0, "end": 1e999, "text": "a"}]}', r"narrations\[0\]\.end is Infinity"),
+    ('{"narrations": [{"start": 2, "end": 1, "text": "a"}]}', r"narrations\[0\] starts after it ends"),
+    ('{"narrations": ["a"]}', r"narrations\[0\] is str"),
+    ('{"pseudo_narrations": [{"start": 0, "end": 1, "text": 7}]}', r"pseudo_narrations\[0\]\.text is not a string"),
+    ('{"caption": ["x"]}', "key 'caption' is not a string"),
+])
+def test_bad_metadata_is_a_decode_error_naming_key_and_reason(text, reason):
+    with pytest.raises(DecodeError, match=r"sample k: bad metadata, " + reason):
+        metadata({"__key__": "k", "json": text.encode()})
+
+
+def test_good_metadata_passes_the_check_unchanged():
+    meta = {"duration": 3, "fps": 2.5, "caption": "c", "narrations": [{"start": "1.5", "end": 2, "text": "a"}],
+            "paraphrases": [], "label": ["any", "user", "value"], "width": None}
+    assert metadata({"__key__": "k", "json": json.dumps(meta).encode()}) == meta
+
+
+BAD_METADATA = ['{"duration": 1e400}', '{"duration": Infinity}', '{"duration": [1]}', '{"narrations": 5}',
+                '{"duration": 3, "narrations": [{"start": [1], "end": 2, "text": "a"}]}']
+
+
+@pytest.fixture(scope="module")
+def hostile_shard(demo_shards, tmp_path_factory) -> tuple[Path, list[str]]:
+    """One shard: a 2 GiB sparse video member, five samples with bad metadata (a good video each),
+    then four good demo samples; returns (folder, good keys)."""
+    from tests.conftest import raw_samples
+    good = raw_samples(demo_shards["val"])[:4]
+    members = {}
+    for i, text in enumerate(BAD_METADATA):
+        members.update({f"bad{i}.mp4": good[0]["mp4"], f"bad{i}.json": text.encode()})
+    for s in good:
+        members.update({f"{s['__key__']}.{k}": v for k, v in s.items() if not k.startswith("__")})
+    folder = tmp_path_factory.mktemp("hostile")
+    (folder / "shard-000000.tar").write_bytes(sparse_member("big.mp4", 2**31) + tar_bytes(members))
+    return folder, [s["__key__"] for s in good]
+
+
+def test_the_loader_skips_and_counts_bad_samples_and_never_stops(hostile_shard):
+    from mmvssl.data.loader import SampleSpec, build_loader
+    folder, good = hostile_shard
+    spec = SampleSpec(num_frames=2, fps=2.0, size=32, train=False)
+    batches = list(build_loader(str(folder), spec, 2, mode="epoch"))
+    assert sorted(k for b in batches for k in b["key"]) == sorted(good)
+    assert sum(int(b["failed"]) for b in batches) == 1 + len(BAD_METADATA)  # the refused member and the bad metadata
+
+
+def test_shards_inspect_and_verify_count_bad_samples_with_key_and_reason(hostile_shard):
+    from mmvssl.data.audit import inspect_shards, verify_shards
+    folder, good = hostile_shard
+    stats = inspect_shards(str(folder))
+    assert (stats["samples"], stats["refused"], stats["bad_metadata"], stats["with_video"]) == (10, 1, 5, 4)
+    reasons = {p["key"]: p["reason"] for p in stats["problems"]}
+    assert set(reasons) == {"big", *(f"bad{i}" for i in range(5))}
+    assert "over data.max_member_mb=1024" in reasons["big"] and "key 'narrations' is int" in reasons["bad3"]
+    assert "narrations[0].start is [1]" in reasons["bad4"]
+    result = verify_shards(str(folder))
+    assert sorted(f["key"] for f in result["failed"]) == sorted(reasons) and result["checked"] == 10
+    small = inspect_shards(str(folder), MemberLimits(max_member_mb=0.001))  # the option: every video refused,
+    assert (small["samples"], small["refused"], small.get("with_video", 0)) == (10, 10, 0)  # each passed by a seek
+
+
+def test_shards_commands_take_the_member_limit_as_a_flag(hostile_shard, capsys):
+    from mmvssl.cli import main
+    folder, _ = hostile_shard
+    assert main(["shards", "inspect", str(folder), "--max-member-mb", "0.001"]) in (0, None)
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["refused"] == 10 and "over data.max_member_mb=0.001 (refused unread)" in stats["problems"][1]["reason"]
+
+
+# ---- paths that leave their folder: one rule (fsio.inside) for shards build, index build, datasets cut
+
+def test_inside_is_the_one_containment_rule(tmp_path):
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (tmp_path / "out.mp4").write_bytes(b"x")
+    os.symlink(tmp_path / "out.mp4", root / "link.mp4")
+    os.symlink(root / "sub", root / "inner")
+    assert fsio.inside(root, "sub/a.mp4") == (root / "sub" / "a.mp4").resolve()
+    assert fsio.inside(root, "inner/a.mp4") == (root / "sub" / "a.mp4").resolve()  # a symlink that stays inside
+    assert fsio.inside(root, str(root / "sub" / "a.mp4")) is not None  # absolute, but inside
+    for escape in ("../out.mp4", "sub/../../out.mp4", str(tmp_path / "out.mp4"), "link.mp4", "/etc/passwd"):
+        assert fsio.inside(root, escape) is None, escape
+
+
+def test_shards_build_refuses_captions_pointing_outside_the_videos_folder(tmp_path):
+    from mmvssl.data.shards import build_shards
+    from tests.conftest import make_video
+    videos = tmp_path / "videos"
+    make_video(videos / "a.mp4", seconds=1.0)
+    make_video(tmp_path / "secret" / "s.mp4", seconds=1.0)
+    os.symlink(tmp_path / "secret" / "s.mp4", videos / "link.mp4")
+    lines = [{"video": "a.mp4"}, {"video": str(tmp_path / "secret" / "s.mp4")}, {"video": "../secret/s.mp4"},
+             {"video": "link.mp4"}, {"video": "b.mp4", "narrations": [{"start": [0], "end": 1, "text": "t"}]},
+             {"video": "b.mp4", "duration": 1e400}]
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    report = build_shards(videos, tmp_path / "shards", captions=tmp_path / "captions.jsonl")
+    assert [a["source"] for a in report["accepted"]] == ["a.mp4"]
+    reasons = {r.get("line"): r["reason"] for r in report["rejected"]}
+    assert reasons[2].startswith("refused, absolute path") and reasons[3].startswith("refused, path '../secret/s.mp4' leaves")
+    assert reasons[4].startswith("refused, path 'link.mp4' leads outside") and "(a symlink out)" in reasons[4]
+    assert reasons[5] == "narrations[0].start is [0], not a finite number"
+    assert reasons[6] == "key 'duration' is Infinity, not a finite number >= 0"
+    scanned = build_shards(videos, tmp_path / "scanned")  # no captions: the folder's files, the link refused
+    assert [a["source"] for a in scanned["accepted"]] == ["a.mp4"]
+    assert [r["source"] for r in scanned["rejected"]] == ["link.mp4"]
+
+
+def test_datasets_cut_never_writes_outside_out_nor_reads_outside_videos(tmp_path, capsys):
+    from mmvssl.cli import main
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    (videos / "P01").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.MP4").write_bytes(b"not read")
+    entries = [
+        {"id": "../../escape/pwned", "video": "clips/../../escape/pwned.mp4", "clip": [0, 1], "source_video": "P01/v.MP4"},
+        {"id": "abs", "video": str(tmp_path / "abs.mp4"), "clip": [0, 1], "source_video": "P01/v.MP4"},
+        {"id": "src", "video": "clips/src.mp4", "clip": [0, 1], "source_video": str(tmp_path / "elsewhere" / "x.MP4")},
+        {"id": "up", "video": "clips/up.mp4", "clip": [0, 1], "source_video": "../elsewhere/x.MP4"},
+        {"id": "inf", "video": "clips/inf.mp4", "clip": [0, 1e999], "source_video": "P01/v.MP4"},
+    ]
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries) + "{not json\n")
+    assert main(["datasets", "cut", str(tmp_path / "captions.jsonl"), "--videos", str(videos), "--out", str(out)]) in (0, None)
+    printed = capsys.readouterr().out
+    assert "6 clips: 0 written, 0 already there, 6 failed" in printed and "line 6 (None): malformed JSON" in printed
+    assert "line 1 (../../escape/pwned): refused, video: path 'clips/../../escape/pwned.mp4' leaves" in printed
+    assert "line 2 (abs): refused, video: absolute path" in printed
+    assert "line 3 (src): refused, source_video: absolute path" in printed
+    assert "line 4 (up): refused, source_video: path '../elsewhere/x.MP4' leaves" in printed
+    assert "line 5 (inf): source video not found" in printed  # inside both folders: tried, and missing
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "abs.mp4").exists() and not out.exists()
+
+
+# ---- model folders whose config asks for more than their weights hold
+
+def _edit_config(folder: Path, edit) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    edit(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_a_model_config_asking_for_huge_tensors_is_refused_before_any_memory(tmp_path):
+    from mmvssl.models.presets import create_model, load_model
+    create_model("vatt-tiny").save_pretrained(tmp_path / "m")
+    assert load_model(tmp_path / "m").config["text"]["vocab_size"] == 49408
+    _edit_config(tmp_path / "m", lambda c: c["text"].update(vocab_size=10**10))  # 5 TB of float32 embeddings
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"model\.safetensors: tensor 'encoders\.text\.token_embed\.weight' is "
+                                          r"\[49408, 128\], config\.json asks for \[10000000000, 128\]"):
+        load_model(tmp_path / "m")
+    assert time.perf_counter() - start < 30
+    _edit_config(tmp_path / "m", lambda c: c["text"].update(vocab_size=1e10))  # a float: not a model at all
+    with pytest.raises(ConfigError, match=r"config\.json: does not describe a model \(TypeError"):
+        load_model(tmp_path / "m")
+    _edit_config(tmp_path / "m", lambda c: c["text"].update(vocab_size=49408, depth=3))  # one more block
+    with pytest.raises(ConfigError, match=r"has no tensor 'encoders\.text\.transformer\.blocks\.2\..*' that config\.json asks for"):
+        load_model(tmp_path / "m")
+
+
+def test_a_narrator_config_asking_for_huge_tensors_is_refused_before_any_memory(tmp_path):
+    from mmvssl.narrator.model import Narrator
+    from tests.test_narrator import tiny_config
+    Narrator(tiny_config()).save_pretrained(tmp_path / "n")
+    assert Narrator.from_pretrained(tmp_path / "n").config["lm"]["vocab_size"] == 120
+    _edit_config(tmp_path / "n", lambda c: c["lm"].update(vocab_size=10**10))
+    with pytest.raises(ConfigError, match=r"tensor 'lm\.transformer\.wte\.weight' is \[120, 64\], config\.json asks "
+                                          r"for \[10000000000, 64\]"):
+        Narrator.from_pretrained(tmp_path / "n")
+
+
+# ---- a metrics.jsonl cut short by a kill
+
+def test_a_cut_short_last_metrics_line_is_dropped_with_a_note(tmp_path, capsys):
+    from mmvssl.train.monitor import keep_metrics_until
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
+    path.write_text("\n".join(lines) + "\n" + '{"step": 5, "lo')  # killed mid-write
+    keep_metrics_until(path, 3)
+    assert path.read_text() == "\n".join(lines[:3]) + "\n"
+    assert capsys.readouterr().err.strip() == (f"mmvssl: note: {path}: dropped 1 unreadable line(s) (5; a run killed "
+                                               f"mid-write leaves its last line cut short)")
+    keep_metrics_until(path, 3)  # a clean file: no note, nothing changed
+    assert path.read_text() == "\n".join(lines[:3]) + "\n" and capsys.readouterr().err == ""
+
+
+# ---- writes that claim to be atomic: fsync before the rename, the directory after it, old folders kept
+
+def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", Path(b).name)), real_replace(a, b))[1])
+    fsio.atomic_write_json(tmp_path / "r.json", {"a": 1})
+    assert events == [("fsync", False), ("replace", "r.json"), ("fsync", True)]
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1} and os.listdir(tmp_path) == ["r.json"]
+
+
+def test_a_failed_atomic_write_leaves_the_old_file(tmp_path, monkeypatch):
+    (tmp_path / "r.json").write_text("old")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    with pytest.raises(OSError):
+        fsio.atomic_write_text(tmp_path / "r.json", "new")
+    assert (tmp_path / "r.json").read_text() == "old" and os.listdir(tmp_path) == ["r.json"]
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_a_folder_is_swapped_in_and_the_old_one_survives_a_failed_save(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(fsio, "_exchange", lambda a, b: False)
+    with fsio.atomic_folder(tmp_path / "m") as tmp:
+        (tmp / "f").write_text("one")
+    with pytest.raises(RuntimeError):
+        with fsio.atomic_folder(tmp_path / "m") as tmp:
+            (tmp / "f").write_text("half")
+            raise RuntimeError("killed mid-save")
+    assert (tmp_path / "m" / "f").read_text() == "one"
+    with fsio.atomic_folder(tmp_path / "m") as tmp:
+        (tmp / "f").write_text("two")
+    assert (tmp_path / "m" / "f").read_text() == "two" and os.listdir(tmp_path) == ["m"]  # no temp or old left
+
+
+def test_the_narrator_and_model_saves_keep_the_old_folder_when_saving_fails(tmp_path, monkeypatch):
+    import mmvssl.models.multimodal as multimodal
+    import mmvssl.narrator.model as narrator_model
+    from mmvssl.models.presets import create_model, load_model
+    from mmvssl.narrator.model import Narrator
+    from tests.test_narrator import tiny_config
+    torch.manual_seed(0)
+    narrator, model = Narrator(tiny_config()), create_model("vatt-tiny")
+    narrator.save_pretrained(tmp_path / "n")
+    model.save_pretrained(tmp_path / "m")
+
+    def failing(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    for module in (narrator_model, multimodal):
+        monkeypatch.setattr(module, "save_file", failing)
+    torch.manual_seed(1)
+    with pytest.raises(OSError, match="No space left"):
+        Narrator(tiny_config()).save_pretrained(tmp_path / "n")
+    with pytest.raises(OSError, match="No space left"):
+        create_model("vatt-tiny").save_pretrained(tmp_path / "m")
+    for name, value in Narrator.from_pretrained(tmp_path / "n").state_dict().items():
+        assert torch.equal(value, narrator.state_dict()[name]), name
+    for name, value in load_model(tmp_path / "m").state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name
+    assert sorted(os.listdir(tmp_path)) == ["m", "n"]
