@@ -12,6 +12,14 @@ shipped) learn from the same clips. Per batch:
   network learns from its own pseudo-labels (their different biases are the point of the paper);
   below the threshold a pseudo-label contributes nothing.
 
+Logged: `pseudo_label_share`, the share of this step's unlabelled samples whose auxiliary pseudo-label
+passed the threshold (those train the main network, the one shipped), and `pseudo_label_share_aux`,
+the same for the main network's pseudo-labels (they train the auxiliary one).
+
+Reference: the paper (arXiv 2112.09690). No official code was found public (not in the code index
+this project reads), so this module follows the paper's text: threshold 0.95 (its tau, FixMatch's),
+both directions weighted by lambda_u.
+
 Departures: the strong view is made on the device from the weak one (pseudo_label.py) instead of
 RandAugment; one stream with `data.labelled_share` labelled instead of two loaders at 1:mu; the
 auxiliary network is the main preset made smaller (the paper pairs a 3D-ResNet50 with a 3D-ResNet18).
@@ -34,7 +42,7 @@ from .pseudo_label import (build_semi, confident_pseudo_labels, labelled_cross_e
 class CMPLOptions:
     task: str = ""  # eval/tasks/X.yaml or a task name: the classes and the label key
     pretrained: str = ""  # a model folder for the main network; empty: model.preset at random initialisation
-    threshold: float = 0.95
+    threshold: float = 0.95  # the paper's tau (FixMatch's)
     unlabelled_weight: float = 1.0  # lambda_u, for both directions
     # the auxiliary network: dotted preset overrides on top of model.overrides (lighter than the main one)
     aux_overrides: dict[str, Any] = field(default_factory=lambda: {"video.depth": 1, "video.width": 64,
@@ -58,8 +66,12 @@ def cross_pseudo_losses(main: torch.Tensor, aux: torch.Tensor, threshold: float
         from_main, main_conf = confident_pseudo_labels(main[:, 0].float().softmax(-1), threshold)
     main_loss = masked_cross_entropy(main[:, 1], from_aux, aux_conf)
     aux_loss = masked_cross_entropy(aux[:, 1], from_main, main_conf)
-    return main_loss, aux_loss, {"aux_confident": aux_conf.float().mean() if len(aux_conf) else aux_conf.sum(),
-                                 "main_confident": main_conf.float().mean() if len(main_conf) else main_conf.sum()}
+    # the shares of unlabelled samples whose pseudo-label passed the threshold: the auxiliary network's
+    # (they train the main network, the one shipped: `pseudo_label_share`) and the main network's (they
+    # train the auxiliary one: `pseudo_label_share_aux`)
+    n = max(1, len(aux_conf))
+    return main_loss, aux_loss, {"pseudo_label_share": aux_conf.float().sum() / n,
+                                 "pseudo_label_share_aux": main_conf.float().sum() / n}
 
 
 class CMPL(Method):
