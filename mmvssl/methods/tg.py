@@ -114,7 +114,8 @@ def crossview_contrast_loss(rgb: torch.Tensor, tg: torch.Tensor, temperature: fl
     """The official RGB-TG term (SimCLRLoss_PTV_New) on embeddings (N, D) of the same clips:
     weight x (CE(rgb -> tg) + CE(tg -> rgb)), each an InfoNCE of L2-normalised rows at `temperature`
     whose negatives are the other clips of the other stream, gathered over processes. Returns
-    (loss, CE rgb -> tg, CE tg -> rgb), each CE the mean over every process's rows."""
+    (loss, CE rgb -> tg, CE tg -> rgb), each CE this process's share of the mean over every process's
+    rows (contrastive.global_mean: DDP's gradient averaging makes it exact; one process: the mean)."""
     a, b = F.normalize(rgb.float(), dim=1), F.normalize(tg.float(), dim=1)
     rank, _ = world()
     labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
