@@ -27,3 +27,10 @@ def build_tokenizer(name: str = "clip-bpe", context_length: int = 77):
     if name == "clip-bpe":
         return ClipBPETokenizer(context_length)
     raise ValueError(f"unknown tokenizer '{name}' (available: clip-bpe)")
+
+
+def tokenizer_for(model, context_length: int):
+    """The tokenizer `model` reads: its own when it carries one (an imported model's source tokenizer,
+    mmvssl/models/imported/tokenizer.py), else open_clip's BPE."""
+    own = getattr(model, "text_tokenizer", None)
+    return own(context_length) if own is not None else build_tokenizer("clip-bpe", context_length)

@@ -30,7 +30,7 @@ from ..data.loader import SampleSpec, frames_to_tensor, list_shards
 from ..data.rawsample import metadata, video_bytes
 from ..data.shardio import skip_unreadable_shard
 from ..data.sampling import uniform_windows
-from ..data.text import build_tokenizer
+from ..data.text import build_tokenizer, tokenizer_for
 from ..errors import MmvsslError
 
 FORMAT = "mmvssl-features/1"
@@ -53,7 +53,8 @@ class ExtractOptions:
 
 
 def eval_spec(model) -> SampleSpec:
-    """Sample as the model was trained (its config.json's `sampling`)."""
+    """Sample as the model was trained (its config.json's `sampling`); an imported model records its
+    source's frames, rate, size and audio rate there too (mmvssl/models/imported)."""
     video_cfg, text_cfg = model.config.get("video", {}), model.config.get("text", {})
     sampling = model.config.get("sampling", {})
     return SampleSpec(num_frames=sampling.get("num_frames", video_cfg.get("num_frames", 8)),
@@ -106,9 +107,9 @@ def _crops(frames: torch.Tensor, size: int, num_crops: int) -> torch.Tensor:
 class DecodeViews:
     """Pipeline stage: raw tar sample -> every clip x crop of its video, its audio per clip, its captions."""
 
-    def __init__(self, spec: SampleSpec, options: ExtractOptions):
+    def __init__(self, spec: SampleSpec, options: ExtractOptions, tokenizer=None):
         self.spec, self.options = spec, options
-        self.tokenizer = build_tokenizer("clip-bpe", spec.context_length)
+        self.tokenizer = tokenizer or build_tokenizer("clip-bpe", spec.context_length)
 
     def __call__(self, src):
         for raw in src:
@@ -180,8 +181,9 @@ def extract_features(model, shards: str, options: ExtractOptions | None = None, 
     spec = spec or eval_spec(model)
     model.eval()
     spaces = model_spaces(model)
+    decode = DecodeViews(spec, options, tokenizer_for(model, spec.context_length))  # an imported model's own tokenizer
     pipeline = wds.DataPipeline(wds.SimpleShardList(list_shards(shards)), wds.split_by_worker,
-                                wds.tarfile_to_samples(handler=skip_unreadable_shard), DecodeViews(spec, options),
+                                wds.tarfile_to_samples(handler=skip_unreadable_shard), decode,
                                 lambda src: _batches(src, options.batch_size))
     loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=options.num_workers)
     feats: dict[str, list[torch.Tensor]] = {}

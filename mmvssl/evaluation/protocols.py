@@ -75,8 +75,8 @@ def evaluate_retrieval(model, data: str, out_dir: str, options: ExtractOptions |
                   num_samples=n, failed_samples=emb["failed"], preset=model.name, sampling=emb["info"]["sampling"])
     if relevancy:
         rel = load_relevancy(relevancy)
-        from ..data.text import build_tokenizer
-        tok = build_tokenizer("clip-bpe", model.config.get("text", {}).get("context_length", 77))
+        from ..data.text import tokenizer_for
+        tok = tokenizer_for(model, model.config.get("text", {}).get("context_length", 77))
         with torch.no_grad():
             texts = torch.cat([model.eval().encode_text(tok(rel["texts"][i:i + 256]), space="vat")
                                for i in range(0, len(rel["texts"]), 256)])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..data.text import build_tokenizer
+from ..data.text import tokenizer_for
 from .accuracy import classification_metrics
 from .tasks import prompt_name
 
@@ -19,7 +19,7 @@ from .tasks import prompt_name
 def class_embeddings(model, classes: list[str], templates: list[str]) -> torch.Tensor:
     """(C, D) one unit vector per class: the normalised mean of its normalised prompt embeddings."""
     model.eval()
-    tokenizer = build_tokenizer("clip-bpe", model.config.get("text", {}).get("context_length", 77))
+    tokenizer = tokenizer_for(model, model.config.get("text", {}).get("context_length", 77))
     weights = []
     for name in classes:
         prompts = [t.format(prompt_name(name)) for t in templates]

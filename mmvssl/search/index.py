@@ -117,12 +117,12 @@ class Indexer:
     """Embeds batches of windows with the model (and narrator) and commits them to the database."""
 
     def __init__(self, model, window: float, stride: float, narrator_dir: str | None = None, batch_size: int = 16):
-        from ..data.text import build_tokenizer
+        from ..data.text import tokenizer_for
         from ..evaluation.features import eval_spec, model_spaces
         self.model, self.window, self.stride, self.batch_size = model.eval(), window, stride, batch_size
         self.spec, self.spaces = eval_spec(model), model_spaces(model)
         self.fps = self.spec.num_frames / window  # the model's frame count over the chosen window
-        self.tokenizer = build_tokenizer("clip-bpe", self.spec.context_length)
+        self.tokenizer = tokenizer_for(model, self.spec.context_length)
         self.narrator = None
         if narrator_dir:
             from ..narrator.model import Narrator

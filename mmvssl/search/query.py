@@ -44,7 +44,7 @@ class Searcher:
     """An open index and its model; `search_*` are safe to call from several threads."""
 
     def __init__(self, index_dir: str, model_dir: str | None = None, narration_weight: float = NARRATION_WEIGHT):
-        from ..data.text import build_tokenizer
+        from ..data.text import tokenizer_for
         from ..evaluation.features import eval_spec, model_fingerprint, model_spaces
         from ..models.presets import load_model
         self.folder = Path(index_dir)
@@ -61,7 +61,7 @@ class Searcher:
         self.faiss = {space: store.read_faiss_file(self.folder, entry)
                       for space, entry in store.get_info(self.db, "faiss", {}).items()}
         self.narration_weight = narration_weight
-        self.tokenizer = build_tokenizer("clip-bpe", self.spec.context_length)  # loading its vocabulary takes ~0.1 s
+        self.tokenizer = tokenizer_for(self.model, self.spec.context_length)  # loading its vocabulary takes ~0.1 s
         self.lock = threading.Lock()  # one connection and one model, shared by the server's threads
 
     # ---- queries -> terms
