@@ -176,6 +176,22 @@ def test_the_loader_skips_and_counts_bad_samples_and_never_stops(hostile_shard):
     assert sum(int(b["failed"]) for b in batches) == 1 + len(BAD_METADATA)  # the refused member and the bad metadata
 
 
+def test_the_training_stream_takes_its_member_limit_from_the_data_section(hostile_shard):
+    from omegaconf import OmegaConf
+
+    from mmvssl.data.loader import SampleSpec, build_loader
+    from mmvssl.data.options import DataConfig, loader_options
+    from mmvssl.errors import MmvsslError
+    folder, good = hostile_shard
+    spec = SampleSpec(num_frames=2, fps=2.0, size=32, train=True)
+    options = {**loader_options(OmegaConf.structured(DataConfig())), "num_workers": 0, "shuffle_buffer": 1}
+    batch = next(iter(build_loader(str(folder), spec, 2, **options)))  # resampled: the bad samples skipped
+    assert set(batch["key"]) <= set(good)
+    options = {**loader_options(OmegaConf.structured(DataConfig(max_member_mb=0.001))), "num_workers": 0}
+    with pytest.raises(MmvsslError, match=r"samples failed to decode .* over data\.max_member_mb=0\.001"):
+        next(iter(build_loader(str(folder), spec, 2, **options)))  # every video refused: the error rate stops it
+
+
 def test_shards_inspect_and_verify_count_bad_samples_with_key_and_reason(hostile_shard):
     from mmvssl.data.audit import inspect_shards, verify_shards
     folder, good = hostile_shard

@@ -31,8 +31,8 @@ from .flow import pair_flow
 from .rawsample import is_failed_download, metadata, video_bytes
 from .labels import select_labelled
 from .sampling import frame_times, select_source_texts, view_windows
-from .shardio import (VIDEO_EXTENSIONS, EpochSamples, list_shards, mix, parse_sources, skip_unreadable_shard,
-                      tag_source)
+from .shardio import (VIDEO_EXTENSIONS, EpochSamples, MemberLimits, list_shards, mix, parse_sources,
+                      skip_unreadable_shard, tag_source, tar_stage)
 from ..teacher.cache import pair_cached_frames
 from .text import build_tokenizer
 
@@ -275,8 +275,10 @@ class StreamPosition:
 
 def build_dataset(shards: str, spec: SampleSpec, batch_size: int, shuffle_buffer: int = 256,
                   max_error_rate: float = 0.1, start_batch: int = 0, num_workers: int = 0,
-                  mode: str | None = None, epoch_length: int | None = None) -> wds.DataPipeline:
-    """mode: "resampled" (default when training) or "epoch" (default for evaluation)."""
+                  mode: str | None = None, epoch_length: int | None = None,
+                  member_limits: MemberLimits | None = None) -> wds.DataPipeline:
+    """mode: "resampled" (default when training) or "epoch" (default for evaluation). Members over
+    `member_limits` (data.max_member_mb) are refused from the tar header, the sample skipped and counted."""
     sets = parse_sources(shards)
     mode = mode or ("resampled" if spec.train else "epoch")
     position = StreamPosition(start_batch, batch_size, num_workers)
@@ -284,7 +286,7 @@ def build_dataset(shards: str, spec: SampleSpec, batch_size: int, shuffle_buffer
         def one_set(s, labelled=None):
             return wds.DataPipeline(
                 wds.ResampledShards(s.urls, seed=spec.seed, deterministic=True, worker_seed=position.shard_seed),
-                wds.tarfile_to_samples(handler=skip_unreadable_shard), tag_source(s.name),
+                tar_stage(skip_unreadable_shard, member_limits), tag_source(s.name),
                 *([] if labelled is None else [select_labelled(spec.labelled_keys, labelled)]))
         streams = [(s, None, s.weight) for s in sets]
         if spec.labelled_share > 0 and spec.labelled_keys is not None:  # each set split: labelled / unlabelled
@@ -301,7 +303,7 @@ def build_dataset(shards: str, spec: SampleSpec, batch_size: int, shuffle_buffer
             stages = [mixed]
         stages += [wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=spec.seed), position]
     elif mode == "epoch":
-        stages = [EpochSamples(sets, seed=spec.seed, shuffle=spec.train)]
+        stages = [EpochSamples(sets, seed=spec.seed, shuffle=spec.train, limits=member_limits)]
         if spec.train and shuffle_buffer > 1:
             stages.append(wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=spec.seed))
     else:
@@ -317,13 +319,13 @@ def build_dataset(shards: str, spec: SampleSpec, batch_size: int, shuffle_buffer
 def build_loader(shards: str, spec: SampleSpec, batch_size: int, num_workers: int = 0,
                  shuffle_buffer: int = 256, max_error_rate: float = 0.1,
                  start_batch: int = 0, mode: str | None = None, epoch_length: int | None = None,
-                 epoch: int = 0) -> torch.utils.data.DataLoader:
+                 epoch: int = 0, member_limits: MemberLimits | None = None) -> torch.utils.data.DataLoader:
     """Batches per the Batch contract. Training: an endless seeded stream; `start_batch=N` resumes
     it after N consumed batches; `epoch_length` makes it an epoch of that many batches. Evaluation
     (or mode="epoch"): every sample once, split over processes and workers; `epoch` reseeds the
     shard order of a training epoch. `shards` may mix sets: "a=DIR@0.7;b=DIR@0.3"."""
     dataset = build_dataset(shards, spec, batch_size, shuffle_buffer, max_error_rate, start_batch, num_workers,
-                            mode, epoch_length)
+                            mode, epoch_length, member_limits)
     if isinstance(dataset.pipeline[0], EpochSamples):
         dataset.pipeline[0].set_epoch(epoch)
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,

@@ -40,6 +40,9 @@ class DataConfig:
     num_candidates: int = 2  # MIL-NCE: the overlapping narration + nearest ones in time
     shuffle_buffer: int = 256
     max_error_rate: float = 0.1  # stop when more than this share of samples fail to decode
+    # shard members larger than these (MiB, from the tar header) are refused unread, the sample skipped and counted
+    max_member_mb: float = 1024.0  # videos, cached features
+    max_text_member_mb: float = 16.0  # .json / .txt / .cls
     seed: int | None = None  # defaults to train.seed
     mode: str = "resampled"  # resampled (endless, seeded per process/worker) or epoch (each sample once)
     epoch_length: int | None = None  # resampled: batches per process per epoch
@@ -96,4 +99,14 @@ def sample_spec(data, train: bool, seed: int):
 def loader_options(data) -> dict:
     """Keyword arguments of build_loader beyond the SampleSpec."""
     return {"num_workers": data.num_workers, "shuffle_buffer": data.shuffle_buffer,
-            "max_error_rate": data.max_error_rate, "mode": data.mode, "epoch_length": data.epoch_length}
+            "max_error_rate": data.max_error_rate, "mode": data.mode, "epoch_length": data.epoch_length,
+            "member_limits": member_limits(data)}
+
+
+def member_limits(data):
+    """data.max_member_mb / max_text_member_mb -> shardio.MemberLimits (checked > 0)."""
+    from .shardio import MemberLimits
+    for key in ("max_member_mb", "max_text_member_mb"):
+        if not float(getattr(data, key)) > 0:
+            raise ConfigError(f"data.{key} must be > 0 (MiB), got {getattr(data, key)}")
+    return MemberLimits(float(data.max_member_mb), float(data.max_text_member_mb))
