@@ -162,7 +162,8 @@ class TG(Method):
     def build(cls, cfg: DictConfig, ctx: BuildContext):
         net, method = build_semi(cls, cfg, ctx, lambda options: cfg)  # TG stream: model.preset, random init
         if method.opt.unlabelled_warmup < 0:
-            raise ConfigError(f"method.options.unlabelled_warmup must be >= 0 steps, got {method.opt.unlabelled_warmup}")
+            raise ConfigError(f"method.options.unlabelled_warmup must be >= 0 steps, got "
+                              f"{method.opt.unlabelled_warmup} (method 'tg')")
         if ctx.spec is not None:
             ctx.spec.next_frames = True  # the loader decodes the frame after each sampled one (video_next)
         return net, method

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import ast
 
-import torch
-
 from mmvssl.methods.tg import crossview_contrast_loss, feature_alignment_loss, normalise_frames, temporal_gradient_uint8
 
 # the frame indices are the official SampleFrames_Custom draw (mmvssl samples by time, not by index)
@@ -24,7 +22,8 @@ TOLERANCES = {}  # float32: the README's rtol 1e-5 / atol 1e-6; uint8 maps exact
 
 
 def _stages(tensors: dict) -> list[int]:
-    return sorted(int(k[len("loss_align_l"):]) for k in tensors if k.startswith("loss_align_l"))
+    """The stages whose features the case holds (0, or 0 and 1)."""
+    return sorted(int(k[len("align_rgb_feat_l"):]) for k in tensors if k.startswith("align_rgb_feat_l"))
 
 
 def compute(tensors: dict, meta: dict) -> dict:
