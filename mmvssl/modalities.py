@@ -16,8 +16,9 @@ MOTION_CHANNELS = {"flow": 2, "tgrad": 3}
 VIDEO_LIKE = ("video", *MOTION_CHANNELS)  # inputs with a view axis, encoded by the video encoders
 
 # batch entries of each modality, besides the input itself: the per-sample presence flag and, for
-# text, the mask of real MIL-NCE candidates
-BATCH_KEYS = {"video": ("video", "has_video"), "audio": ("audio", "has_audio"),
+# text, the mask of real MIL-NCE candidates; for video, `video_next` (the source frame after each
+# sampled frame, for the temporal gradient; SampleSpec.next_frames)
+BATCH_KEYS = {"video": ("video", "has_video", "video_next"), "audio": ("audio", "has_audio"),
               "text": ("text", "text_mask", "has_text"), "flow": ("flow", "has_flow"),
               "tgrad": ("tgrad", "has_tgrad")}
 # where each view of a multi-view sample lies: (B, V, 2) [start, end] seconds and (B, V, 4) its

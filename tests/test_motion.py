@@ -100,3 +100,48 @@ def test_a_motion_stream_is_added_to_a_preset_by_an_override():
     assert model({"flow": torch.randn(2, 2, 4, 32, 32)})["flow_ssl"].shape == (2, 128)
     with pytest.raises(ConfigError, match="no section 'flow'"):
         create_model("video-tiny", **{"flow.width": 8})
+
+
+def test_next_frames_are_the_source_frames_right_after_the_sampled_ones(tmp_path, video_factory):
+    """decode_window(next_frames=True): the frame decoded right after each picked frame, so the temporal
+    gradient spans one source frame (1/10 s here), not the sampling step (1/4 s)."""
+    import numpy as np
+
+    from mmvssl.data.decode import decode_window
+    path = video_factory(tmp_path / "a.mp4", seconds=4.0, fps=10)  # red = 255 * source index / 40
+    data = path.read_bytes()
+    clip = decode_window(data, start=1.0, num_frames=8, fps=4.0, size=32, audio_rate=None, next_frames=True)
+    picked = [int(10 + 2.5 * i) for i in range(8)]
+    red, next_red = clip.frames[:, 16, 16, 0].astype(float), clip.next_frames[:, 16, 16, 0].astype(float)
+    assert np.allclose(red, [255 * k / 40 for k in picked], atol=6)  # (the codec's error: a few levels)
+    step = next_red - red  # one source frame later (6.4 levels), not a sampling step (2.5 frames, 16 levels)
+    assert abs(step.mean() - 255 / 40) < 1.5 and (step > 0).all() and (step < 2 * 255 / 40).all()
+    plain = decode_window(data, start=1.0, num_frames=8, fps=4.0, size=32, audio_rate=None)
+    assert plain.next_frames is None and np.array_equal(plain.frames, clip.frames)
+    end = decode_window(data, start=3.5, num_frames=4, fps=2.0, size=32, audio_rate=None, next_frames=True)
+    assert 0 < float(end.next_frames[0, 16, 16, 0]) - float(end.frames[0, 16, 16, 0]) < 2 * 255 / 40  # 35 -> 36
+    assert np.array_equal(end.next_frames[-1], end.frames[-1])  # past the end: no successor, no motion
+
+
+def test_loader_gives_consecutive_frames_augmented_with_their_frames(demo_shards):
+    """SampleSpec.next_frames: `video_next` beside `video`, the same crop, flip and colour draw (the
+    RGB views are those of a loader without it), and the temporal gradient of the motion methods is
+    taken between them."""
+    from mmvssl.data.loader import SampleSpec, build_loader
+    from mmvssl.methods.motion_stream import motion_input
+    spec = SampleSpec(num_frames=4, fps=4.0, size=32, sampler="same", num_clips=2, seed=3)
+    plain = next(iter(build_loader(str(demo_shards["train"]), spec, batch_size=2, shuffle_buffer=1)))
+    spec.next_frames = True
+    batch = next(iter(build_loader(str(demo_shards["train"]), spec, batch_size=2, shuffle_buffer=1)))
+    assert batch["video_next"].shape == batch["video"].shape == (2, 2, 3, 4, 32, 32)
+    assert batch["key"] == plain["key"] and torch.equal(batch["video"], plain["video"])
+    assert torch.equal(motion_input(batch, "tgrad"), batch["video_next"] - batch["video"])
+    assert not torch.equal(batch["video_next"], batch["video"])  # the demo's shapes move
+
+
+def test_motion_methods_ask_the_loader_for_consecutive_frames():
+    from mmvssl.data.loader import SampleSpec
+    from mmvssl.methods.motion_stream import check_motion_data
+    spec = SampleSpec()
+    check_motion_data("tgrad", spec, "mscl")
+    assert spec.next_frames

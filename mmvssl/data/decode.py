@@ -49,6 +49,9 @@ class Clip:
     audio: np.ndarray | None  # (S,) float32 mono in [-1, 1], None when the file has no audio
     start: float
     end: float
+    # (T, H, W, 3) uint8: the source frame right after each frame of `frames` (the last one repeated
+    # past the end of the stream), when decode_window was asked for next_frames; None otherwise
+    next_frames: np.ndarray | None = None
 
 
 def _open(source: bytes | str | os.PathLike):
@@ -162,13 +165,14 @@ def _center_crop(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 
 def decode_window(source: bytes | str | os.PathLike, start: float, num_frames: int, fps: float,
                   size: int | tuple[int, int] | None = None, audio_rate: int | None = 16000,
-                  short_side: int | None = None) -> Clip:
+                  short_side: int | None = None, next_frames: bool = False) -> Clip:
     """Decode `num_frames` frames at `fps` from `start` seconds, and the audio of that window.
 
     Frame i is the last source frame shown at time start + i / fps (frames past the end repeat
     the last frame). `size` resizes (aspect kept, centre crop) to (H, W); an int means square;
     `short_side` instead resizes, aspect kept, without cropping (augmentation crops later).
-    Frames come out upright (rotation metadata applied).
+    Frames come out upright (rotation metadata applied). With `next_frames`, `Clip.next_frames`
+    holds the source frame decoded right after each picked frame (consecutive frames, for motion).
     Audio covers [start, start + num_frames / fps) exactly: round(duration * audio_rate) samples,
     zero-padded where the file's audio is shorter.
     """
@@ -182,18 +186,20 @@ def decode_window(source: bytes | str | os.PathLike, start: float, num_frames: i
         if not container.streams.video:
             raise DecodeError("no video stream")
         vs = container.streams.video[0]
-        frames = _decode_video(container, vs, times, out_size, short_side)
+        frames, following = _decode_video(container, vs, times, out_size, short_side, next_frames)
         audio = None
         if audio_rate and container.streams.audio:
             audio = _decode_audio(container, container.streams.audio[0], start, end, audio_rate)
-    return Clip(frames=frames, audio=audio, start=float(start), end=float(end))
+    return Clip(frames=frames, audio=audio, start=float(start), end=float(end), next_frames=following)
 
 
-def _decode_video(container, vs, times: np.ndarray, out_size, short_side) -> np.ndarray:
+def _decode_video(container, vs, times: np.ndarray, out_size, short_side,
+                  with_next: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     tb = vs.time_base
     first_pts = vs.start_time or 0
     container.seek(max(0, int(times[0] / tb) + first_pts), stream=vs, backward=True, any_frame=False)
     picked: list[np.ndarray | None] = [None] * len(times)
+    following: list[np.ndarray | None] = [None] * len(times)  # with_next: the frame decoded after each pick
     last, last_array = None, None  # the newest decoded frame; converted only if a time picks it
 
     def convert(frame) -> np.ndarray:
@@ -205,15 +211,19 @@ def _decode_video(container, vs, times: np.ndarray, out_size, short_side) -> np.
             if frame.pts is None:
                 continue
             t = float((frame.pts - first_pts) * tb)
+            current = None  # this frame, converted when it follows a picked frame
             # the frame shown at times[i] is the newest frame that starts at or before it
             while i < len(times) and t > times[i] + 1e-6:
                 if last is not None and last_array is None:
                     last_array = convert(last)
                 picked[i] = last_array
+                if with_next:  # the picked frame's successor is the frame decoded now
+                    current = convert(frame) if current is None else current
+                    following[i] = current
                 i += 1
             if i >= len(times):
                 break
-            last, last_array = frame, None
+            last, last_array = frame, current  # converted already when it followed a pick
     except (av.error.FFmpegError, ValueError) as e:
         if last is None:
             raise DecodeError(f"corrupt video stream ({_short(e)})") from None
@@ -225,7 +235,11 @@ def _decode_video(container, vs, times: np.ndarray, out_size, short_side) -> np.
     if last is None:
         raise DecodeError("no decodable video frame in the window")
     first = next(p for p in picked if p is not None)
-    return np.stack([p if p is not None else first for p in picked])
+    frames = np.stack([p if p is not None else first for p in picked])
+    if not with_next:
+        return frames, None
+    # past the end of the stream the picked frame has no successor: it follows itself (no motion)
+    return frames, np.stack([f if f is not None else p for f, p in zip(following, frames)])
 
 
 def _decode_audio(container, aus, start: float, end: float, rate: int) -> np.ndarray:

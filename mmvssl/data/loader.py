@@ -73,6 +73,10 @@ class SampleSpec:
     # cached optical flow (`shards add-flow`): `flow` ([V,] 2, T, H, W) float32 for `video`'s views,
     # paired with their frame times and cropped / flipped with them (mmvssl/data/flow.py)
     flow: bool = False
+    # consecutive frames for the temporal gradient (set by the methods that read `tgrad`,
+    # mmvssl/methods/motion_stream.py): `video_next`, the source frame right after each sampled frame
+    # of `video`'s views, cropped / flipped / colour-augmented with it (mmvssl/data/motion.py)
+    next_frames: bool = False
 
     @property
     def multi_view(self) -> bool:
@@ -163,7 +167,7 @@ class DecodeSamples:
         augment = self.augmenter.video_transform is not None
         local = len(windows) - spec.num_local if "local" in spec.groups else len(windows)  # first local view
         videos, crops, audio, first = [], [], None, None
-        flips = []
+        flips, nexts = [], []
         for v, (start, length) in enumerate(windows):
             frames_n, size, augmenter = ((spec.num_frames, spec.size, self.augmenter) if v < local else
                                          (spec.groups["local"][1], spec.size, self.local_augmenter))
@@ -172,10 +176,16 @@ class DecodeSamples:
             if v == 0 or windows[v] != windows[v - 1] or v == local:  # a repeated window (`same`) is decoded once
                 clip = decode_window(data, start, frames_n, frames_n / length,
                                      None if augment else size, spec.audio_rate if v == 0 else None,
-                                     short_side=round(spec.size * spec.augment.decode_short_side) if augment else None)
+                                     short_side=round(spec.size * spec.augment.decode_short_side) if augment else None,
+                                     next_frames=spec.next_frames and v < local)
             frames = torch.from_numpy(clip.frames)  # (T, H, W, 3) uint8
+            if clip.next_frames is not None:  # augmented as one clip with its frames: one draw for both
+                frames = torch.cat([frames, torch.from_numpy(clip.next_frames)])  # (2T, H, W, 3)
             frames, crop, flipped = augmenter.video_crop_flip(frames, rng) if augment else (
                 frames, [0.0, 0.0, 1.0, 1.0], False)
+            if clip.next_frames is not None:
+                frames, following = frames.chunk(2)
+                nexts.append(following.permute(3, 0, 1, 2))  # uint8 (C, T, H, W)
             crops.append(crop)  # [x0, y0, x1, y1], a share of the decoded frame
             flips.append(flipped)
             videos.append(frames.permute(3, 0, 1, 2))  # uint8 (C, T, H, W); collate normalises the batch
@@ -199,6 +209,8 @@ class DecodeSamples:
             "key": key, "meta": {**meta, "window": [first.start, first.end], "source_shard": raw.get("__url__"),
                                  "source_set": raw.get("__source__", "")},
         }
+        if nexts:  # the frames right after `video`'s frames, same shape
+            sample["video_next"] = torch.stack(nexts) if spec.multi_view else nexts[0]
         if local < len(windows):
             sample[group_key("video", "local")] = torch.stack(videos[local:])  # (L, C, t, h, w)
         if spec.multi_view:  # where each view lies in time and space, `video`'s views then each group's
@@ -227,6 +239,8 @@ def collate(samples: list[dict]) -> dict:
         "failed": torch.tensor(sum(s["_failed"] for s in samples)),  # samples skipped on the way
         "text_generated": torch.tensor([s["text_generated"] for s in samples], dtype=torch.bool),  # (B,)
     }
+    if "video_next" in samples[0]:  # consecutive frames (SampleSpec.next_frames), normalised as `video`
+        batch["video_next"] = normalize_video(torch.stack([s["video_next"] for s in samples]))
     for k in samples[0]:
         if k in VIEW_KEYS:
             batch[k] = torch.stack([s[k] for s in samples])  # (B, V, 2) / (B, V, 4)

@@ -214,8 +214,8 @@ class CoCLR(Method):
         video = batch["video"]  # (B, 2, C, T, H, W)
         if video.ndim != 6 or video.shape[1] != 2:
             raise ConfigError(f"method 'coclr' expects 2 views per clip (B, 2, C, T, H, W), got {tuple(video.shape)}")
-        query_view = {k: v[:, 0] for k, v in batch.items() if k in ("video", "flow")}
-        key_view = {k: v[:, 1] for k, v in batch.items() if k in ("video", "flow")}
+        query_view = {k: v[:, 0] for k, v in batch.items() if k in ("video", "video_next", "flow")}
+        key_view = {k: v[:, 1] for k, v in batch.items() if k in ("video", "video_next", "flow")}
         out = {}
         if self.trains("rgb"):
             out["rgb_query"] = model({"video": query_view["video"]})[self.key]  # (B, D)

@@ -1,9 +1,13 @@
 """The motion stream of the motion-aware methods (MaCLR, CoCLR, MSCL, MCL, STC-Mix): which motion
 input a method reads (`method.options.motion`), and the network that encodes it.
 
-- `tgrad`: the temporal gradient of the RGB clip (frame differences, mmvssl.data.motion), computed
-  on the device from the decoded, augmented frames: 3 channels, the clip's T frames (the last
-  difference is 0). It needs no storage and follows the RGB view's crop and flip by construction.
+- `tgrad`: the temporal gradient (mmvssl.data.motion), computed on the device between consecutive
+  decoded frames of the source video, as the papers take it (video-semisup's TG: frame idx minus
+  frame idx + 1 of the raw video): a method that reads `tgrad` asks the loader for the frame right
+  after each sampled frame (`SampleSpec.next_frames` -> batch `video_next`, cropped, flipped and
+  colour-augmented with its frame), and tgrad[t] = video_next[t] - video[t]: 3 channels, T frames.
+  It needs no storage and follows the RGB view's crop and flip by construction. A batch without
+  `video_next` (built by hand, not by the loader) falls back to differences of the sampled frames.
 - `flow`: the cached optical flow of the sampled frames (`mmvssl shards add-flow`), the batch's
   `flow` entry: 2 channels (dx, dy), one field per sampled frame, the same leading shape as `video`.
 
@@ -38,7 +42,10 @@ def check_motion(kind: str, method: str) -> int:
 
 
 def check_motion_data(kind: str, spec, method: str) -> None:
-    """`flow` needs the loader to put cached flow in the batch (data.flow, shards from add-flow)."""
+    """`flow` needs the loader to put cached flow in the batch (data.flow, shards from add-flow);
+    `tgrad` asks it for consecutive frames (spec.next_frames: the frame after each sampled frame)."""
+    if kind == "tgrad" and hasattr(spec, "next_frames"):
+        spec.next_frames = True
     if kind == "flow" and not getattr(spec, "flow", False):
         raise ConfigError(f"method '{method}': method.options.motion=flow reads the cached optical flow: set "
                           f"data.flow=true and train on shards made by `mmvssl shards add-flow`")
@@ -79,8 +86,8 @@ def build_motion_network(cfg: DictConfig, kind: str, method: str) -> MultimodalM
 def motion_input(batch: dict, kind: str) -> torch.Tensor:
     """The motion clip(s) of `batch` with the video's leading shape: (B, [V,] C_m, T, H, W)."""
     video = batch["video"]
-    if kind == "tgrad":
-        return temporal_gradient(video)
+    if kind == "tgrad":  # consecutive decoded frames when the loader gave them (video_next)
+        return temporal_gradient(video, batch.get("video_next"))
     if "flow" not in batch:
         raise ConfigError("method.options.motion=flow: the batch has no 'flow' entry (train on shards made by "
                           "`mmvssl shards add-flow`, with the loader's flow pairing on)")
