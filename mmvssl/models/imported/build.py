@@ -113,8 +113,7 @@ def load_source(source: str):
     hf_logging.disable_progress_bar()  # one line per command, not a bar per weight file
     cfg = _hf_auto(source, "model")
     transformers_kind(cfg.model_type, source)
-    kwargs = {"add_pooling_layer": False} if cfg.model_type == "vivit" else {}
-    return AutoModel.from_pretrained(source, dtype=torch.float32, **kwargs).eval()
+    return AutoModel.from_pretrained(source, dtype=torch.float32).eval()
 
 
 def _name(source: str) -> str:
@@ -279,8 +278,7 @@ def load_imported(folder: str | Path, config: dict, map_location: str = "cpu") -
         from transformers import AutoConfig, AutoModel
         hf = dict(config["transformers_config"])
         model_type = hf.pop("model_type")
-        kwargs = {"add_pooling_layer": False} if model_type == "vivit" else {}
-        source = AutoModel.from_config(AutoConfig.for_model(model_type, **hf), dtype=torch.float32, **kwargs)
+        source = AutoModel.from_config(AutoConfig.for_model(model_type, **hf), dtype=torch.float32)
         if "audio" in config["spaces"]:
             from transformers import AutoFeatureExtractor
             feature_extractor = AutoFeatureExtractor.from_pretrained(str(folder / "feature_extractor"))
