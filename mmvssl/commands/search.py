@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 from ..errors import MmvsslError
+from ..search import limits
 
 
 def _print_build(counts: dict) -> None:
@@ -44,7 +45,10 @@ def _search(args) -> None:
 
 def _serve(args) -> None:
     from ..search.server import serve
-    serve(args.index, host=args.host, port=args.port, model_dir=args.model, max_upload_mb=args.max_upload_mb)
+    serve(args.index, host=args.host, port=args.port, model_dir=args.model, max_upload_mb=args.max_upload_mb,
+          max_uploads=args.max_uploads, max_connections=args.max_connections, timeout=args.timeout,
+          max_query_seconds=args.max_query_seconds, max_text_chars=args.max_text_chars, max_pixels=args.max_pixels,
+          allow_hosts=args.allow_host)
 
 
 def register(sub) -> None:
@@ -83,8 +87,27 @@ def register(sub) -> None:
 
     v = sub.add_parser("serve", help="a local web page to search an index and play the results")
     v.add_argument("index")
-    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only; any "
+                   "other exposes the collection without authentication, docs/search.md Security)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--model", default=None, help="the model folder (default: the one the index records)")
-    v.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted query upload")
+    v.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="another host name (or name:port) the page is reached by, e.g. this machine's name with "
+                        "--host 0.0.0.0 (repeatable; 127.0.0.1, localhost, [::1] and --host always are)")
+    v.add_argument("--max-upload-mb", type=float, default=limits.MAX_UPLOAD_MB,
+                   help="largest accepted query upload (default %(default)s)")
+    v.add_argument("--max-uploads", type=int, default=limits.MAX_UPLOADS,
+                   help="uploads held in memory at once (default %(default)s)")
+    v.add_argument("--max-connections", type=int, default=limits.MAX_CONNECTIONS,
+                   help="connections open at once (default %(default)s)")
+    v.add_argument("--timeout", type=float, default=limits.TIMEOUT,
+                   help="seconds a client has to send a request (headers and body), and of socket inactivity "
+                        "(default %(default)s)")
+    v.add_argument("--max-query-seconds", type=float, default=limits.MAX_QUERY_SECONDS,
+                   help="longest audio / video query span (default %(default)s s)")
+    v.add_argument("--max-text-chars", type=int, default=limits.MAX_TEXT_CHARS,
+                   help="longest text query (default %(default)s characters)")
+    v.add_argument("--max-pixels", type=int, default=None,
+                   help="largest query image or video frame, width x height, checked before decoding "
+                        "(default: the video decoder's limit, 4096 x 4096)")
     v.set_defaults(func=_serve)

@@ -19,6 +19,9 @@ from .sampling import frame_times
 
 
 AUDIO_PREROLL = 0.1  # seconds decoded before an audio window and thrown away
+MAX_PIXELS = 4096 * 4096  # largest frame (width x height) probe() and decode_window() accept: a small
+#                           file can declare a huge frame (a decompression bomb), so this is checked from
+#                           the stream header before any frame is decoded
 
 
 class DecodeError(Exception):
@@ -75,7 +78,7 @@ def _stream_duration(stream, container) -> float:
     return 0.0
 
 
-def probe(source: bytes | str | os.PathLike, max_pixels: int = 4096 * 4096,
+def probe(source: bytes | str | os.PathLike, max_pixels: int = MAX_PIXELS,
           max_seconds: float = 6 * 3600.0, check_decode: bool = True) -> MediaInfo:
     """Read the streams' metadata and (by default) decode the first video frame.
 
@@ -88,8 +91,7 @@ def probe(source: bytes | str | os.PathLike, max_pixels: int = 4096 * 4096,
         width, height = vs.codec_context.width, vs.codec_context.height
         if not width or not height:
             raise DecodeError("video stream has no frame size")
-        if width * height > max_pixels:
-            raise DecodeError(f"frame size {width}x{height} exceeds the limit of {max_pixels} pixels")
+        _check_frame_size(width, height, max_pixels)
         duration = _stream_duration(vs, container)
         fps = float(vs.average_rate or vs.guessed_rate or 0.0)
         if duration > max_seconds:
@@ -113,6 +115,11 @@ def probe(source: bytes | str | os.PathLike, max_pixels: int = 4096 * 4096,
             audio_channels=aus.codec_context.channels if aus is not None else None,
             video_codec=vs.codec_context.name, audio_codec=aus.codec_context.name if aus else None,
             rotation=rotation)
+
+
+def _check_frame_size(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise DecodeError(f"frame size {width}x{height} exceeds the limit of {max_pixels} pixels")
 
 
 def _quarter_turns(frame) -> int:
@@ -165,7 +172,7 @@ def _center_crop(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 
 def decode_window(source: bytes | str | os.PathLike, start: float, num_frames: int, fps: float,
                   size: int | tuple[int, int] | None = None, audio_rate: int | None = 16000,
-                  short_side: int | None = None, next_frames: bool = False) -> Clip:
+                  short_side: int | None = None, next_frames: bool = False, max_pixels: int = MAX_PIXELS) -> Clip:
     """Decode `num_frames` frames at `fps` from `start` seconds, and the audio of that window.
 
     Frame i is the last source frame shown at time start + i / fps (frames past the end repeat
@@ -175,6 +182,7 @@ def decode_window(source: bytes | str | os.PathLike, start: float, num_frames: i
     holds the source frame decoded right after each picked frame (consecutive frames, for motion).
     Audio covers [start, start + num_frames / fps) exactly: round(duration * audio_rate) samples,
     zero-padded where the file's audio is shorter.
+    A frame larger than `max_pixels` (read from the stream header) raises DecodeError before decoding.
     """
     if num_frames < 1 or fps <= 0:
         raise ValueError(f"need num_frames >= 1 and fps > 0, got {num_frames}, {fps}")
@@ -186,6 +194,7 @@ def decode_window(source: bytes | str | os.PathLike, start: float, num_frames: i
         if not container.streams.video:
             raise DecodeError("no video stream")
         vs = container.streams.video[0]
+        _check_frame_size(vs.codec_context.width or 0, vs.codec_context.height or 0, max_pixels)
         frames, following = _decode_video(container, vs, times, out_size, short_side, next_frames)
         audio = None
         if audio_rate and container.streams.audio:

@@ -16,22 +16,42 @@ Routes:
 Media are served only for a (root, source) pair that the index lists: the URL path is percent-decoded
 once and looked up in the database, so `../`, absolute paths and encoded variants name no video and
 get 404 without touching the filesystem; a listed file must still resolve (symlinks followed) inside
-its root, else 404 too. Shard samples are read from the shard the index recorded.
+its root, else 404 too. Shard samples are read from the shard the index recorded, from the member's
+offset (a range of a 200 MB member reads that range, not the member).
+
+What a request must be (docs/search.md, "Security"); every refusal is one JSON line naming the limit:
+  - Host one of the names the server was started for (127.0.0.1, localhost, [::1] and the --host value,
+    with the port; more with --allow-host): a DNS-rebinding page's requests carry its own name;
+  - no foreign Origin, and no Sec-Fetch-Site other than same-origin / none outside the page itself;
+  - /api/ requests carry `X-Mmvssl: 1`, a header a page on another site cannot send without a CORS
+    preflight (which this server never grants), so a cross-site form or <img> cannot run a query;
+  - the request (line, headers, body) arrives within --timeout seconds, else the connection is
+    closed (slowloris); at most --max-connections connections at once, at most --max-uploads
+    uploads of at most --max-upload-mb held in memory at once;
+  - query limits (span, text length, pixels) are the Searcher's (mmvssl/search/query.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import os
 import re
+import socket
+import sqlite3
 import sys
 import tarfile
+import threading
+import time
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import MmvsslError, one_line
+from . import limits as defaults
 
 STATIC = Path(__file__).parent / "static"
 PAGES = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8")}
@@ -39,11 +59,23 @@ MEDIA_TYPES = {"mp4": "video/mp4", "m4v": "video/mp4", "webm": "video/webm", "mk
                "mov": "video/quicktime", "avi": "video/x-msvideo"}
 CSP = "default-src 'self'; img-src 'self'; media-src 'self'; style-src 'self' 'unsafe-inline'; object-src 'none'"
 CHUNK = 1 << 16
+API_HEADER = "X-Mmvssl"  # the page's fetches send `X-Mmvssl: 1`; a cross-site page cannot without a preflight
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+ID = re.compile(r"[0-9]{1,18}")  # ASCII digits that fit SQLite's integer ('²'.isdigit() is True)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one server accepts; each is a `mmvssl serve` option (mmvssl/commands/search.py)."""
+    max_upload: int = int(defaults.MAX_UPLOAD_MB * 1024 * 1024)  # bytes of one query upload (--max-upload-mb)
+    max_uploads: int = defaults.MAX_UPLOADS          # uploads held in memory at once (--max-uploads)
+    max_connections: int = defaults.MAX_CONNECTIONS  # connections open at once (--max-connections)
+    timeout: float = defaults.TIMEOUT  # seconds to receive a request, and of socket inactivity (--timeout)
 
 
 def resolve_media(searcher, root_id: str, source: str):
     """("file", path) or ("shard", shard path, member name) for a video the index lists, else None."""
-    if not root_id.isdigit():
+    if not ID.fullmatch(root_id):
         return None
     with searcher.lock:
         row = searcher.db.execute("SELECT v.source, v.shard, v.member, r.path, r.kind FROM videos v JOIN roots r "
@@ -61,6 +93,11 @@ def resolve_media(searcher, root_id: str, source: str):
     return ("file", target)
 
 
+def _quote(value: str, limit: int = 80) -> str:
+    """A client's string, shortened, for a one-line message."""
+    return repr(value[:limit] + ("..." if len(value) > limit else ""))
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "mmvssl-search"
     protocol_version = "HTTP/1.1"
@@ -69,7 +106,51 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.verbose:
             super().log_message(format, *args)
 
+    # ---- connection: a deadline for receiving each request (the Watchdog enforces it)
+    def setup(self) -> None:
+        # socket inactivity, reads and writes: a second past the request deadline, so the Watchdog answers a
+        # late request first; this bounds a client that stops reading a response
+        self.timeout = self.server.limits.timeout + 1.0
+        self.timed_out = False
+        super().setup()
+
+    def handle_one_request(self) -> None:
+        self.timed_out, self.responded = False, False
+        self.server.watchdog.arm(self)  # also bounds an idle keep-alive connection
+        try:
+            super().handle_one_request()
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+        finally:
+            self.server.watchdog.disarm(self)
+
+    def parse_request(self) -> bool:
+        if self.timed_out and not self.raw_requestline.endswith(b"\n"):  # the request line stopped half-way
+            self.command, self.request_version, self.requestline = None, "HTTP/1.1", ""
+            self._timeout_answer()
+            return False
+        if not super().parse_request():
+            return False
+        if self.timed_out:  # the headers stopped half-way
+            self._timeout_answer()
+            return False
+        if self.command != "POST":  # a POST is received once its body is
+            self.server.watchdog.disarm(self)
+        return True
+
+    def _timeout_answer(self) -> None:
+        self.send_error(HTTPStatus.REQUEST_TIMEOUT,
+                        f"request not received within {self.server.limits.timeout:g} s (--timeout)")
+
     # ---- responses
+    def send_response(self, code, message=None) -> None:
+        self.responded = True
+        super().send_response(code, message)
+
+    def send_error(self, code, message=None, explain=None) -> None:  # one JSON line, never an HTML page
+        self.close_connection = True
+        self._json(code, {"error": message or HTTPStatus(code).phrase}, {"Connection": "close"})
+
     def _send(self, status: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
@@ -82,15 +163,58 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _json(self, status: int, value) -> None:
-        self._send(status, json.dumps(value).encode(), "application/json")
+    def _json(self, status: int, value, extra: dict | None = None) -> None:
+        self._send(status, json.dumps(value).encode(), "application/json", extra)
+
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, {"error": message})
 
     def _not_found(self) -> None:
-        self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
+        self._error(HTTPStatus.NOT_FOUND, "not found")
+
+    # ---- who may ask
+    def _refusal(self, path: str) -> str | None:
+        """Why this request is refused (one line), or None."""
+        host = (self.headers.get("Host") or "").strip().lower()
+        if host not in self.server.hosts:
+            return (f"Host {_quote(host)} is not a name this server was started for ({', '.join(self.server.names)}); "
+                    f"add it with --allow-host")
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.lower() not in self.server.origins:
+            return f"Origin {_quote(origin)} is not this server's page; cross-site requests are refused"
+        site = self.headers.get("Sec-Fetch-Site")
+        if site is not None and site not in ("same-origin", "none") and path not in PAGES:
+            return f"a {_quote(site)} request (Sec-Fetch-Site) is refused; only this server's page may ask"
+        if path.startswith("/api/") and self.headers.get(API_HEADER) != "1":
+            return f"API requests need the header '{API_HEADER}: 1' (which a page on another site cannot send)"
+        return None
+
+    def _guarded(self, route) -> None:
+        url = urlsplit(self.path)
+        refusal = self._refusal(url.path)
+        if refusal:
+            self.close_connection = True
+            return self._error(HTTPStatus.FORBIDDEN, refusal)
+        try:
+            route(url)
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception as e:  # a bug: answer it rather than drop the connection
+            self.log_error("internal error on %s: %r", self.path[:200], e)
+            self.close_connection = True
+            if not self.responded:
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {one_line(e)[:200]}")
 
     # ---- routes
     def do_GET(self) -> None:  # noqa: N802
-        url = urlsplit(self.path)
+        self._guarded(self._get)
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._guarded(self._post)
+
+    def _get(self, url) -> None:
         path = url.path
         if path in PAGES:
             name, ctype = PAGES[path]
@@ -98,7 +222,7 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/api/search":
             query = parse_qs(url.query)
             self._search(lambda s, k: s.query(text=query.get("q", [""])[0], k=k), query)
-        elif path.startswith("/thumb/") and path[7:].isdigit():
+        elif path.startswith("/thumb/") and ID.fullmatch(path[7:]):
             self._thumb(int(path[7:]))
         elif path.startswith("/media/"):
             root_id, _, rest = path[7:].partition("/")
@@ -107,37 +231,71 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._not_found()
 
-    do_HEAD = do_GET
-
-    def do_POST(self) -> None:  # noqa: N802
-        url = urlsplit(self.path)
+    def _post(self, url) -> None:
         if url.path != "/api/search":
             return self._not_found()
         query = parse_qs(url.query)
         kind = query.get("kind", [""])[0]
         if kind not in ("audio", "video", "image"):
-            return self._json(HTTPStatus.BAD_REQUEST, {"error": "kind must be audio, video or image"})
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            return self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length required"})
-        if length > self.server.max_upload or length < 0:
+            self.close_connection = True  # the body is not read
+            return self._error(HTTPStatus.BAD_REQUEST, "kind must be audio, video or image")
+        limit = self.server.limits.max_upload
+        declared = (self.headers.get("Content-Length") or "").strip()
+        if not re.fullmatch(r"[0-9]{1,18}", declared):
             self.close_connection = True
-            if 0 < length <= 4 * self.server.max_upload:  # read and dropped, so the client sees the answer
-                for offset in range(0, length, CHUNK):    # instead of a reset; a larger one is not read at all
-                    self.rfile.read(min(CHUNK, length - offset))
-            return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                              {"error": f"upload of {length} bytes exceeds the limit of {self.server.max_upload}"})
-        data = self.rfile.read(length)  # in memory only
-        self._search(lambda s, k: s.query(**{kind: data}, start=_number(query, "start", 0.0),
-                                          end=_number(query, "end", None), k=k), query)
+            return self._error(HTTPStatus.LENGTH_REQUIRED, "Content-Length required (a number of bytes)")
+        length = int(declared)
+        if length > limit:
+            self.close_connection = True
+            if length <= 4 * limit:  # read and dropped, so the client sees the answer instead of a reset;
+                self._drain(length)  # a larger one is not read at all
+            return self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                               f"upload of {length} bytes exceeds the limit of {limit} bytes (--max-upload-mb)")
+        if not self.server.upload_slots.acquire(blocking=False):
+            self.close_connection = True
+            return self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"{self.server.limits.max_uploads} uploads are in "
+                               f"progress, the limit (--max-uploads); retry in a moment")
+        try:
+            data = self._read_body(length)  # in memory only
+            if data is not None:
+                self._search(lambda s, k: s.query(**{kind: data}, start=_number(query, "start", 0.0),
+                                                  end=_number(query, "end", None), k=k), query)
+        finally:
+            self.server.upload_slots.release()
+
+    def _read_body(self, length: int) -> bytearray | None:
+        """The body, read in chunks as it arrives (never more than Content-Length); None once answered."""
+        data = bytearray()
+        while len(data) < length:
+            chunk = self.rfile.read(min(CHUNK, length - len(data)))
+            if not chunk:
+                break
+            data += chunk
+        self.server.watchdog.disarm(self)
+        if len(data) < length:
+            self.close_connection = True
+            if self.timed_out:
+                self._timeout_answer()
+            else:
+                self._error(HTTPStatus.BAD_REQUEST, f"request body ended after {len(data)} of {length} bytes")
+            return None
+        return data
+
+    def _drain(self, length: int) -> None:
+        for offset in range(0, length, CHUNK):
+            if not self.rfile.read(min(CHUNK, length - offset)):
+                break
 
     def _search(self, run, query: dict) -> None:
         try:
-            k = int(query.get("k", ["24"])[0])
-            results = run(self.server.searcher, k)
+            k = query.get("k", ["24"])[0]
+            if not re.fullmatch(r"[0-9]{1,6}", k):
+                raise MmvsslError(f"k must be a whole number of results (1 to 1000), got {_quote(k)}")
+            results = run(self.server.searcher, int(k))
         except (MmvsslError, ValueError) as e:
-            return self._json(HTTPStatus.BAD_REQUEST, {"error": one_line(e)})
+            return self._error(HTTPStatus.BAD_REQUEST, one_line(e))
+        except sqlite3.OperationalError as e:  # a writer holds the database longer than SQLite's wait
+            return self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"the index is being written ({e}); retry in a moment")
         self._json(HTTPStatus.OK, {"results": results})
 
     def _thumb(self, window_id: int) -> None:
@@ -149,39 +307,45 @@ class Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, bytes(row[0]), "image/jpeg")
 
     def _media(self, found: tuple) -> None:
-        if found[0] == "shard":
-            try:
-                with tarfile.open(found[1]) as tar:
-                    data = tar.extractfile(found[2]).read()
-            except (OSError, tarfile.TarError, KeyError, AttributeError):
-                return self._not_found()
-            size, name = len(data), found[2]
-        else:
-            size, name, data = os.path.getsize(found[1]), found[1], None
-        ctype = MEDIA_TYPES.get(name.rsplit(".", 1)[-1].lower(), "application/octet-stream")
-        span = _byte_range(self.headers.get("Range"), size)
-        if span is None:
-            return self._send(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, b"", ctype, {"Content-Range": f"bytes */{size}"})
-        lo, hi = span
-        self.send_response(HTTPStatus.PARTIAL_CONTENT if self.headers.get("Range") else HTTPStatus.OK)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(hi - lo))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        if self.headers.get("Range"):
-            self.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{size}")
-        self.end_headers()
-        if self.command == "HEAD":
-            return
-        if data is not None:
-            self.wfile.write(data[lo:hi])
-            return
-        with open(found[1], "rb") as f:
-            f.seek(lo)
+        with contextlib.ExitStack() as stack:
+            if found[0] == "shard":
+                try:  # tarfile reads the headers; the member is read from its offset, as asked, never whole
+                    tar = stack.enter_context(tarfile.open(found[1]))
+                    member = tar.getmember(found[2])
+                    source = stack.enter_context(tar.extractfile(member)) if member.isfile() else None
+                except (OSError, tarfile.TarError, KeyError):
+                    source = None
+                if source is None:
+                    return self._not_found()
+                size, name = member.size, found[2]
+            else:
+                source = stack.enter_context(open(found[1], "rb"))
+                size, name = os.fstat(source.fileno()).st_size, found[1]
+            ctype = MEDIA_TYPES.get(name.rsplit(".", 1)[-1].lower(), "application/octet-stream")
+            header = self.headers.get("Range")
+            span = _byte_range(header, size)
+            if span is None:
+                self.close_connection = True
+                return self._json(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE,
+                                  {"error": f"Range {_quote(header)} is not one satisfiable byte range of this "
+                                            f"{size}-byte file"}, {"Content-Range": f"bytes */{size}"})
+            lo, hi = span
+            self.send_response(HTTPStatus.PARTIAL_CONTENT if header else HTTPStatus.OK)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Length", str(hi - lo))
+            self.send_header("X-Content-Type-Options", "nosniff")
+            if header:
+                self.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{size}")
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            source.seek(lo)
             left = hi - lo
             while left > 0:
-                chunk = f.read(min(CHUNK, left))
+                chunk = source.read(min(CHUNK, left))
                 if not chunk:
+                    self.close_connection = True  # the file shrank: the client sees a short body
                     break
                 self.wfile.write(chunk)
                 left -= len(chunk)
@@ -192,47 +356,176 @@ def _number(query: dict, name: str, default):
     if value in (None, ""):
         return default
     try:
-        return float(value)
+        return float(value[:64])  # past 64 characters it is not a time anyway
     except ValueError:
-        raise MmvsslError(f"{name} must be a number of seconds, got '{value}'") from None
+        raise MmvsslError(f"{name} must be a number of seconds, got {_quote(value)}") from None
 
 
 def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """[lo, hi) of a single `bytes=a-b`, `bytes=a-` or `bytes=-n` range; the whole file without one."""
+    """[lo, hi) of a single `bytes=a-b`, `bytes=a-` or `bytes=-n` range; the whole file without one;
+    None (416) for anything else: several ranges, `bytes=-0`, a start past the end, unparsable."""
     if not header:
         return 0, size
-    m = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
+    m = re.fullmatch(r"bytes=([0-9]{0,18})-([0-9]{0,18})", header.strip())
     if not m or (not m[1] and not m[2]):
         return None
     if not m[1]:
-        return max(0, size - int(m[2])), size
+        n = int(m[2])
+        return (max(0, size - n), size) if 0 < n and size > 0 else None
     lo, hi = int(m[1]), (min(int(m[2]) + 1, size) if m[2] else size)
     return (lo, hi) if lo < size and lo < hi else None
+
+
+class Watchdog(threading.Thread):
+    """Ends the reading side of a connection whose request (line, headers, body) is not in within the
+    timeout: a socket timeout alone restarts with every byte, so a client sending one byte every few
+    seconds (slowloris) would hold its thread and buffer forever. The handler then answers 408 (or
+    closes, when nothing came) and the connection ends."""
+
+    def __init__(self, timeout: float):
+        super().__init__(name="mmvssl-serve-watchdog", daemon=True)
+        self.timeout, self.deadlines, self.lock = timeout, {}, threading.Lock()
+        self.stopped = threading.Event()
+
+    def arm(self, handler) -> None:
+        with self.lock:
+            self.deadlines[handler] = time.monotonic() + self.timeout
+
+    def disarm(self, handler) -> None:
+        with self.lock:
+            self.deadlines.pop(handler, None)
+
+    def run(self) -> None:
+        while not self.stopped.wait(min(0.25, self.timeout / 4)):
+            now = time.monotonic()
+            with self.lock:
+                late = [h for h, deadline in self.deadlines.items() if deadline <= now]
+                for h in late:
+                    del self.deadlines[h]
+            for h in late:
+                h.timed_out = True
+                with contextlib.suppress(OSError):
+                    h.connection.shutdown(socket.SHUT_RD)  # a blocked read returns; writing still works
 
 
 class SearchServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # many clients connect at once; the default backlog of 5 drops their SYNs
 
-    def __init__(self, address, searcher, max_upload: int, verbose: bool = False):
+    def __init__(self, address, searcher, limits: Limits, allow_hosts: tuple = (), verbose: bool = False):
         super().__init__(address, Handler)
-        self.searcher, self.max_upload, self.verbose = searcher, max_upload, verbose
+        self.searcher, self.limits, self.verbose = searcher, limits, verbose
+        self.names, self.hosts, self.origins = allowed_hosts(address[0], self.server_address[1], allow_hosts)
+        self.slots = threading.BoundedSemaphore(limits.max_connections)
+        self.upload_slots = threading.BoundedSemaphore(limits.max_uploads)
+        self.watchdog = Watchdog(limits.timeout)
+        self.watchdog.start()
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            return self._refuse(request)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def _refuse(self, request) -> None:
+        """Answer 503 at once, from the accepting thread, without reading the request, and close."""
+        body = json.dumps({"error": f"too many connections: {self.limits.max_connections} are open, the limit "
+                                    f"(--max-connections); retry in a moment"}).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+                f"\r\nConnection: close\r\n\r\n").encode()
+        with contextlib.suppress(OSError):
+            request.setblocking(False)
+            request.send(head + body)  # a few hundred bytes: fits the socket buffer, never blocks
+        self.shutdown_request(request)
+
+    def server_close(self) -> None:
+        self.watchdog.stopped.set()
+        super().server_close()
+
+
+def _url_host(host: str) -> str:
+    """An address as it appears in a URL or Host header: an IPv6 address in brackets."""
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host  # a name, a name:port, or already bracketed
+
+
+def allowed_hosts(host: str, port: int, extra=()) -> tuple[list[str], set[str], set[str]]:
+    """(names, Host header values, Origin values) this server answers: the loopback names, the address
+    it listens on unless that is a wildcard, and `extra` (--allow-host; a name with or without port)."""
+    names = list(LOOPBACK_NAMES)
+    if host not in ("", "0.0.0.0", "::"):
+        names.append(_url_host(host).lower())
+    names += [_url_host(h.strip()).lower() for h in extra if h.strip()]
+    names = list(dict.fromkeys(names))
+    hosts = set()
+    for name in names:
+        has_port = re.search(r":[0-9]+$", name) and not name.endswith("]")
+        hosts.add(name if has_port else f"{name}:{port}")
+        if port == 80 and not has_port:
+            hosts.add(name)
+    origins = {f"{scheme}://{h}" for h in hosts for scheme in ("http", "https")}
+    return names, hosts, origins
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def exposure_warning(host: str, port: int) -> str | None:
+    """The warning `serve` prints when it listens beyond this machine, else None."""
+    if is_loopback(host):
+        return None
+    return (f"mmvssl: warning: listening on {host or 'every address'}:{port}: anyone who can reach this machine can "
+            f"search the index and download its videos and thumbnails, without authentication; browsers reach it "
+            f"only by the names given with --allow-host (docs/search.md, Security)")
 
 
 def make_server(index_dir: str, host: str = "127.0.0.1", port: int = 8000, model_dir: str | None = None,
-                max_upload_mb: float = 50.0, verbose: bool = False) -> SearchServer:
+                max_upload_mb: float = defaults.MAX_UPLOAD_MB, verbose: bool = False, *,
+                max_uploads: int = defaults.MAX_UPLOADS, max_connections: int = defaults.MAX_CONNECTIONS,
+                timeout: float = defaults.TIMEOUT, max_query_seconds: float = defaults.MAX_QUERY_SECONDS,
+                max_text_chars: int = defaults.MAX_TEXT_CHARS, max_pixels: int | None = None,
+                allow_hosts=()) -> SearchServer:
     from .query import Searcher
-    searcher = Searcher(index_dir, model_dir=model_dir)
+    for name, value in (("--max-upload-mb", max_upload_mb), ("--max-uploads", max_uploads),
+                        ("--max-connections", max_connections), ("--timeout", timeout),
+                        ("--max-query-seconds", max_query_seconds), ("--max-text-chars", max_text_chars),
+                        ("--max-pixels", max_pixels)):
+        if value is not None and not value > 0:
+            raise MmvsslError(f"{name} must be > 0, got {value}")
+    searcher = Searcher(index_dir, model_dir=model_dir, max_query_seconds=max_query_seconds,
+                        max_text_chars=max_text_chars, max_pixels=max_pixels)
+    limits = Limits(int(max_upload_mb * 1024 * 1024), int(max_uploads), int(max_connections), float(timeout))
     try:
-        return SearchServer((host, port), searcher, int(max_upload_mb * 1024 * 1024), verbose)
+        return SearchServer((host, port), searcher, limits, tuple(allow_hosts), verbose)
     except OSError as e:
         raise MmvsslError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
 
 
 def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, model_dir: str | None = None,
-          max_upload_mb: float = 50.0) -> None:
-    server = make_server(index_dir, host, port, model_dir, max_upload_mb, verbose=True)
-    print(f"serving {index_dir} on http://{host}:{server.server_address[1]}/ (Ctrl-C stops)", file=sys.stderr)
+          max_upload_mb: float = defaults.MAX_UPLOAD_MB, **limits) -> None:
+    warning = exposure_warning(host, port)
+    if warning:  # before listening, so it is seen even when the address is refused
+        print(warning, file=sys.stderr)
+    server = make_server(index_dir, host, port, model_dir, max_upload_mb, verbose=True, **limits)
+    print(f"serving {index_dir} on http://{_url_host(host)}:{server.server_address[1]}/ (Ctrl-C stops)",
+          file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     finally:

@@ -1,6 +1,9 @@
 // The search page: a text query (GET /api/search) or an uploaded file (POST, the file as the body),
 // a grid of results, and a click that plays the result's video from its start time.
 "use strict";
+// Every API request carries X-Mmvssl: 1, which the server requires: a page on another site cannot add
+// it without a CORS preflight, which the server never grants (docs/search.md, Security).
+const API_HEADERS = { "X-Mmvssl": "1" };
 const statusLine = document.getElementById("status");
 const grid = document.getElementById("results");
 const player = document.getElementById("player");
@@ -58,12 +61,12 @@ async function run(request) {
 document.getElementById("text-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const q = document.getElementById("q").value;
-  if (q.trim()) run(fetch("/api/search?k=24&q=" + encodeURIComponent(q)));
+  if (q.trim()) run(fetch("/api/search?k=24&q=" + encodeURIComponent(q), { headers: API_HEADERS }));
 });
 
 document.getElementById("upload").addEventListener("change", (event) => {
   const file = event.target.files[0];
   if (!file) return;
   const kind = file.type.startsWith("image/") ? "image" : file.type.startsWith("audio/") ? "audio" : "video";
-  run(fetch("/api/search?k=24&kind=" + kind, { method: "POST", body: file }));
+  run(fetch("/api/search?k=24&kind=" + kind, { method: "POST", body: file, headers: API_HEADERS }));
 });
