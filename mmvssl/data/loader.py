@@ -317,6 +317,10 @@ def build_dataset(shards: str, spec: SampleSpec, batch_size: int, shuffle_buffer
             stages = [mixed]
         stages += [wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=spec.seed), position]
     elif mode == "epoch":
+        if spec.train and spec.labelled_share > 0 and spec.labelled_keys is not None:
+            raise MmvsslError(f"data.labelled_share={spec.labelled_share} draws labelled samples at that share of a "
+                              f"resampled stream; data.mode=epoch reads every sample once: use data.mode=resampled, "
+                              f"or data.labelled_share=0 (each labelled and unlabelled sample once per epoch)")
         stages = [EpochSamples(sets, seed=spec.seed, shuffle=spec.train, limits=member_limits)]
         if spec.train and shuffle_buffer > 1:
             stages.append(wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=spec.seed))
@@ -344,7 +348,3 @@ def build_loader(shards: str, spec: SampleSpec, batch_size: int, num_workers: in
         dataset.pipeline[0].set_epoch(epoch)
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                        persistent_workers=False, prefetch_factor=2 if num_workers else None)
-        if spec.train and spec.labelled_share > 0 and spec.labelled_keys is not None:
-            raise MmvsslError(f"data.labelled_share={spec.labelled_share} draws labelled samples at that share of a "
-                              f"resampled stream; data.mode=epoch reads every sample once: use data.mode=resampled, "
-                              f"or data.labelled_share=0 (each labelled and unlabelled sample once per epoch)")
