@@ -242,7 +242,9 @@ def served(index, videos, tmp_path_factory):
 def request(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
     conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
     conn.putrequest(method, path, skip_accept_encoding=True)  # the path goes out exactly as written
-    for k, v in {**(headers or {}), **({"Content-Length": str(len(body))} if body is not None else {})}.items():
+    # X-Mmvssl: the header a page of another site cannot send without asking (docs/search.md, Security)
+    for k, v in {"X-Mmvssl": "1", **(headers or {}),
+                 **({"Content-Length": str(len(body))} if body is not None else {})}.items():
         conn.putheader(k, v)
     conn.endheaders()
     if body is not None:
