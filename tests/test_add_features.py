@@ -122,7 +122,9 @@ def test_rerun_resumes_and_another_teacher_is_refused(teacher_files, demo_shards
     assert (out / "shard-000000.tar").stat().st_mtime_ns == kept and not (out / "shard-000001.tar.partial").exists()
     redone = {s["__key__"]: s[MEMBER] for s in _samples_of(out / "shard-000001.tar")}
     assert len(redone) == 4 and redone.keys() == before.keys()
-    for key, member in redone.items():  # the same features, bit for bit (safetensors orders metadata at random)
+    # the same features, bit for bit (safetensors orders metadata at random): each shard's frames go
+    # to the teacher in the same batches on both runs, the same ops on the same inputs in one process
+    for key, member in redone.items():
         assert torch.equal(decode_member(member)[0], decode_member(before[key])[0])
     assert json.loads((out / "sizes.json").read_text()) == {"shard-000000.tar": 8, "shard-000001.tar": 4}
     with pytest.raises(MmvsslError, match="holds features of teacher.*--overwrite"):

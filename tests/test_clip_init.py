@@ -151,6 +151,6 @@ def test_an_openai_style_quick_gelu_clip_switches_the_towers_activation_and_it_r
     net.save_pretrained(tmp_path / "model")
     again = mmvssl.load_model(tmp_path / "model").eval()
     video = torch.randn(2, 3, 8, 64, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    with torch.no_grad():  # exact: the reloaded weights are the same bits, run by the same code in this process
         assert torch.equal(again.encoders["video"](video)["pooled"], net.encoders["video"](video)["pooled"])
         assert torch.equal(again.encode_text(ids), net.encode_text(ids))

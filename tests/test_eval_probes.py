@@ -25,6 +25,12 @@ def test_knn_against_an_independent_loop():
     train, test = rng.normal(size=(60, 8)), rng.normal(size=(15, 8))
     labels = rng.integers(4, size=60)
     got = knn_scores(torch.from_numpy(train), torch.from_numpy(labels), torch.from_numpy(test), 4, k=20)
+    # the library works in float32, the loop in float64: similarities differ by ~1e-7, each vote
+    # exp(s / 0.07) by ~1e-6 relative, hence rtol 1e-4. The 20 neighbours are the same in both only
+    # if the 20th and 21st are further apart than that: they are, for every query of this seed
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    sims = -np.sort(-(unit(test) @ unit(train).T), axis=1)
+    assert (sims[:, 19] - sims[:, 20]).min() > 1e-4
     np.testing.assert_allclose(got.numpy(), _knn_loop(train, labels, test, 4, 20, 0.07), rtol=1e-4)
 
 

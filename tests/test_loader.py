@@ -119,4 +119,5 @@ def test_resumed_stream_continues_with_the_same_batches(demo_shards, workers):
     for expected in batches[3:]:
         got = next(resumed)
         assert got["key"] == expected["key"]
+        # exact: the same bytes through the same decoder, seeded draws and per-sample ops in one machine
         assert torch.equal(got["video"], expected["video"]) and torch.equal(got["audio"], expected["audio"])

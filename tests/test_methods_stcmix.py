@@ -86,8 +86,14 @@ def test_cmmc_puts_the_donors_other_stream_tokens_in_the_hosts_cuboid():
         handle.remove()
     donor_motion = captured[0].unflatten(0, (3, 2))[:, 0][donor]  # (3, 1 + N, width)
     grid = (2, 4, 4)  # 4 frames / 2, 32 px / 8
-    changed = (cmmc_tokens[:, 1:] != host_tokens[:, 1:]).any(-1).unflatten(1, grid)  # (3, t, h, w)
-    from_donor = torch.isclose(cmmc_tokens[:, 1:], donor_motion[:, 1:], atol=1e-6).all(-1).unflatten(1, grid)
+    # the host's tokens come from a forward of both views (batch 6), the CMMC ones from a batch of 3,
+    # the donor's from the motion stream's own forward: the same token through other GEMM shapes may
+    # differ in its last float32 bits (|token| < ~1 after one block: < 1e-6); a swapped token differs
+    # by ~1, so 1e-5 separates them with margins both ways
+    def same(a, b):
+        return torch.isclose(a, b, rtol=0, atol=1e-5).all(-1).unflatten(1, grid)  # (3, t, h, w)
+    changed = ~same(cmmc_tokens[:, 1:], host_tokens[:, 1:])
+    from_donor = same(cmmc_tokens[:, 1:], donor_motion[:, 1:])
     assert changed.any() and torch.equal(changed, from_donor)
     assert changed[0].float().mean().item() == pytest.approx(1 - token_lam)
     torch.testing.assert_close(cmmc_tokens[:, :1], host_tokens[:, :1])

@@ -41,7 +41,7 @@ def test_every_tiny_preset_trains_and_saves(name, tmp_path):
     with torch.no_grad():
         after = loaded(batch)
     assert before.keys() == after.keys()
-    for k in before:
+    for k in before:  # exact: the same weights (safetensors keeps the bits), ops and inputs in one process
         assert torch.equal(before[k], after[k]), k
 
 
@@ -67,7 +67,7 @@ def test_save_and_load_give_identical_outputs(tmp_path):
     loaded = mmvssl.load_model(tmp_path / "m").eval()
     with torch.no_grad():
         after = loaded(batch)
-    for k in before:
+    for k in before:  # exact, as above: BatchNorm statistics included
         assert torch.equal(before[k], after[k]), k
 
 

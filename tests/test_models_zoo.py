@@ -87,7 +87,7 @@ def test_transformer_deflation_equals_the_static_clip():
     model = mmvssl.create_model("vatt-tiny").eval()
     images = torch.randn(2, 3, 64, 64)
     static = images[:, :, None].expand(-1, -1, 8, -1, -1)
-    with torch.no_grad():
+    with torch.no_grad():  # exact: forward_image builds this very clip and runs the same forward on it
         assert torch.equal(model.encode_image(images), model.encode_video(static))
 
 
@@ -142,7 +142,11 @@ def test_word_pool_text_head_max_pools_over_real_words_only():
     words = torch.tensor([[5, 7, 9, 0, 0, 0]])
     padded_differently = torch.tensor([[5, 7, 9, 0, 0, 0, 0, 0]])
     a, b = enc(words)["pooled"], enc(padded_differently)["pooled"]
-    assert torch.equal(a, b) and (a >= 0).all()
+    # 6 and 8 token rows go through the projection as GEMMs of other shapes, which may round the
+    # same row in another order (|x| < 0.5 from 8 products: < 1e-7); padding that leaked into the
+    # max-pool would change it by far more than 1e-6
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert (a >= 0).all()
     assert torch.equal(enc(torch.zeros(1, 4, dtype=torch.long))["pooled"], torch.zeros(1, 16))
 
 
@@ -196,7 +200,10 @@ def test_conv_stem_gives_the_patch_grid_and_treats_every_frame_alike():
     moved = video.clone()
     moved[:, :, 1] = torch.randn(2, 3, 32, 32)
     stem, stem_moved = enc.stem(video), enc.stem(moved)
-    assert torch.equal(stem[:, :, [0, 2, 3]], stem_moved[:, :, [0, 2, 3]])
+    # the claim is independence, not bits: a dependence on frame 1 would move the features (|x| < 0.3)
+    # by far more than 1e-5, while a kernel that summed the <= 288 products of a feature in another
+    # order for another batch content or thread split would move them by < 1e-6
+    torch.testing.assert_close(stem[:, :, [0, 2, 3]], stem_moved[:, :, [0, 2, 3]], rtol=0, atol=1e-5)
     assert not torch.allclose(stem[:, :, 1], stem_moved[:, :, 1])
 
 

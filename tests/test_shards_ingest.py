@@ -83,6 +83,7 @@ def test_accepted_videos_round_trip_against_a_full_decode(every_case, name):
     clip = decode_window(data[ext], start=0.55, num_frames=4, fps=4.0, size=None, audio_rate=16000)
     for i, t in enumerate(0.55 + np.arange(4) / 4.0):
         expected = frames[np.searchsorted(times, t + 1e-6) - 1]
+        # exact: the same frames through the same decoder and colour conversion (size=None) in one process
         assert np.array_equal(clip.frames[i], expected), f"{name} frame at {t}s"
     if audio is not None:
         lo = int(0.55 * 16000)

@@ -133,6 +133,8 @@ def test_objective_uses_the_generated_temperature_for_generated_pairs_only():
     assert float(values["va_nce"]) == pytest.approx(float(nce_loss(emb["video_va"], emb["audio_va"], 0.07)))
     _, human = objective(emb, {"text_mask": mask, "text_generated": torch.zeros(4, dtype=torch.bool)})
     _, plain = objective(emb, {"text_mask": mask})
+    # exact: with no generated text in the batch the term takes the scalar temperature, the very
+    # path of a batch without the flag, on the same embeddings
     assert float(human["vt_milnce"]) == float(plain["vt_milnce"]) == pytest.approx(
         float(mil_nce_loss(emb["video_vat"], emb["text_vat"], 0.07, candidate_mask=mask)))
     with pytest.raises(ConfigError, match="terms\\[0\\] 'va_nce': generated_temperature needs"):
