@@ -251,19 +251,20 @@ class MCL(Method):
         B, V, _, T, H, W = video.shape
         out = dict(batch)
         names = [n for n in ("video", "video_next", "flow") if n in out]
+        moving = motion_magnitude(batch, self.o.motion)  # (B, 2, T, H, W)
         if self.keep < T:
-            energy = motion_magnitude(batch, self.o.motion)[:, 0].mean(dim=(-2, -1))  # (B, T)
-            start = motion_focused_start(energy, self.keep, self.o.focus_probability, self.rng)
+            start = motion_focused_start(moving[:, 0].mean(dim=(-2, -1)), self.keep, self.o.focus_probability,
+                                         self.rng)
             index = start[:, None] + torch.arange(self.keep, device=video.device)  # (B, keep)
             for name in names:
                 x = out[name]
                 out[name] = x.gather(3, index[:, None, None, :, None, None].expand(*x.shape[:3], self.keep,
                                                                                  *x.shape[4:]))
+            moving = moving.gather(2, index[:, None, :, None, None].expand(B, V, self.keep, H, W))
             out["mcl_start"] = start
         side = max(1, round(min(H, W) * self.o.crop_share))
         if side < min(H, W):
-            moving = motion_magnitude(out, self.o.motion).mean(dim=2).flatten(0, 1)  # (B * 2, H, W)
-            corners = [motion_focused_box(m, side, self.rng) for m in moving.cpu()]
+            corners = [motion_focused_box(m, side, self.rng) for m in moving.mean(dim=2).flatten(0, 1).cpu()]
             for name in names:
                 x = out[name]
                 cropped = crop_resize(x.flatten(0, 1), corners, side, H).view(*x.shape[:4], H, H)
