@@ -56,8 +56,6 @@ def tiny_config(path, shards, out, *extra):
     if cfg.method.name == "svt":
         cfg.method.options.prototypes = 64
         cfg.data.local_size, cfg.data.local_frames = 16, 2  # smaller local views, as the config's
-    if cfg.method.name == "concur":  # a long window of 8 frames, 4-frame clips cut from it (the model's 4)
-        cfg.data.num_frames, cfg.method.options.clip_frames = 8, 4
     return cfg
 
 

@@ -1,5 +1,6 @@
-"""ConCur: the span between positives grows with the step and resumes at the same value; the clips
-are cut where the draws say; the distance head's target is the drawn distance."""
+"""ConCur: the share of the video the positives may span grows with the step, set on the loader by the
+method and resumed with the stream; the distance head's target is the drawn distance's bin. (The views
+of the shipped config through `mmvssl views`: tests/test_views.py.)"""
 
 from __future__ import annotations
 
@@ -13,49 +14,34 @@ from tests.test_methods import tiny_config
 
 def _method(**options):
     from mmvssl.methods.concur import ConCur, ConCurOptions
-    return ConCur(ConCurOptions(**{"clip_frames": 4, "head_hidden": 16, **options}), width=8, num_frames=12,
-                  max_steps=100, seed=3)
+    return ConCur(ConCurOptions(**{"head_hidden": 16, **options}), width=8, max_steps=100)
 
 
 def test_span_grows_linearly_with_the_step_then_stays():
-    method = _method(span_start=2, curriculum=0.5)  # span_end: 12 - 4 = 8, reached at step 50
-    assert [method.span(s) for s in (0, 10, 25, 49, 50, 99)] == [2, 3, 5, 7, 8, 8]  # 2 + int(6 * s / 50)
+    method = _method(span_start=0.2, curriculum=0.5)  # the whole video at step 50
+    assert [method.span(s) for s in (0, 25, 50, 99)] == pytest.approx([0.2, 0.6, 1.0, 1.0])
     spans = [method.span(s) for s in range(101)]
-    assert spans == sorted(spans) and spans[0] == 2 and spans[-1] == 8
+    assert spans == sorted(spans)
 
 
-def test_draws_stay_within_the_span_and_fit_the_window():
-    from mmvssl.methods.concur import draw_pairs
-    for span in (0, 3, 8):
-        first, distance = draw_pairs(512, 12, 4, span, seed=0, step=7)
-        assert distance.min() >= 0 and distance.max() == span  # 512 draws reach the bound
-        assert first.min() >= 0 and (first + distance + 4).max() <= 12
-    a, b = draw_pairs(16, 12, 4, 5, seed=0, step=7), draw_pairs(16, 12, 4, 5, seed=0, step=7)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))  # a step's draws do not depend on the run
-    c = draw_pairs(16, 12, 4, 5, seed=0, step=8)
-    assert not torch.equal(a[0], c[0]) or not torch.equal(a[1], c[1])
+def test_the_method_sets_its_curriculum_on_the_loader_spec_and_the_spec_follows_the_batch():
+    from mmvssl.data.loader import SampleSpec
+    spec = SampleSpec(sampler="concur", curriculum_steps=50, span_start=0.2)
+    assert [spec.span_share(b) for b in (0, 25, 50, 80)] == pytest.approx([0.2, 0.6, 1.0, 1.0])
+    assert SampleSpec(sampler="concur").span_share(0) == 1.0  # no curriculum: the whole video
 
 
-def test_clips_are_cut_at_the_drawn_frames_of_each_view():
-    from mmvssl.methods.concur import cut_clips, draw_pairs
-    B, T = 6, 12
-    frame = torch.arange(float(T)).view(1, 1, 1, T, 1, 1)
-    view = 100 * torch.arange(2.0).view(1, 2, 1, 1, 1, 1)
-    video = (frame + view).expand(B, 2, 3, T, 8, 8).clone()  # every pixel holds 100 x view + frame index
-    method = _method(span_start=8)  # the whole window from the start
-    batch = method.prepare({"video": video, "view_times": torch.tensor([[[0.0, 6.0], [0.0, 6.0]]] * B)})
-    first, distance = draw_pairs(B, T, 4, 8, seed=3, step=0)
-    assert torch.equal(batch["concur_distance"], distance)
-    expected_a = first[:, None] + torch.arange(4.0)  # (B, 4) frame indices of view 0's clip
-    assert torch.equal(batch["video"][:, 0, 0, :, 0, 0], expected_a)
-    assert torch.equal(batch["video"][:, 1, 0, :, 0, 0], 100 + expected_a + distance[:, None])
-    # the clips' windows: 0.5 s a frame, 4 frames each
-    torch.testing.assert_close(batch["view_times"][:, 0], torch.stack([first * 0.5, first * 0.5 + 2.0], -1).float())
-    torch.testing.assert_close(batch["view_times"][:, 1, 0], ((first + distance) * 0.5).float())
+def test_distance_labels_are_the_bins_of_the_share_of_the_video_between_the_clips():
+    from mmvssl.methods.concur import distance_labels
+    # 2 s clips in 10 s videos: 8 s of room; d = 0, 1, 4.1, 8 s -> shares 0, 1/8, 0.5125, 1 -> bins of 8: 0, 1, 4, 7
+    windows = torch.tensor([[[0.0, 2.0], [0.0, 2.0]], [[1.0, 3.0], [2.0, 4.0]], [[0.0, 2.0], [4.1, 6.1]],
+                            [[0.0, 2.0], [8.0, 10.0]]])
+    assert distance_labels(windows, torch.full((4,), 10.0), 8).tolist() == [0, 1, 4, 7]
+    assert distance_labels(windows[:1], torch.tensor([2.0]), 8).tolist() == [0]  # no room to move
 
 
 def test_distance_head_reads_the_pair_and_is_trained_by_the_drawn_distance():
-    method = _method(span_start=8)
+    method = _method()
     B = 8
     clips = torch.nn.functional.normalize(torch.randn(B, 2, 5), dim=-1)
     frames = torch.randn(B, 2, 3, 8, requires_grad=True)
@@ -73,15 +59,15 @@ def test_distance_head_reads_the_pair_and_is_trained_by_the_drawn_distance():
 
 def test_bad_options_are_one_line_errors():
     from mmvssl.errors import ConfigError
-    with pytest.raises(ConfigError, match="clip_frames 20 must be 1..data.num_frames"):
-        _method(clip_frames=20)
-    with pytest.raises(ConfigError, match="span_start"):
-        _method(span_start=9)
+    with pytest.raises(ConfigError, match="span_start .* are shares"):
+        _method(span_start=1.5)
+    with pytest.raises(ConfigError, match="distance_bins"):
+        _method(distance_bins=0)
 
 
 def test_concur_span_and_losses_resume_exactly(demo_shards, tmp_path, monkeypatch):
     """4 steps straight, and the same run stopped by SIGINT during step 2 and resumed: the same span
-    at every step (it grows by one frame a step here), the same losses and the same head."""
+    at every step (a quarter of the video more each step here), the same losses and the same head."""
     import signal
 
     from mmvssl.methods import concur
@@ -103,7 +89,7 @@ def test_concur_span_and_losses_resume_exactly(demo_shards, tmp_path, monkeypatc
     monkeypatch.setattr(concur, "nt_xent_loss", real)
     pretrain(tiny_config(path, demo_shards["train"], split, *extra, "train.resume=latest"))
     a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(split / "metrics.jsonl")
-    assert [r["span"] for r in a] == [1.0, 2.0, 3.0, 4.0]  # span_end 4 (8 - 4) over 4 steps, after each step
+    assert [r["span"] for r in a] == [0.25, 0.5, 0.75, 1.0]  # the share after each step, over 4 steps
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         assert x["span"] == y["span"], x["step"]

@@ -1,5 +1,6 @@
-"""ConST-CL: the model's token grid, region features by hand, the region loss and the method on a
-batch, accumulation, refused configurations. (Training on the demo shards and the falling loss:
+"""ConST-CL: the model's token grid, region features by hand, the instance loss by hand (the most similar
+target instance as the positive, the same clip's instances out of the negatives, as tensorflow/models
+official/projects/const_cl losses/losses.py), the method on a batch, accumulation, refused configurations. (Training on the demo shards and the falling loss:
 tests/test_methods.py, over configs/methods/constcl.yaml.)"""
 
 from __future__ import annotations
@@ -50,17 +51,49 @@ def test_region_features_of_a_box_on_a_constant_block_are_that_block():
     torch.testing.assert_close(got[1, 1], torch.zeros(3))
 
 
-def test_region_nce_loss_matches_a_hand_computation():
-    from mmvssl.methods.constcl import region_nce_loss
+def test_instance_nce_loss_matches_a_hand_computation():
+    """ConST-CL's InstanceContrastiveLoss: logits [positive] + the other clips' instances only."""
+    from mmvssl.methods.constcl import instance_nce_loss
     g = torch.Generator().manual_seed(0)
     p = F.normalize(torch.randn(2, 3, 5, generator=g), dim=-1)
     q = F.normalize(torch.randn(2, 3, 5, generator=g), dim=-1)
-    flat_p, flat_q = p.reshape(6, 5), q.reshape(6, 5)
+    positive = torch.tensor([[2, 0, 0], [1, 1, 2]])
     expected = 0.0
-    for i in range(6):
-        logits = torch.tensor([float(flat_p[i] @ flat_q[j]) / 0.2 for j in range(6)])
-        expected += -(logits[i] - torch.logsumexp(logits, 0)).item()
-    assert region_nce_loss(p, q, 0.2).item() == pytest.approx(expected / 6, rel=1e-5)
+    for b in range(2):
+        for i in range(3):
+            pos = float(p[b, i] @ q[b, positive[b, i]]) / 0.2
+            negatives = [float(p[b, i] @ q[c, j]) / 0.2 for c in range(2) if c != b for j in range(3)]
+            expected += -(pos - torch.logsumexp(torch.tensor([pos, *negatives]), 0).item())
+    assert instance_nce_loss(p, q, positive, 0.2).item() == pytest.approx(expected / 6, rel=1e-5)
+
+
+def test_each_instance_is_matched_to_the_most_similar_target_instance_of_the_other_view():
+    """Views of different crops: the instances are matched by their target features, a -> b by the
+    argmax over b and b -> a by the argmax over a; a permutation of b's instances moves the positives
+    with them and leaves the loss unchanged."""
+    from mmvssl.methods import constcl
+    student, method = _constcl(regions=3)
+    student.eval()
+    batch = _batch(method)
+    seen = []
+    real = constcl.instance_nce_loss
+
+    def spy(predicted, target, positive, temperature):
+        seen.append((target.detach(), positive))
+        return real(predicted, target, positive, temperature)
+
+    constcl.instance_nce_loss = spy
+    try:
+        embeddings = method.embed(student, batch)
+        loss, _ = method(embeddings, batch)
+        flipped = {**batch, "constcl_boxes": batch["constcl_boxes"][:, :, [2, 0, 1]]}
+        loss_permuted, _ = method(method.embed(student, flipped), flipped)
+    finally:
+        constcl.instance_nce_loss = real
+    (t_b, pos_ab), (t_a, pos_ba) = seen[:2]
+    similarity = torch.einsum("bid,bjd->bij", t_a, t_b)
+    assert torch.equal(pos_ab, similarity.argmax(2)) and torch.equal(pos_ba, similarity.argmax(1))
+    assert loss_permuted.item() == pytest.approx(loss.item(), rel=1e-5)
 
 
 def _batch(method, n=4):
@@ -68,14 +101,19 @@ def _batch(method, n=4):
     return method.prepare({"video": torch.randn(n, 2, 3, 4, 32, 32)})
 
 
-def test_constcl_boxes_lie_in_the_frame_and_every_part_trains():
-    student, method = _constcl(regions=3, box_scale=[0.25, 0.5])
-    batch = _batch(method)
+def test_constcl_boxes_are_drawn_per_view_as_constcl_and_every_part_trains():
+    student, method = _constcl(regions=3)
+    batch = _batch(method, n=64)
     boxes = batch["constcl_boxes"]
-    assert boxes.shape == (4, 3, 4) and boxes.min() >= 0 and boxes.max() <= 1
-    sides = boxes[..., 2:] - boxes[..., :2]
-    assert sides.min() >= 0.25 - 1e-6 and sides.max() <= 0.5 + 1e-6
-    loss, terms = method(method.embed(student, batch), batch)
+    assert boxes.shape == (64, 2, 3, 4) and boxes.min() >= 0 and boxes.max() <= 1 - 1e-3 + 1e-7
+    assert not torch.equal(boxes[:, 0], boxes[:, 1])  # each view its own instances
+    width, height = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    inside = (boxes[..., 2] < 1 - 1e-3) & (boxes[..., 3] < 1 - 1e-3)  # not clipped at the frame's edge
+    assert width.max() <= 0.5 + 1e-6 and width[inside].min() >= 0.1 - 1e-6
+    ratio = height[inside] / width[inside]
+    assert ratio.min() >= 0.5 - 1e-5 and ratio.max() <= 2 + 1e-5
+    small = _batch(method)
+    loss, terms = method(method.embed(student, small), small)
     assert set(terms) == {"region", "clip"}
     loss.backward()
     for part in (method.decoder, method.predict_head, method.target_head):
@@ -100,18 +138,18 @@ def test_constcl_with_feature_cached_accumulation_equals_one_step():
         assert torch.allclose(results[1][1][n], g, atol=1e-5, rtol=1e-4), n
 
 
-def test_constcl_refuses_views_whose_geometry_differs(demo_shards, tmp_path):
+def test_constcl_refuses_a_sampler_without_two_clips(demo_shards, tmp_path):
     from mmvssl.resources import data_path
     from mmvssl.train.engine import pretrain
     from tests.test_methods import tiny_config
     path = data_path("configs", "methods", "constcl.yaml")
-    with pytest.raises(ConfigError, match="boxes are not mapped between crops"):
-        pretrain(tiny_config(path, demo_shards["train"], tmp_path, "data.augment.crop_area=[0.3,1.0]"))
-    with pytest.raises(ConfigError, match="method 'constcl' relates regions of two views.*'cvrl'"):
-        pretrain(tiny_config(path, demo_shards["train"], tmp_path, "data.sampler=cvrl"))
+    with pytest.raises(ConfigError, match="method 'constcl' relates instances of two clips.*'same'"):
+        pretrain(tiny_config(path, demo_shards["train"], tmp_path, "data.sampler=same", "data.num_clips=2"))
+    with pytest.raises(ConfigError, match="box_width"):
+        _constcl(box_width=[0.0, 0.5])
 
 
-def test_region_loss_over_two_processes_equals_one_process_on_the_whole_batch(monkeypatch):
+def test_instance_loss_over_two_processes_equals_one_process_on_the_whole_batch(monkeypatch):
     """Two ranks simulated in one process, as in test_methods_teg: each rank's loss is its share of
     the global mean and the summed gradients, averaged as DDP does, are the global loss's."""
     from mmvssl.losses import contrastive
@@ -119,7 +157,8 @@ def test_region_loss_over_two_processes_equals_one_process_on_the_whole_batch(mo
     g = torch.Generator().manual_seed(3)
     p, q = F.normalize(torch.randn(4, 3, 5, generator=g), dim=-1), F.normalize(torch.randn(4, 3, 5, generator=g), dim=-1)
     ref_p, ref_q = p.clone().requires_grad_(), q.clone().requires_grad_()
-    reference = constcl.region_nce_loss(ref_p, ref_q, 0.2)
+    positive = torch.randint(3, (4, 3), generator=g)
+    reference = constcl.instance_nce_loss(ref_p, ref_q, positive, 0.2)
     reference.backward()
     all_p, all_q = p.clone().requires_grad_(), q.clone().requires_grad_()
     losses = []
@@ -130,7 +169,7 @@ def test_region_loss_over_two_processes_equals_one_process_on_the_whole_batch(mo
         monkeypatch.setattr(contrastive, "world", lambda rank=rank: (rank, 2))
         monkeypatch.setattr(constcl, "gather_with_grad", lambda x, everyone=everyone: everyone)
         monkeypatch.setattr(constcl, "gather_no_grad", lambda x: torch.cat([x, x]))
-        loss = constcl.region_nce_loss(all_p[rows], all_q[rows], 0.2)
+        loss = constcl.instance_nce_loss(all_p[rows], all_q[rows], positive[rows], 0.2)
         loss.backward()
         losses.append(loss.item())
     assert sum(losses) / 2 == pytest.approx(reference.item(), rel=1e-5)

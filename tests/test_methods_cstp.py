@@ -1,5 +1,5 @@
-"""CSTP: the overlap target by hand, the playback-rate and rotation views made in `prepare`, the
-BYOL target (no gradient, the EMA of the online network), accumulation. (Training on the demo
+"""CSTP: the overlap target by hand, the BYOL views left untransformed and the playback-rate and
+rotation copies made in `prepare` for the heads alone, the BYOL target (no gradient, the EMA of the online network), accumulation. (Training on the demo
 shards and the falling loss: tests/test_methods.py, over configs/methods/cstp.yaml.)"""
 
 from __future__ import annotations
@@ -37,39 +37,53 @@ def test_cstp_overlap_target_is_the_temporal_iou_of_the_windows_by_hand():
     torch.testing.assert_close(batch["cstp_overlap"], torch.tensor([1 / 3, 0.0]))
 
 
-def test_cstp_overlap_target_follows_the_frames_the_playback_rate_kept():
+def test_byol_views_are_untransformed_and_the_pretext_copies_carry_rate_and_rotation():
+    """CSTP's pretext transformations go to copies that only the heads see: the BYOL views are each clip
+    at the slowest rate over its whole window, never rotated; each copy keeps the frames its stride says,
+    from its offset, and the second copy is rotated by its label. The copies' windows follow the frames."""
     _, method = _cstp(strides=[1, 2])
     windows = [[[0.0, 2.0], [1.0, 3.0]], [[0.0, 4.0], [1.0, 5.0]], [[2.0, 4.0], [2.5, 4.5]], [[0.0, 2.0], [0.0, 2.0]]] * 4
     original = _indexed_batch(windows)
     torch.manual_seed(3)
     batch = method.prepare({**original, "video": original["video"].clone()})
-    assert batch["video"].shape == (16, 2, 3, 2, 32, 32)  # 4 frames -> keep 2
-    strides_seen = set()
+    assert batch["video"].shape == (16, 2, 3, 2, 32, 32)  # 4 frames -> keep 2 at stride 2
+    assert torch.equal(batch["video"], original["video"][:, :, :, ::2])  # frames 0 and 2: no rate, no rotation
+    copies = batch["video/pretext"]
+    strides_seen, rotations = set(), set()
     for b, clip in enumerate(windows):
-        covered = []
+        k = int(batch["cstp_rotation"][b])
+        rotations.add(k)
         for v, (start, end) in enumerate(clip):
-            kept = [int(batch["video"][b, v, 0, f, 5, 5].item()) % 10 for f in range(2)]  # the frame indices kept
+            copy = copies[b, v] if v == 0 else torch.rot90(copies[b, v], -k, dims=(-2, -1))  # undo the rotation
+            kept = [int(copy[0, f, 5, 5].item()) % 10 for f in range(2)]  # the frame indices kept
             stride = kept[1] - kept[0]
             assert stride == method.strides[int(batch["cstp_rate"][b, v])]
             strides_seen.add(stride)
-            dt = (end - start) / 4  # each frame stands for dt seconds at stride 1
-            covered.append((start + kept[0] * dt, start + (kept[0] + 2 * stride) * dt))
-        (a0, a1), (b0, b1) = covered
-        inter = max(0.0, min(a1, b1) - max(a0, b0))
-        expected = inter / ((a1 - a0) + (b1 - b0) - inter)
-        assert batch["cstp_overlap"][b].item() == pytest.approx(expected, abs=1e-6), (b, covered)
-    assert strides_seen == {1, 2}
+            dt = (end - start) / 4
+            expected = [start + kept[0] * dt, start + (kept[0] + 2 * stride) * dt]
+            torch.testing.assert_close(batch["view_times"][b, 2 + v].float(), torch.tensor(expected))
+    assert strides_seen == {1, 2} and len(rotations) > 1
+    torch.testing.assert_close(batch["view_times"][:, :2], original["view_times"])  # the clips' windows first
 
 
-def test_cstp_rotates_the_second_view_by_its_label():
+def test_the_overlap_target_is_the_clips_not_the_copies():
+    _, method = _cstp(strides=[1, 2])
+    windows = [[[0.0, 2.0], [1.0, 3.0]], [[0.0, 2.0], [1.5, 3.5]]] * 8
+    torch.manual_seed(4)
+    batch = method.prepare(_indexed_batch(windows))
+    torch.testing.assert_close(batch["cstp_overlap"], torch.tensor([1 / 3, 0.5 / 3.5] * 8))
+
+
+def test_cstp_rotates_the_second_copy_by_its_label():
     _, method = _cstp(strides=[1])
     torch.manual_seed(0)
     video = torch.randn(8, 2, 3, 4, 32, 32)
     batch = method.prepare({"video": video.clone(), "view_times": torch.tensor([[[0.0, 2.0], [1.0, 3.0]]] * 8)})
-    torch.testing.assert_close(batch["video"][:, 0], video[:, 0])
+    torch.testing.assert_close(batch["video"], video)  # stride 1 keeps every frame: the BYOL views as decoded
+    torch.testing.assert_close(batch["video/pretext"][:, 0], video[:, 0])
     for b in range(8):
         k = int(batch["cstp_rotation"][b])
-        torch.testing.assert_close(batch["video"][b, 1], torch.rot90(video[b, 1], k, dims=(-2, -1)))
+        torch.testing.assert_close(batch["video/pretext"][b, 1], torch.rot90(video[b, 1], k, dims=(-2, -1)))
     assert len(set(batch["cstp_rotation"].tolist())) > 1
 
 
@@ -123,7 +137,8 @@ def test_cstp_refuses_a_sampler_without_two_clips_and_bad_strides(demo_shards, t
     from mmvssl.resources import data_path
     from mmvssl.train.engine import pretrain
     from tests.test_methods import tiny_config
-    cfg = tiny_config(data_path("configs", "methods", "cstp.yaml"), demo_shards["train"], tmp_path, "data.sampler=same")
+    cfg = tiny_config(data_path("configs", "methods", "cstp.yaml"), demo_shards["train"], tmp_path, "data.sampler=same",
+                      "data.num_clips=2")
     with pytest.raises(ConfigError, match="method 'cstp' predicts the overlap of two clips.*'same'"):
         pretrain(cfg)
     with pytest.raises(ConfigError, match="strides must be positive"):

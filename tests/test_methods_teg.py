@@ -44,6 +44,29 @@ def _aligned_example(shift: float):
     return short, long, true, used
 
 
+def test_teg_short_tokens_are_at_the_very_times_of_long_tokens_on_the_sampler_grid():
+    """Same rate, the short clip a multiple of 4 frames into the long one: each short token's time is a
+    long token's time exactly (the positive is at the same time, not the nearest), for tubelets 1, 2, 4."""
+    import random
+
+    from mmvssl.data.sampling import view_windows
+    from mmvssl.methods.views import token_times
+    rng = random.Random(0)
+    for _ in range(50):
+        (short_start, short_len), (long_start, long_len) = view_windows("teg", 30.0, 2.0, rng, True, long_scale=2.0,
+                                                                        fps=4.0)
+        assert long_start <= short_start and short_start + short_len <= long_start + long_len + 1e-9
+        assert short_len == 2.0 and long_len == 4.0  # 8 and 16 frames at 4 fps: one rate
+        offset = (short_start - long_start) * 4.0
+        assert abs(offset - round(offset)) < 1e-9 and round(offset) % 4 == 0
+        for tubelet in (1, 2, 4):
+            short = token_times(torch.tensor([[short_start, short_start + short_len]], dtype=torch.float64), 8,
+                                8 // tubelet)
+            long = token_times(torch.tensor([[long_start, long_start + long_len]], dtype=torch.float64), 16,
+                               16 // tubelet)
+            assert (short[0, :, None] - long[0, None, :]).abs().min(dim=1).values.max() < 1e-9
+
+
 def test_teg_dense_loss_is_lowest_when_times_align():
     from mmvssl.methods.teg import teg_dense_loss
     short, long, true, used = _aligned_example(0.0)
@@ -76,13 +99,20 @@ def _teg(**options):
     torch.manual_seed(0)
     student = mmvssl.create_model("video-tiny", video={"num_frames": 4, "image_size": 32})
     student.frame_features = True
-    return student, TeG(TeGOptions(**options), student.output_dims()["video_frames"], num_frames=4)
+    return student, TeG(TeGOptions(**options), student.output_dims()["video_frames"], num_frames=4, long_frames=8)
+
+
+def _teg_batch(starts=(0.0, 1.5, 3.0)):
+    """Short clips of 4 frames over 2 s, each 1 s (2 frames at 2 fps) into a long clip of 8 frames over 4 s:
+    the same rate, as the `teg` sampler gives them."""
+    n = len(starts)
+    return {"video": torch.randn(n, 1, 3, 4, 32, 32), "video/long": torch.randn(n, 1, 3, 8, 32, 32),
+            "view_times": torch.tensor([[[s + 1.0, s + 3.0], [s, s + 4.0]] for s in starts])}
 
 
 def test_teg_trains_its_dense_head_and_the_student_through_both_terms():
     student, method = _teg()
-    batch = {"video": torch.randn(3, 2, 3, 4, 32, 32),
-             "view_times": torch.tensor([[[s, s + 4.0], [s + 1.0, s + 3.0]] for s in (0.0, 1.5, 3.0)])}
+    batch = _teg_batch()
     loss, terms = method(method.embed(student, batch), batch)
     assert set(terms) == {"dense", "persistent"}
     assert loss.item() == pytest.approx((terms["dense"] + terms["persistent"]).item(), rel=1e-6)
@@ -108,8 +138,7 @@ def test_teg_with_feature_cached_accumulation_equals_one_step():
     from accelerate import Accelerator
 
     from mmvssl.train.step import forward_backward
-    batch = {"video": torch.randn(4, 2, 3, 4, 32, 32),
-             "view_times": torch.tensor([[[s, s + 4.0], [s + 1.0, s + 3.0]] for s in (0.0, 1.5, 3.0, 0.5)])}
+    batch = _teg_batch((0.0, 1.5, 3.0, 0.5))
     results = []
     for accum in (1, 2):
         student, method = _teg()

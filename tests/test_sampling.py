@@ -30,17 +30,60 @@ def test_long_short_nests_the_short_clip():
         assert long_start <= short_start and short_start + 1.0 <= long_start + 4.0 + 1e-9
 
 
-def test_global_local_counts_and_spans():
+def test_svt_cuts_every_view_from_one_clip_with_its_spans():
+    # clip = 3 x 1 s; globals: the clip less 5/256 of it at the end (view 0) / the start (view 1);
+    # locals: an eighth of the clip (0.375 s) each, inside it (kahnchana/svt datasets/decoder.py)
     views = view_windows("svt", 10.0, 1.0, random.Random(3), True, long_scale=3.0, num_global=2, num_local=3)
-    assert [n for _, n in views] == [3.0, 3.0, 1.0, 1.0, 1.0]
-    assert all(0 <= s <= 10 - n + 1e-9 for s, n in views)
-    assert len(global_local_windows(10.0, 3.0, 1.0, 1, 1, random.Random(0))) == 2
+    shift = 3.0 * 5 / 256
+    assert [n for _, n in views] == pytest.approx([3.0 - shift, 3.0 - shift, 0.375, 0.375, 0.375])
+    clip_start = views[0][0]
+    assert views[1][0] == pytest.approx(clip_start + shift) and 0 <= clip_start <= 7.0
+    assert all(clip_start - 1e-9 <= s and s + n <= clip_start + 3.0 + 1e-9 for s, n in views[2:])
+    assert len(global_local_windows(10.0, 3.0, 1, 1, random.Random(0))) == 2
+
+
+def test_carl_crops_differ_in_length_stay_in_the_video_and_start_near_each_other():
+    rng = random.Random(4)
+    lengths = []
+    for _ in range(300):
+        (a, la), (b, lb) = view_windows("carl", 20.0, 2.0, rng, True, long_scale=1.5)
+        assert 2.0 <= la <= 3.0 and 2.0 <= lb <= 3.0  # U[1, 1.5] x the window
+        assert 0 <= a <= 20 - la + 1e-9 and 0 <= b <= 20 - lb + 1e-9
+        assert abs(b - a) <= 0.8 * la + 1e-9  # CARL's CONSISTENT_OFFSET 0.2
+        lengths.append(la - lb)
+    assert min(lengths) < -0.5 and max(lengths) > 0.5
+
+
+def test_overlapping_pair_spreads_the_temporal_iou_over_zero_one():
+    rng = random.Random(5)
+    ious = []
+    for _ in range(4000):
+        (a, n), (b, _) = view_windows("overlap", 30.0, 2.0, rng, True)
+        inter = max(0.0, n - abs(a - b))
+        ious.append(inter / (2 * n - inter))
+    ious = np.array(ious)
+    assert ious.min() > 0 and ious.max() <= 1 + 1e-9
+    counts, _ = np.histogram(ious, bins=4, range=(0, 1))
+    assert np.allclose(counts / len(ious), 0.25, atol=0.03)  # u ~ U(0, 1] inverted exactly
+
+
+def test_curriculum_pair_keeps_its_distance_within_the_share_of_the_video():
+    rng = random.Random(6)
+    for share in (0.0, 0.25, 1.0):
+        distances = []
+        for _ in range(300):
+            (a, n), (b, _) = view_windows("concur", 12.0, 2.0, rng, True, span_share=share)
+            assert 0 <= a <= b <= 10.0 + 1e-9 and n == 2.0
+            distances.append(b - a)
+        assert max(distances) <= share * 10.0 + 1e-9
+        if share:
+            assert max(distances) > 0.8 * share * 10.0  # uniform up to the bound
 
 
 def test_uniform_and_center():
     assert uniform_windows(10.0, 2.0, 3) == [0.0, 4.0, 8.0]
     assert view_windows("random", 10.0, 2.0, random.Random(0), train=False) == [(4.0, 2.0)]
-    with pytest.raises(ValueError, match="unknown sampler 'nope'"):
+    with pytest.raises(ValueError, match="unknown sampler 'nope' .*overlap"):
         view_windows("nope", 10.0, 2.0, random.Random(0), True)
 
 

@@ -2,6 +2,6 @@
 `register(subparsers)`, adding its parsers with `set_defaults(func=...)`; handlers are thin and
 import the library lazily so `mmvssl --help` stays fast."""
 
-from . import data, datasets, evaluate, finetune, models, narrate, search, shards, train
+from . import data, datasets, evaluate, finetune, models, narrate, search, shards, train, views
 
-GROUPS = [data, datasets, shards, train, finetune, evaluate, narrate, models, search]
+GROUPS = [data, datasets, shards, train, finetune, evaluate, narrate, models, search, views]

@@ -52,9 +52,10 @@ class SampleSpec:
     num_candidates: int = 2
     train: bool = True
     seed: int = 0
-    sampler: str = "random"  # random (center when not training), uniform, same, cvrl, teg, svt: see sampling.view_windows
+    sampler: str = "random"  # random (center when not training), uniform, same, cvrl, overlap, concur, carl, teg, svt:
+    # see sampling.view_windows
     num_clips: int = 1  # uniform: clips per video
-    long_scale: float = 2.0  # teg/svt: the long/global window is this many times num_frames / fps
+    long_scale: float = 2.0  # teg/svt: the long clip is this many times num_frames / fps; carl: the longest crop
     num_global: int = 2  # svt
     num_local: int = 2  # svt
     # svt: local views are `local_frames` frames of `local_size` px (0: as the global views), cropped
@@ -77,17 +78,32 @@ class SampleSpec:
     # mmvssl/methods/motion_stream.py): `video_next`, the source frame right after each sampled frame
     # of `video`'s views, cropped / flipped / colour-augmented with it (mmvssl/data/motion.py)
     next_frames: bool = False
+    # concur: the curriculum, set by the method (mmvssl.methods.concur): the two clips' distance may reach
+    # span_start of what the video allows at step 0, all of it after curriculum_steps optimizer steps; a
+    # sample's step is its batch's place in the stream (one batch a step; exact when no sample failed to decode)
+    curriculum_steps: int = 0
+    span_start: float = 1.0
 
     @property
     def multi_view(self) -> bool:
-        return self.sampler in ("cvrl", "teg", "svt") or (self.sampler in ("uniform", "same") and self.num_clips > 1)
+        return (self.sampler in ("cvrl", "overlap", "concur", "carl", "teg", "svt")
+                or (self.sampler in ("uniform", "same") and self.num_clips > 1))
 
     @property
     def groups(self) -> dict[str, tuple[int, int, int]]:
-        """Named view groups beyond `video`: name -> (views, frames, size)."""
+        """Named view groups beyond `video`: name -> (views, frames, size). SVT's local views; TeG's long
+        clip, decoded at the short clip's rate (so with more frames)."""
         if self.sampler == "svt" and self.num_local:
             return {"local": (self.num_local, self.local_frames or self.num_frames, self.local_size or self.size)}
+        if self.sampler == "teg":
+            return {"long": (1, max(1, round(self.num_frames * self.long_scale)), self.size)}
         return {}
+
+    def span_share(self, batch_number: int) -> float:
+        """concur: the share of the video the clips' distance may reach for the stream's batch `batch_number`."""
+        if self.curriculum_steps <= 0:
+            return 1.0
+        return min(1.0, self.span_start + (1.0 - self.span_start) * batch_number / self.curriculum_steps)
 
     @property
     def window(self) -> float:
@@ -120,8 +136,10 @@ class DecodeSamples:
         self.max_error_rate = max_error_rate
         self.min_samples_for_rate = min_samples_for_rate
         self.augmenter = Augmenter(spec.augment, spec.size)
-        self.local_augmenter = Augmenter(dataclasses.replace(spec.augment, crop_scale=spec.augment.local_crop_scale),
-                                         spec.groups["local"][2]) if "local" in spec.groups else None
+        self.group_augmenters = {  # SVT's local views crop with DINO's small areas; other groups as `video`
+            name: Augmenter(dataclasses.replace(spec.augment, crop_scale=spec.augment.local_crop_scale)
+                            if name == "local" else spec.augment, size)
+            for name, (_, _, size) in spec.groups.items()}
 
     def __call__(self, src):
         rank, slot = self.position.slot()
@@ -134,8 +152,10 @@ class DecodeSamples:
             # one generator per sample, derived from its place in this worker's stream, so a
             # resumed stream that skips samples draws the same windows as an uninterrupted one
             rng = random.Random(f"{self.spec.seed}/{rank}/{slot}/{raw.get('__index__', index)}")
+            position = raw.get("__index__", index)  # the stream's batch this sample goes to (concur's step)
+            batch_number = (position // self.position.batch_size) * self.position.num_workers + slot
             try:
-                sample = self.decode(raw, rng)
+                sample = self.decode(raw, rng, batch_number)
             except (DecodeError, ValueError, KeyError, json.JSONDecodeError) as e:
                 failed += 1
                 pending += 1
@@ -149,7 +169,7 @@ class DecodeSamples:
             sample["_failed"], pending = pending, 0  # failures since the previous yielded sample
             yield sample
 
-    def decode(self, raw: dict, rng: random.Random) -> dict:
+    def decode(self, raw: dict, rng: random.Random, batch_number: int = 0) -> dict:
         spec = self.spec
         key = raw.get("__key__", "?")
         data = video_bytes(raw)  # DecodeError naming the key when there is no video member
@@ -158,22 +178,24 @@ class DecodeSamples:
         if duration <= 0:  # shards from other tools: read it from the container header
             duration = probe(data, check_decode=False).duration
         windows = view_windows(spec.sampler, duration, spec.window, rng, spec.train, spec.long_scale,
-                               spec.num_clips, spec.num_global, spec.num_local)
+                               spec.num_clips, spec.num_global, spec.num_local, fps=spec.fps,
+                               span_share=spec.span_share(batch_number))
         cached = None
         if spec.teacher_features is not None:  # the first view's frame times, as decode_window computes them
             start, length = windows[0]
             times = torch.from_numpy(frame_times(start, spec.num_frames, spec.num_frames / length))
             cached = pair_cached_frames(raw, times, spec.teacher_features)  # (T, D) float16
         augment = self.augmenter.video_transform is not None
-        local = len(windows) - spec.num_local if "local" in spec.groups else len(windows)  # first local view
+        # each view's (group, frames, size, augmenter): `video`'s views, then each named group's in order
+        local = len(windows) - sum(n for n, _, _ in spec.groups.values())  # the first view of a named group
+        plan = [(None, spec.num_frames, spec.size, self.augmenter)] * local
+        for name, (n, frames_n, size) in spec.groups.items():
+            plan += [(name, frames_n, size, self.group_augmenters[name])] * n
         videos, crops, audio, first = [], [], None, None
         flips, nexts = [], []
         for v, (start, length) in enumerate(windows):
-            frames_n, size, augmenter = ((spec.num_frames, spec.size, self.augmenter) if v < local else
-                                         (spec.groups["local"][1], spec.size, self.local_augmenter))
-            if not augment and v >= local:
-                size = spec.groups["local"][2]  # no crop to make the local size: decode at it
-            if v == 0 or windows[v] != windows[v - 1] or v == local:  # a repeated window (`same`) is decoded once
+            _, frames_n, size, augmenter = plan[v]  # without augmentation, decoded at the group's size
+            if v == 0 or windows[v] != windows[v - 1] or plan[v][0] != plan[v - 1][0]:  # `same` decodes once
                 clip = decode_window(data, start, frames_n, frames_n / length,
                                      None if augment else size, spec.audio_rate if v == 0 else None,
                                      short_side=round(spec.size * spec.augment.decode_short_side) if augment else None,
@@ -192,6 +214,8 @@ class DecodeSamples:
             if v == 0:
                 first, audio = clip, clip.audio
         has_audio = audio is not None
+        if has_audio and len(audio) != spec.audio_samples:  # a first view longer or shorter than the window
+            audio = np.pad(audio[:spec.audio_samples], (0, max(0, spec.audio_samples - len(audio))))  # (carl, svt)
         audio = self.augmenter.audio(torch.from_numpy(audio), rng) if has_audio else torch.zeros(spec.audio_samples)
         # the text source is drawn last, so that adding sources leaves the windows and augmentation unchanged
         texts, generated = select_source_texts(meta, first.start, first.end, spec.num_candidates,
@@ -211,11 +235,12 @@ class DecodeSamples:
         }
         if nexts:  # the frames right after `video`'s frames, same shape
             sample["video_next"] = torch.stack(nexts) if spec.multi_view else nexts[0]
-        if local < len(windows):
-            sample[group_key("video", "local")] = torch.stack(videos[local:])  # (L, C, t, h, w)
+        for name in spec.groups:  # e.g. video/local (L, C, t, h, w)
+            sample[group_key("video", name)] = torch.stack([x for x, p in zip(videos, plan) if p[0] == name])
         if spec.multi_view:  # where each view lies in time and space, `video`'s views then each group's
             sample["view_times"] = torch.tensor([[s, s + n] for s, n in windows], dtype=torch.float64)
             sample["view_crops"] = torch.tensor(crops, dtype=torch.float32)  # before any flip
+            sample["meta"]["view_flips"] = flips  # whether each view was mirrored after its crop
         if spec.flow:  # cached optical flow of `video`'s views, paired in time and cropped / flipped with them
             flows = [pair_flow(raw, torch.from_numpy(frame_times(s, spec.num_frames, spec.num_frames / n)),
                                crops[v] if augment else None, flips[v], spec.size)

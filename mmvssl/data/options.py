@@ -46,7 +46,8 @@ class DataConfig:
     seed: int | None = None  # defaults to train.seed
     mode: str = "resampled"  # resampled (endless, seeded per process/worker) or epoch (each sample once)
     epoch_length: int | None = None  # resampled: batches per process per epoch
-    sampler: str = "random"  # random, uniform, same, cvrl, teg, svt (multi-view: video is (B, V, C, T, H, W))
+    sampler: str = "random"  # random, uniform, same, cvrl, overlap, concur, carl, teg, svt (mmvssl.data.sampling;
+    # multi-view: video is (B, V, C, T, H, W); `mmvssl views` shows where they lie)
     num_clips: int = 1  # uniform: clips spread over the video; same: views of one window (SimCLR)
     long_scale: float = 2.0  # teg / svt: long (global) window = long_scale x num_frames / fps
     num_global: int = 2  # svt

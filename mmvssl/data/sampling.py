@@ -116,29 +116,91 @@ def cvrl_pair(duration: float, window: float, rng: random.Random) -> list[float]
     return starts
 
 
+# TeG: the short clip starts a multiple of this many frames after the long clip (both at one rate), so
+# that with a temporal tubelet of 1, 2 or 4 frames every short-clip token covers exactly the frames of
+# one long-clip token (methods/teg.py checks the model's tubelet)
+TEG_GRID_FRAMES = 4
+# SVT (kahnchana/svt, datasets/decoder.py `decode`, temporal_aug): the two global views are the clip
+# less 5 of its frames at one end or the other (5 of 8 x 32 = 256 frames in its TimeSformer config),
+# every local view spans an eighth of the clip (`local_width = max_len // 8`), placed at random in it
+SVT_GLOBAL_SHIFT = 5 / 256
+SVT_LOCAL_SHARE = 1 / 8
+# CARL (minghchen/CARL_code, datasets/penn_action.py `sample_frames`, 'time_augment' with
+# configs/scl_transformer_config.yml): the second view starts at most (1 - CONSISTENT_OFFSET) = 0.8 of
+# the first view's length away from it
+CARL_MAX_SHIFT = 0.8
+
+
 def long_short_windows(duration: float, long_window: float, short_window: float,
-                       rng: random.Random) -> list[float]:
-    """TEG: a long clip, and a short clip drawn inside it. Returns [long start, short start]."""
+                       rng: random.Random, fps: float = 0.0, grid: int = 1) -> list[float]:
+    """TeG: a long clip, and a short clip drawn inside it. Returns [long start, short start]. With
+    `fps`, the short clip starts a multiple of `grid` frames (at `fps`) after the long one."""
     long_start = random_window(duration, long_window, rng)
     inner = max(0.0, min(long_window, max(duration, short_window) - long_start) - short_window)
+    if fps > 0:  # on the long clip's frame grid
+        steps = int(round(inner * fps + 1e-6)) // grid
+        return [long_start, long_start + rng.randint(0, steps) * grid / fps]
     return [long_start, long_start + rng.uniform(0.0, inner)]
 
 
-def global_local_windows(duration: float, global_window: float, local_window: float, num_global: int,
-                         num_local: int, rng: random.Random) -> list[float]:
-    """SVT: `num_global` wide clips, then `num_local` short ones, each placed at random."""
-    return ([random_window(duration, global_window, rng) for _ in range(num_global)]
-            + [random_window(duration, local_window, rng) for _ in range(num_local)])
+def global_local_windows(duration: float, clip: float, num_global: int, num_local: int,
+                         rng: random.Random) -> list[tuple[float, float]]:
+    """SVT: one clip of `clip` seconds placed at random; `num_global` global views spanning it (less
+    SVT_GLOBAL_SHIFT of it at the end for even views, at the start for odd ones), then `num_local`
+    local views of SVT_LOCAL_SHARE of it, each at random inside it. Returns (start, length) per view."""
+    start = random_window(duration, clip, rng)
+    shift, local = clip * SVT_GLOBAL_SHIFT, clip * SVT_LOCAL_SHARE
+    views = [(start + (shift if g % 2 else 0.0), clip - shift) for g in range(num_global)]
+    return views + [(start + rng.uniform(0.0, clip - local), local) for _ in range(num_local)]
+
+
+def carl_windows(duration: float, window: float, max_scale: float, rng: random.Random) -> list[tuple[float, float]]:
+    """CARL: two temporal crops of one video, each `window` x U[1, max_scale] long (CARL's
+    SAMPLING_REGION), the second starting within CARL_MAX_SHIFT of the first's length of the first's
+    start; both stay inside the video. Each is decoded as the same number of frames, so the two
+    differ in length and frame rate. Returns (start, length) per view."""
+    lengths = [window * rng.uniform(1.0, max(1.0, max_scale)) for _ in range(2)]
+    first = random_window(duration, lengths[0], rng)
+    shift = CARL_MAX_SHIFT * lengths[0]
+    low, high = max(0.0, first - shift), max(0.0, min(first + shift, duration - lengths[1]))
+    second = rng.uniform(low, max(low, high))
+    return [(first, lengths[0]), (second, lengths[1])]
+
+
+def overlapping_pair(duration: float, window: float, rng: random.Random) -> list[float]:
+    """CSTP: two clips of `window` whose temporal IoU is drawn uniformly in (0, 1] (the gap between
+    their starts is window (1 - u) / (1 + u)), shrunk to what the video holds, placed uniformly."""
+    room = max(0.0, duration - window)
+    u = 1.0 - rng.random()  # (0, 1]
+    gap = min(room, window * (1.0 - u) / (1.0 + u))
+    first = rng.uniform(0.0, room - gap)
+    starts = [first, first + gap]
+    rng.shuffle(starts)
+    return starts
+
+
+def curriculum_pair(duration: float, window: float, span_share: float, rng: random.Random) -> list[float]:
+    """ConCur: two clips of `window`, the second starting d seconds after the first, d uniform in
+    [0, span_share x (duration - window)]: the curriculum's share of what the video allows."""
+    room = max(0.0, duration - window)
+    distance = rng.uniform(0.0, min(1.0, max(0.0, span_share)) * room)
+    first = rng.uniform(0.0, room - distance)
+    return [first, first + distance]
+
+
+SAMPLERS = ("random", "center", "uniform", "same", "cvrl", "teg", "svt", "carl", "overlap", "concur")
 
 
 def view_windows(sampler: str, duration: float, window: float, rng: random.Random, train: bool,
                  long_scale: float = 2.0, num_clips: int = 1, num_global: int = 2,
-                 num_local: int = 2) -> list[tuple[float, float]]:
+                 num_local: int = 2, fps: float = 0.0, span_share: float = 1.0) -> list[tuple[float, float]]:
     """(start, length) of every view a sampler asks for; the first view's audio is kept.
 
     random/center: one clip; uniform: `num_clips` evenly spread; same: `num_clips` copies of one
-    window; cvrl: two clips;
-    teg: [long, short]; svt: globals then locals (long = long_scale x window)."""
+    window; cvrl: two clips at CVRL's gap; overlap: two overlapping clips (CSTP); concur: two clips
+    `span_share` of the video apart at most (ConCur); carl: two crops of different length (CARL);
+    teg: [short, long] (long = long_scale x window, the short inside it on its frame grid at `fps`);
+    svt: globals then locals of one clip of long_scale x window."""
     long_window = window * long_scale
     if sampler in ("random", "center"):
         start = random_window(duration, window, rng) if train and sampler == "random" else center_window(duration, window)
@@ -150,10 +212,15 @@ def view_windows(sampler: str, duration: float, window: float, rng: random.Rando
         return [(start, window)] * num_clips
     if sampler == "cvrl":
         return [(s, window) for s in cvrl_pair(duration, window, rng)]
+    if sampler == "overlap":
+        return [(s, window) for s in overlapping_pair(duration, window, rng)]
+    if sampler == "concur":
+        return [(s, window) for s in curriculum_pair(duration, window, span_share, rng)]
+    if sampler == "carl":
+        return carl_windows(duration, window, long_scale, rng)
     if sampler == "teg":
-        long_start, short_start = long_short_windows(duration, long_window, window, rng)
-        return [(long_start, long_window), (short_start, window)]
+        long_start, short_start = long_short_windows(duration, long_window, window, rng, fps, TEG_GRID_FRAMES)
+        return [(short_start, window), (long_start, long_window)]
     if sampler == "svt":
-        starts = global_local_windows(duration, long_window, window, num_global, num_local, rng)
-        return [(s, long_window if i < num_global else window) for i, s in enumerate(starts)]
-    raise ValueError(f"unknown sampler '{sampler}' (random, center, uniform, same, cvrl, teg, svt)")
+        return global_local_windows(duration, long_window, num_global, num_local, rng)
+    raise ValueError(f"unknown sampler '{sampler}' ({', '.join(SAMPLERS)})")

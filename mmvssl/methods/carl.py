@@ -2,8 +2,13 @@
 Contrastive Learning"): frame-wise embeddings of two views of a video, trained with the sequence
 contrastive loss (SCL).
 
-- Views: two augmented views of overlapping windows (`data.sampler: same` with `data.num_clips: 2`,
-  or `cvrl`); each view's [start, end] seconds come from batch["view_times"].
+- Views (`data.sampler: carl`, mmvssl.data.sampling.carl_windows, after CARL's 'time_augment' in
+  minghchen/CARL_code datasets/penn_action.py `sample_frames`): two temporal crops of one video, each
+  U[1, `data.long_scale`] x the window long (CARL's SAMPLING_REGION 1.5), the second starting
+  within 0.8 of the first's length of it (CONSISTENT_OFFSET 0.2), each decoded as `data.num_frames`
+  frames, so the two differ in length and frame rate; each view's [start, end] seconds come from
+  batch["view_times"]. `cvrl` (two clips of one length at a random gap) is accepted too; `same` is
+  refused: one window twice puts every prior on the same token, which position embeddings solve.
 - Frame embeddings: the video transformer's tokens averaged per temporal position
   (`video_frames`, (B, V, t, width)), through the method's own MLP projection head
   (Linear-BN-ReLU-Linear, trained, checkpointed, never shipped), L2-normalised.
@@ -19,10 +24,9 @@ contrastive loss (SCL).
 
 Departures from the paper: CARL embeds every frame with a 2-D ResNet and a temporal transformer;
 here a "frame" is one temporal token of the video transformer (a tubelet of p frames), its time the
-mean time of those frames. CARL's views are two random temporal crops with different sampling of
-one long video; here they are the loader's windows (`same`: one window, two augmentations, so the
-prior centres on the same token; `cvrl`: two windows at a random gap, which may not overlap, in
-which case the prior still points at the nearest tokens in time). CARL counts positions in the
+mean time of those frames. CARL's crops cover 1 to 1.5 x the whole (short, trimmed) video with
+frames past its end masked, and take a random sorted subset of the crop's frames; here a crop is a
+window of 1 to `long_scale` x the clip window inside a long video, its frames evenly spaced. CARL counts positions in the
 video's own frames; here in frames at data.fps (one grid for both views), and clips have no padding
 (CARL pads videos shorter than its frame count and masks them; the loss takes such masks).
 """
@@ -116,10 +120,10 @@ class CARL(Method):
     def build(cls, cfg: DictConfig, ctx: BuildContext):
         options = cls.options(cfg)
         spec = ctx.spec
-        if not (spec.sampler == "cvrl" or (spec.sampler == "same" and spec.num_clips == 2)):
+        if spec.sampler not in ("carl", "cvrl"):
             raise ConfigError(f"method 'carl' aligns the frames of two views: data.sampler '{spec.sampler}' with "
-                              f"data.num_clips={spec.num_clips} does not give them "
-                              f"(use same with num_clips=2, or cvrl)")
+                              f"data.num_clips={spec.num_clips} does not give two temporal crops "
+                              f"(use carl, or cvrl)")
         net = build_student(cfg, ctx.accelerator)
         net.frame_features = True  # forward also returns video_frames (B, V, t, width)
         return net, cls(options, net.output_dims()["video_frames"], spec.num_frames, spec.fps)

@@ -2,26 +2,23 @@
 arXiv 2209.00760): contrastive learning whose positives start temporally close and move apart as
 training goes on, plus an auxiliary head that predicts how far apart the two positives are.
 
-- Data (`data.sampler: same`, `data.num_clips: 2`): one long window of `data.num_frames` frames,
-  decoded once and augmented twice (two views). The method cuts the two positives out of it on
-  the device: a clip of `clip_frames` frames from view 0 and one from view 1 that starts
-  `d` frames later, d drawn uniformly in [0, span(step)]. Cutting on the device is what lets the
-  curriculum follow the training step (the loader's workers do not know it) and costs no decode.
-- Curriculum: span(step) grows linearly from `span_start` to `span_end` frames (default: the
-  whole window, num_frames - clip_frames) over the first `curriculum` share of train.max_steps,
-  then stays there. The span is a function of the step, which the method checkpoints, so a
-  resumed run continues it exactly; each step's draws come from a generator seeded by
-  (train.seed, step) over the global batch, so they do not depend on where a run was resumed or
-  on how many processes share the batch.
+- Views (`data.sampler: concur`, mmvssl.data.sampling.curriculum_pair): two clips of `data.num_frames`
+  frames at `data.fps` from anywhere in the video, the second starting d seconds after the first,
+  d uniform in [0, share(step) x (duration - window)]: the span is bounded by the video itself.
+- Curriculum: share(step) grows linearly from `span_start` (a share of what the video allows) to 1
+  over the first `curriculum` share of train.max_steps, then stays at 1. The method sets it on the
+  loader's SampleSpec when it is built (`curriculum_steps`, `span_start`); each sample's step is the
+  place of its batch in the stream (one batch a step), so a resumed stream, which starts at the
+  consumed batch, draws what the uninterrupted one drew (exact when no sample failed to decode).
 - Loss: NT-Xent between the two clips' embeddings `video_<space>` (temperature `temperature`),
   plus `distance_weight` x the cross-entropy of a head that reads both clips' features p (the mean
-  of the encoder's tokens) as [p_a, p_b, p_a * p_b, |p_a - p_b|] and classifies d into
-  span_end + 1 classes (the mean over the global batch, each process its share).
+  of the encoder's tokens) as [p_a, p_b, p_a * p_b, |p_a - p_b|] and classifies d / (duration -
+  window), the share of the video between them, into `distance_bins` equal bins (computed in
+  `prepare` from batch["view_times"] and each sample's duration; the mean over the global batch).
 
-Departures: the paper samples the two clips from the whole video with a span in seconds and an
-epoch schedule; here the span is in frames of the decoded long window (its fps is data.fps) and
-the schedule is in steps. The head's form (a 2-layer MLP over the pair, classification rather
-than regression) is ours: the paper's exact head was not available to us.
+Reference: no official code was found to read (ShuvenduRoy/ConCur is not in the public index we
+could search); the module follows the paper. Departures: the schedule is in steps, not epochs; the
+head's form (a 2-layer MLP over the pair classifying the share of the video in bins) is ours.
 """
 
 from __future__ import annotations
@@ -35,120 +32,93 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..losses.contrastive import global_mean, nt_xent_loss
-from ..losses.gather import gather_no_grad, world
+from ..losses.gather import gather_no_grad
 from .base import BuildContext, Method, mlp, require_output
 from .contrastive import build_student
+from .views import view_windows
 
 
 @dataclass
 class ConCurOptions:
-    clip_frames: int = 8  # frames of each positive clip, cut from the long window of data.num_frames
-    span_start: int = 0  # frames between the two clips' starts, at most, at step 0
-    span_end: int = -1  # ... at the end of the curriculum (-1: data.num_frames - clip_frames)
-    curriculum: float = 0.5  # share of train.max_steps over which the span grows
+    span_start: float = 0.0  # share of (duration - window) the clips' distance may reach at step 0
+    curriculum: float = 0.5  # share of train.max_steps over which it grows to 1 (the whole video)
     temperature: float = 0.1
     distance_weight: float = 1.0  # the auxiliary temporal-distance classification
+    distance_bins: int = 8  # classes of d / (duration - window)
     head_hidden: int = 256
     space: str = "ssl"
 
 
-def linear_span(step: int, start: int, end: int, steps: int) -> int:
-    """The curriculum: frames between positives allowed at `step`, from `start` to `end` over `steps`."""
+def linear_share(step: int, start: float, steps: int) -> float:
+    """The curriculum: the share of the video the positives' distance may reach at `step`."""
     if steps <= 0 or step >= steps:
-        return end
-    return start + int((end - start) * step / steps)
+        return 1.0
+    return start + (1.0 - start) * step / steps
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The generator of a step's draws: the same on every process and in a resumed run."""
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2 ** 62))
-
-
-def draw_pairs(batch_size: int, num_frames: int, clip_frames: int, span: int, seed: int, step: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first start, distance), each (world * batch_size,) frame indices: distance uniform in
-    [0, span], then the first clip's start uniform where both clips fit in num_frames."""
-    g = step_generator(seed, step)
-    n = world()[1] * batch_size
-    distance = torch.randint(0, span + 1, (n,), generator=g)
-    room = num_frames - clip_frames - distance  # last start that keeps the second clip inside
-    first = (torch.rand(n, generator=g) * (room + 1)).floor().long().minimum(room)
-    return first, distance
-
-
-def cut_clips(video: torch.Tensor, first: torch.Tensor, second: torch.Tensor, clip_frames: int) -> torch.Tensor:
-    """video (B, 2, C, T, H, W), starts first/second (B,) frame indices -> (B, 2, C, clip_frames, H, W):
-    view 0's clip at `first`, view 1's at `second`."""
-    B, _, C, T, H, W = video.shape
-    frames = torch.arange(clip_frames, device=video.device)
-    clips = []
-    for v, start in ((0, first), (1, second)):
-        index = (start.to(video.device)[:, None] + frames).view(B, 1, clip_frames, 1, 1).expand(B, C, clip_frames, H, W)
-        clips.append(video[:, v].gather(2, index))
-    return torch.stack(clips, dim=1)
+def distance_labels(windows: torch.Tensor, durations: torch.Tensor, bins: int) -> torch.Tensor:
+    """windows (B, 2, 2) [start, end] seconds of the two clips, durations (B,) -> (B,) the bin of
+    d / (duration - window) (d the second clip's start minus the first's) among `bins` equal bins;
+    0 where the video holds no room to move."""
+    distance = (windows[:, 1, 0] - windows[:, 0, 0]).clamp(min=0)
+    room = (durations - (windows[:, 0, 1] - windows[:, 0, 0])).clamp(min=0)
+    share = torch.where(room > 1e-6, distance / room.clamp(min=1e-6), torch.zeros_like(distance))
+    return (share * bins).floor().long().clamp(0, bins - 1)
 
 
 class ConCur(Method):
     name = "concur"
+    views_on_device = True  # `mmvssl views` runs prepare: the distance labels are made there
     paper = ("ConCur (Roy and Etemad 2023): a curriculum of temporal span between positives, "
              "temporal distance prediction")
     Options = ConCurOptions
 
-    def __init__(self, options: ConCurOptions, width: int, num_frames: int, max_steps: int, seed: int):
+    def __init__(self, options: ConCurOptions, width: int, max_steps: int):
         super().__init__()
         o = options
-        self.o, self.num_frames, self.max_steps, self.seed = o, num_frames, max_steps, seed
-        self.span_end = num_frames - o.clip_frames if o.span_end < 0 else o.span_end
-        if o.clip_frames < 1 or o.clip_frames > num_frames:
-            raise ConfigError(f"method 'concur': method.options.clip_frames {o.clip_frames} must be 1..data.num_frames "
-                              f"({num_frames}): the clips are cut from the decoded window")
-        if not 0 <= o.span_start <= self.span_end <= num_frames - o.clip_frames:
-            raise ConfigError(f"method 'concur': need 0 <= span_start ({o.span_start}) <= span_end ({self.span_end}) "
-                              f"<= data.num_frames - clip_frames ({num_frames - o.clip_frames})")
-        if o.temperature <= 0:
-            raise ConfigError("method 'concur': method.options.temperature must be > 0")
+        if not 0 <= o.span_start <= 1 or not 0 <= o.curriculum <= 1:
+            raise ConfigError(f"method 'concur': method.options.span_start ({o.span_start}) and curriculum "
+                              f"({o.curriculum}) are shares, in [0, 1]")
+        if o.temperature <= 0 or o.distance_bins < 1:
+            raise ConfigError("method 'concur': method.options.temperature must be > 0 and distance_bins >= 1")
+        self.o, self.max_steps = o, max_steps
         self.key = f"video_{o.space}"
-        self.distance_head = mlp(4 * width, o.head_hidden, self.span_end + 1, batch_norm=True)
+        self.distance_head = mlp(4 * width, o.head_hidden, o.distance_bins, batch_norm=True)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # steps taken, checkpointed
         self.modalities = {"video"}
+
+    @property
+    def curriculum_steps(self) -> int:
+        return round(self.o.curriculum * self.max_steps)
 
     @classmethod
     def build(cls, cfg: DictConfig, ctx: BuildContext):
         options = cls.options(cfg)
         spec = ctx.spec
-        if spec.sampler != "same" or spec.num_clips != 2:
-            raise ConfigError(f"method 'concur' cuts its two clips from two views of one window: use data.sampler=same "
-                              f"with data.num_clips=2 (got sampler '{spec.sampler}', {spec.num_clips} clips)")
+        if spec.sampler != "concur":
+            raise ConfigError(f"method 'concur' draws two clips of a video at a distance that grows with the step: "
+                              f"use data.sampler=concur (got sampler '{spec.sampler}')")
         net = build_student(cfg, ctx.accelerator)
         dims = require_output(net, f"video_{options.space}", cls.name)
         net.frame_features = True  # forward also returns video_frames (B, V, t, width): the head reads their mean
-        return net, cls(options, dims["video_frames"], spec.num_frames, cfg.train.max_steps, cfg.train.seed)
+        method = cls(options, dims["video_frames"], cfg.train.max_steps)
+        spec.curriculum_steps, spec.span_start = max(1, method.curriculum_steps), options.span_start  # the loader's
+        return net, method
 
     def decayed_modules(self) -> list[nn.Module]:
         return [self.distance_head]
 
-    def span(self, step: int) -> int:
-        return linear_span(step, self.o.span_start, self.span_end, round(self.o.curriculum * self.max_steps))
+    def span(self, step: int) -> float:
+        """The share of (duration - window) the positives' distance may reach at `step`."""
+        return linear_share(step, self.o.span_start, self.curriculum_steps)
 
     def prepare(self, batch: dict) -> dict:
-        video = batch["video"]  # (B, 2, C, T, H, W): two augmentations of one long window
-        B, T = video.shape[0], video.shape[3]
-        if video.ndim != 6 or video.shape[1] != 2 or T != self.num_frames:
-            raise ConfigError(f"method 'concur' expects video (B, 2, C, {self.num_frames}, H, W), "
-                              f"got {tuple(video.shape)}")
-        step = int(self.step)
-        rank, _ = world()
-        first, distance = draw_pairs(B, self.num_frames, self.o.clip_frames, self.span(step), self.seed, step)
-        first, distance = first[rank * B:(rank + 1) * B], distance[rank * B:(rank + 1) * B]  # this process's clips
-        batch = dict(batch)
-        batch["video"] = cut_clips(video, first, first + distance, self.o.clip_frames)
-        batch["concur_distance"] = distance.to(video.device)
-        if "view_times" in batch:  # the clips' own windows, for anything that reads them
-            times = batch["view_times"]
-            per_frame = (times[..., 1] - times[..., 0]) / self.num_frames  # (B, 2)
-            starts_s = torch.stack([first, first + distance], 1).to(times) * per_frame + times[..., 0]
-            batch["view_times"] = torch.stack([starts_s, starts_s + per_frame * self.o.clip_frames], -1)
-        return batch
+        video = batch["video"]  # (B, 2, C, T, H, W): the two clips
+        if video.ndim != 6 or video.shape[1] != 2:
+            raise ConfigError(f"method 'concur' expects video (B, 2, C, T, H, W), got {tuple(video.shape)}")
+        windows = view_windows(batch, video.device)  # (B, 2, 2)
+        durations = torch.tensor([float(m.get("duration") or 0.0) for m in batch["meta"]], device=video.device)
+        return {**batch, "concur_distance": distance_labels(windows, durations, self.o.distance_bins)}
 
     def forward(self, embeddings: dict, batch: dict):
         clips = embeddings[self.key].float()  # (B, 2, D), normalised

@@ -2,35 +2,39 @@
 Self-supervised Video Representation"): BYOL between two clips of a video, jointly with three
 pretext tasks: the clips' spatio-temporal overlap rate (STOR), their playback rate and a rotation.
 
-- Views (`data.sampler: cvrl`): two clips of one video at a random gap, each decoded as
-  `data.num_frames` frames over its window.
-- Playback rate (in `prepare`, on the device): each view keeps `keep = T // max(strides)` of its T
-  frames at a stride s drawn per view from `strides` (s = 2: twice the playback rate), from a random
-  offset o in [0, T - s * keep]; it then covers [start + o dt, start + (o + s keep) dt), dt = its
-  window / T. A head on the view's features predicts s (cross-entropy over `strides`).
-- Rotation (in `prepare`): the second view of each clip is rotated by k x 90 degrees, k drawn per
-  clip; a head on its features predicts k (4-way cross-entropy).
-- Overlap rate (STOR): the target is the temporal IoU of the two views' covered windows (after the
-  stride subsampling) times the IoU of their spatial crops, which the loader records per view in
-  batch["view_crops"] ([x0, y0, x1, y1], a share of the decoded frame; a horizontal flip after
-  the crop does not change the region); a batch without crops counts as full frames. A head on both
-  views' features ([f1, f2, |f1 - f2|, f1 * f2]) regresses it through a sigmoid, mean squared error.
-- BYOL (Grill et al. 2020): online = the model (encoder + projection head, `video_<space>`) + the
-  method's predictor (Linear-BN-ReLU-Linear); target = an exponential moving average of the model,
-  no gradient, momentum on a cosine from `momentum_start` to `momentum_end` over
-  `train.max_steps`. Loss: 2 - 2 cos(predictor(online_v), target_w) for (v, w) = (1, 2) and (2, 1),
-  averaged. No negatives, so nothing is gathered across processes.
-- Features of the pretext heads: the video transformer's tokens averaged over space and time
+- Views (`data.sampler: overlap`, mmvssl.data.sampling.overlapping_pair): two clips of one video whose
+  temporal IoU is drawn uniformly in (0, 1], each decoded as `data.num_frames` frames over its window
+  and cropped apart (batch["view_crops"]).
+- BYOL views (in `prepare`, on the device): each clip at the slowest rate, `keep = T // max(strides)`
+  frames at stride max(strides) over its whole window; they carry no rotation and no rate change:
+  BYOL (Grill et al. 2020) pulls them together, and the heads that predict rate and rotation never
+  read them. online = the model (encoder + projection head, `video_<space>`) + the method's predictor
+  (Linear-BN-ReLU-Linear); target = an exponential moving average of the model, no gradient,
+  momentum on a cosine from `momentum_start` to `momentum_end` over `train.max_steps`. Loss:
+  2 - 2 cos(predictor(online_v), target_w) for (v, w) = (1, 2) and (2, 1), averaged. No negatives.
+- Pretext copies (in `prepare`, the view group `video/pretext`, embedded by the model with a forward of
+  their own): of each clip, `keep` frames at a stride s drawn per copy from `strides` (s = 1: half the
+  playback speed of s = 2) from a random offset o in [0, T - s * keep]; the second copy is also
+  rotated by k x 90 degrees, k drawn per clip. A head on each copy's features predicts s
+  (cross-entropy over `strides`), a head on the second copy's features predicts k (4-way). Their
+  windows [start + o dt, start + (o + s keep) dt) (dt = window / T) and crops are appended to
+  batch["view_times"] / ["view_crops"] after the clips' (the group's order).
+- Overlap rate (STOR): the target is the temporal IoU of the two BYOL views' windows times the IoU
+  of their spatial crops ([x0, y0, x1, y1], a share of the decoded frame; a flip after the crop does
+  not change the region). A head on both BYOL views' features ([f1, f2, |f1 - f2|, f1 * f2])
+  regresses it through a sigmoid, mean squared error.
+- Features of the heads: the video transformer's tokens averaged over space and time
   (`video_frames` averaged over t). loss = byol_weight * byol + overlap_weight * overlap +
   rate_weight * rate + rotation_weight * rotation; a term is on when its weight is positive.
 
-Departures from the paper: the reference code (github.com/Katou2/CSTP) was not available to read, so
-the head designs, loss weights and label sets are this module's: overlap is regressed (not
-classified into bins), and the rotation does not enter the spatial IoU. Playback rate is
-made on the device by temporal subsampling of a decoded view (the loader decodes both views at one
-rate), so each view has half the decoded frames when strides are [1, 2]; configs decode 2x the
-model's frames for that. The model's projection output is L2-normalised before the predictor (the
-model normalises every embedding), where BYOL's projector output is not.
+Reference: the official code (github.com/Katou2/CSTP) is not in the public index we could search, so
+this module follows the paper: the pretext transformations are applied to copies that only the
+pretext heads see, the contrastive (BYOL) pair is left untransformed. Departures: the head designs,
+loss weights and label sets are this module's: overlap is regressed (not classified into bins), and
+the rotation does not enter the spatial IoU. Playback rate is made on the device by temporal
+subsampling of a decoded clip, so configs decode max(strides) x the model's frames. The model's
+projection output is L2-normalised before the predictor (the model normalises every embedding),
+where BYOL's projector output is not.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..errors import ConfigError
+from ..modalities import group_key
 from .base import BuildContext, Method, cosine_schedule, ema_update, frozen_copy, mlp, require_output, unwrap
 from .contrastive import build_student
 from .views import box_iou, temporal_iou, view_crops, view_windows
@@ -88,6 +93,7 @@ def byol_loss(online: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 class CSTP(Method):
     name = "cstp"
+    views_on_device = True  # `mmvssl views` runs prepare: the BYOL views and the pretext copies are made here
     paper = "CSTP (Zhang et al. 2022): BYOL with overlap-rate, playback-rate and rotation prediction"
     Options = CSTPOptions
 
@@ -117,9 +123,9 @@ class CSTP(Method):
     @classmethod
     def build(cls, cfg: DictConfig, ctx: BuildContext):
         options = cls.options(cfg)
-        if ctx.spec.sampler != "cvrl":
+        if ctx.spec.sampler not in ("overlap", "cvrl"):
             raise ConfigError(f"method 'cstp' predicts the overlap of two clips of a video: data.sampler "
-                              f"'{ctx.spec.sampler}' does not give them (use cvrl)")
+                              f"'{ctx.spec.sampler}' does not give them (use overlap)")
         net = build_student(cfg, ctx.accelerator)
         require_output(net, f"video_{options.space}", cls.name)
         net.frame_features = True  # forward also returns video_frames (B, V, t, width): the pretext features
@@ -133,33 +139,40 @@ class CSTP(Method):
 
     @torch.no_grad()
     def prepare(self, batch: dict) -> dict:
-        """Playback rate and rotation applied to the views on the device; their labels and the
-        overlap target (B,) added to the batch."""
+        """The BYOL views (each clip at the slowest rate) in `video`, the pretext copies (playback rate,
+        rotation) in `video/pretext`; their labels and the overlap target (B,) added to the batch."""
         video = batch["video"]  # (B, 2, C, T, H, W)
         B, V, T, device = video.shape[0], video.shape[1], video.shape[3], video.device
         if V != 2 or T != self.num_frames:
             raise ConfigError(f"method 'cstp' expects 2 views of {self.num_frames} frames, got {tuple(video.shape)}")
+        windows = view_windows(batch, device)[:, :2]  # (B, 2, 2) the clips' windows
+        crops = view_crops(batch, device)[:, :2]  # (B, 2, 4), read before the video is replaced
+        slowest = torch.full((B, V), self.strides[-1], device=device)
+        byol = subsample_views(video, slowest, torch.zeros_like(slowest), self.keep)  # the whole window each
         rate = torch.randint(len(self.strides), (B, V), device=device)  # label: index into strides
         stride = torch.tensor(self.strides, device=device)[rate]  # (B, V)
         offset = (torch.rand(B, V, device=device) * (T - stride * self.keep + 1)).long()  # in [0, T - s * keep]
-        video = subsample_views(video, stride, offset, self.keep)
+        copies = subsample_views(video, stride, offset, self.keep)
         rotation = torch.randint(4, (B,), device=device)
-        video = torch.stack([video[:, 0], rotate_views(video[:, 1], rotation)], dim=1)
-        windows = view_windows(batch, device)  # (B, 2, 2)
-        crops = view_crops(batch, device)  # (B, 2, 4), read before the video is replaced
+        copies = torch.stack([copies[:, 0], rotate_views(copies[:, 1], rotation)], dim=1)
         dt = (windows[..., 1] - windows[..., 0]) / T
         start = windows[..., 0] + offset * dt
-        covered = torch.stack([start, start + stride * self.keep * dt], dim=-1)  # (B, 2, 2) after subsampling
-        overlap = temporal_iou(covered[:, 0], covered[:, 1]) * box_iou(crops[:, 0], crops[:, 1])  # (B,)
-        return {**batch, "video": video, "cstp_rate": rate, "cstp_rotation": rotation, "cstp_windows": covered,
-                "cstp_overlap": overlap}
+        covered = torch.stack([start, start + stride * self.keep * dt], dim=-1)  # (B, 2, 2) the copies' windows
+        overlap = temporal_iou(windows[:, 0], windows[:, 1]) * box_iou(crops[:, 0], crops[:, 1])  # (B,)
+        out = {**batch, "video": byol, group_key("video", "pretext"): copies, "cstp_rate": rate,
+               "cstp_stride": stride, "cstp_rotation": rotation, "cstp_overlap": overlap}
+        out["view_times"] = torch.cat([windows, covered], 1).to(batch["view_times"].dtype)  # clips, then copies
+        out["view_crops"] = torch.cat([crops, crops], 1)
+        return out
 
     def embed(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         out = model({"video": batch["video"]})
+        pretext = model({"video": batch[group_key("video", "pretext")]})["video_frames"]  # (B, 2, t, width)
         with torch.no_grad():
             self.target.train(model.training)
             target = self.target({"video": batch["video"]})[self.key]  # (B, 2, D)
-        return {self.key: out[self.key], "video_frames": out["video_frames"], "target": target}
+        return {self.key: out[self.key], "video_frames": out["video_frames"], "pretext_frames": pretext,
+                "target": target}
 
     def forward(self, embeddings: dict, batch: dict):
         o, terms, loss = self.o, {}, 0.0
@@ -168,17 +181,18 @@ class CSTP(Method):
             online = F.normalize(self.predictor(online.flatten(0, 1)).view(online.shape), dim=-1)
             terms["byol"] = byol_loss(online, embeddings["target"].detach().float())
             loss = loss + o.byol_weight * terms["byol"]
-        features = embeddings["video_frames"].float().mean(dim=2)  # (B, 2, width)
+        features = embeddings["video_frames"].float().mean(dim=2)  # (B, 2, width): the BYOL views
+        pretext = embeddings["pretext_frames"].float().mean(dim=2)  # (B, 2, width): the transformed copies
         if o.overlap_weight > 0:
             f1, f2 = features[:, 0], features[:, 1]
             predicted = torch.sigmoid(self.overlap_head(torch.cat([f1, f2, (f1 - f2).abs(), f1 * f2], -1)))[:, 0]
             terms["overlap"] = F.mse_loss(predicted, batch["cstp_overlap"].float())
             loss = loss + o.overlap_weight * terms["overlap"]
         if o.rate_weight > 0:
-            terms["rate"] = F.cross_entropy(self.rate_head(features.flatten(0, 1)), batch["cstp_rate"].flatten())
+            terms["rate"] = F.cross_entropy(self.rate_head(pretext.flatten(0, 1)), batch["cstp_rate"].flatten())
             loss = loss + o.rate_weight * terms["rate"]
         if o.rotation_weight > 0:
-            terms["rotation"] = F.cross_entropy(self.rotation_head(features[:, 1]), batch["cstp_rotation"])
+            terms["rotation"] = F.cross_entropy(self.rotation_head(pretext[:, 1]), batch["cstp_rotation"])
             loss = loss + o.rotation_weight * terms["rotation"]
         return loss, {k: v.detach() for k, v in terms.items()}
 

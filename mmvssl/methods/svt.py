@@ -1,12 +1,16 @@
 """`svt`: Self-supervised Video Transformer (Ranasinghe et al. 2022): DINO (Caron et al. 2021) on
 global and local views of a video.
 
-- Views (`data.sampler: svt`): `data.num_global` global views spanning `data.long_scale` x the
-  clip window (a lower frame rate), `data.num_frames` frames of `data.size` px, in `video`; and
-  `data.num_local` local views of one window, each placed at random, `data.local_frames` frames of
-  `data.local_size` px cropped with `data.augment.local_crop_area` (DINO's small crops), in the
-  view group `video/local`. The student embeds each group with its own forward (they differ in
-  size), globals first.
+- Views (`data.sampler: svt`, mmvssl.data.sampling.global_local_windows), all cut from one clip of
+  `data.long_scale` x `data.num_frames / data.fps` seconds placed at random in the video, as SVT's
+  code does (kahnchana/svt, datasets/decoder.py `decode` with temporal_aug): `data.num_global`
+  global views spanning the clip (less 5/256 of it at one end or the other), `data.num_frames`
+  frames of `data.size` px each, in `video`; and `data.num_local` local views (SVT: 8), each an
+  eighth of the clip placed at random in it, `data.local_frames` frames of `data.local_size` px
+  cropped with `data.augment.local_crop_area` (DINO's small crops), in the view group
+  `video/local`. Globals and locals so differ in span (8x) and frame rate (8 x local_frames /
+  num_frames). The student embeds each group with its own forward (they differ in size), globals
+  first.
 - Student: the model (encoder + projection head `video_ssl`, L2-normalised: DINO's bottleneck)
   followed by the method's prototype layer (weight-normalised linear, norm fixed: DINO's
   `norm_last_layer`). It embeds every view.
@@ -26,7 +30,9 @@ global and local views of a video.
 
 Departures from the paper: SVT's cross-view motion correspondence terms are the same DINO loss
 over the mixed frame rates and sizes, as in its code; the local views share one frame count
-(SVT draws it per view).
+(`data.local_frames`: SVT's default gives every view num_frames, its `RAND_FR` option 2, 4, 8 or 16
+per local view); frames are taken at even times over each view's span (SVT: evenly spaced indices
+of the decoded clip).
 """
 
 from __future__ import annotations

@@ -1,0 +1,138 @@
+"""`mmvssl views`: the views each shipped config's real pipeline (loader, sampler, augmentation, and the
+method's `prepare` where it makes views on the device) produces, checked through the CLI against the
+geometry each paper defines. The demo videos last 3 s."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mmvssl.cli import main
+from mmvssl.resources import data_path
+
+FAST = ["data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=8"]
+
+
+def _views(name, shards, out, *extra, batches=1, step=0) -> dict:
+    config = data_path("configs", "methods", f"{name}.yaml")
+    assert main(["views", str(config), *FAST, *extra, "--data", str(shards), "--out", str(out),
+                 "--batches", str(batches), "--step", str(step)]) == 0
+    assert (out / "views.png").stat().st_size > 1000
+    report = json.loads((out / "views.json").read_text())
+    assert report["method"] and report["config"]["method"]["name"] and len(report["samples"]) == 8 * batches
+    return report
+
+
+def _groups(sample) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for view in sample["views"]:
+        out.setdefault(view["group"], []).append(view)
+    return out
+
+
+def _span(view) -> float:
+    return view["end"] - view["start"]
+
+
+def test_views_command_writes_every_field_and_refuses_a_single_view_sampler(demo_shards, tmp_path, capsys):
+    report = _views("simclr", demo_shards["train"], tmp_path / "simclr")
+    for sample in report["samples"]:
+        assert sample["key"] and sample["duration"] == pytest.approx(3.0, abs=0.2)
+        assert [v["index"] for v in sample["views"]] == [0, 1] and {v["group"] for v in sample["views"]} == {"video"}
+        for view in sample["views"]:
+            assert set(view) >= {"group", "index", "start", "end", "frames", "fps", "crop", "flip"}
+            assert view["frames"] == 8 and view["fps"] == pytest.approx(4.0)
+            x0, y0, x1, y1 = view["crop"]
+            assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 and isinstance(view["flip"], bool)
+        a, b = sample["views"]
+        assert (a["start"], a["end"]) == (b["start"], b["end"]) and a["crop"] != b["crop"]  # SimCLR: one window
+    config = data_path("configs", "methods", "simclr.yaml")
+    assert main(["views", str(config), "data.sampler=random", "--data", str(demo_shards["train"]),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "gives one view per sample" in capsys.readouterr().err
+
+
+def test_svt_cuts_globals_and_more_than_two_locals_from_one_clip_at_different_rates(demo_shards, tmp_path):
+    report = _views("svt", demo_shards["train"], tmp_path)
+    clip = 2.0 * 8 / 4.0  # long_scale x the 2 s window
+    for sample in report["samples"]:
+        groups = _groups(sample)
+        globals_, locals_ = groups["video"], groups["video/local"]
+        assert len(globals_) == 2 and len(locals_) == 8  # SVT's 2 global and 8 local views
+        start = min(v["start"] for v in sample["views"])
+        assert max(v["end"] for v in sample["views"]) <= start + clip + 1e-6  # one clip
+        for g in globals_:
+            assert _span(g) == pytest.approx(clip * (1 - 5 / 256)) and g["frames"] == 8
+        for v in locals_:
+            assert _span(v) == pytest.approx(clip / 8) and v["frames"] == 4
+            assert v["fps"] == pytest.approx(4 / (clip / 8))  # 8 fps
+        assert globals_[0]["fps"] < locals_[0]["fps"] / 3  # ~2 fps: the rates differ 4x at the demo's frame counts
+        assert len({round(v["start"], 6) for v in locals_}) > 1  # placed at random in the clip
+
+
+def test_carl_takes_two_temporal_crops_of_different_length_and_rate(demo_shards, tmp_path):
+    report = _views("carl", demo_shards["train"], tmp_path)
+    for sample in report["samples"]:
+        a, b = sample["views"]
+        assert {a["group"], b["group"]} == {"video"} and a["frames"] == b["frames"] == 8
+        assert 2.0 - 1e-6 <= _span(a) <= 3.0 + 1e-6 and 2.0 - 1e-6 <= _span(b) <= 3.0 + 1e-6
+        assert abs(_span(a) - _span(b)) > 1e-4 and abs(a["fps"] - b["fps"]) > 1e-4  # not one window twice
+        assert abs(b["start"] - a["start"]) <= 0.8 * _span(a) + 1e-6
+
+
+def test_constcl_views_differ_in_time_and_crop_and_carry_their_own_boxes(demo_shards, tmp_path):
+    report = _views("constcl", demo_shards["train"], tmp_path)
+    assert report["device_views"]
+    differ_in_time = 0
+    for sample in report["samples"]:
+        a, b = sample["views"]
+        differ_in_time += abs(a["start"] - b["start"]) > 1e-3
+        assert a["crop"] != b["crop"]
+        assert len(a["constcl_boxes"]) == len(b["constcl_boxes"]) == 4 and a["constcl_boxes"] != b["constcl_boxes"]
+    assert differ_in_time >= 6
+
+
+def test_cstp_clip_overlaps_spread_over_zero_one_and_the_pretext_copies_are_apart(demo_shards, tmp_path):
+    # a 1 s window (16 frames at 16 fps) in the 3 s videos leaves room for every overlap in (0, 1]
+    report = _views("cstp", demo_shards["train"], tmp_path, "data.fps=16.0", batches=2)
+    ious = []
+    for sample in report["samples"]:
+        groups = _groups(sample)
+        (a, b), copies = groups["video"], groups["video/pretext"]
+        inter = max(0.0, min(a["end"], b["end"]) - max(a["start"], b["start"]))
+        ious.append(inter / (_span(a) + _span(b) - inter))
+        assert a["frames"] == b["frames"] == 8 and len(copies) == 2  # BYOL views: 16 frames at stride 2
+        for copy, clip, stride in zip(copies, (a, b), sample["cstp_stride"]):
+            assert clip["start"] - 1e-6 <= copy["start"] and copy["end"] <= clip["end"] + 1e-6
+            assert _span(copy) == pytest.approx(_span(clip) * stride / 2)  # stride 1: half the window
+        assert sample["cstp_overlap"] <= ious[-1] + 1e-6
+    assert min(ious) > 0 and min(ious) < 0.35 and max(ious) > 0.65
+
+
+def test_concur_span_grows_with_the_step_and_is_bounded_by_the_video(demo_shards, tmp_path):
+    steps = ["train.max_steps=8"]  # the curriculum: a share of the video growing from 0 to 1 over steps 0..4
+    first = _views("concur", demo_shards["train"], tmp_path / "first", *steps, step=0)
+    late = _views("concur", demo_shards["train"], tmp_path / "late", *steps, step=4)
+    for sample in first["samples"]:
+        a, b = sample["views"]
+        assert b["start"] == pytest.approx(a["start"]) and sample["concur_distance"] == 0
+    distances = []
+    for sample in late["samples"]:
+        a, b = sample["views"]
+        distance = b["start"] - a["start"]
+        assert 0 <= distance <= sample["duration"] - _span(a) + 1e-6  # within the video, not one decoded window
+        distances.append(distance)
+    assert max(distances) > 0.3
+
+
+def test_teg_long_clip_runs_at_the_short_clips_rate_around_it(demo_shards, tmp_path):
+    report = _views("teg", demo_shards["train"], tmp_path)
+    for sample in report["samples"]:
+        groups = _groups(sample)
+        (short,), (long,) = groups["video"], groups["video/long"]
+        assert short["frames"] == 8 and long["frames"] == 16
+        assert short["fps"] == pytest.approx(long["fps"]) == pytest.approx(4.0)
+        assert long["start"] - 1e-6 <= short["start"] and short["end"] <= long["end"] + 1e-6
+        offset = (short["start"] - long["start"]) * 4.0  # in frames
+        assert offset == pytest.approx(round(offset), abs=1e-6) and round(offset) % 4 == 0
