@@ -140,6 +140,9 @@ def test_resume_after_a_signal_reproduces_the_uninterrupted_loss_curve(trained_r
     assert final == run / "model" and len(calls) == 4
     resumed, uninterrupted = _curve(run / "metrics.jsonl"), _curve(trained_run / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    # exact in practice: both runs do the same ops on the same inputs in this process (weights,
+    # optimizer and RNG states come back from the checkpoint bit for bit); rel 1e-6 is far below
+    # what a wrong resume changes (another batch, a lost optimizer state)
     for got, expected in zip(resumed, uninterrupted):
         assert got == pytest.approx(expected, rel=1e-6, abs=1e-7), got["step"]
 
@@ -155,12 +158,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(demo_shards, tmp_path):
                              "train.max_steps=500", "train.save_every=0", "train.log_every=1", f"train.output_dir={out}",
                              "train.log_with=none", *SMALL],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
+    # a bound, not a timing: the wait ends at the first logged step; a loaded machine may need minutes
+    deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and not (
             (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text()):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    printed, err = proc.communicate(timeout=120)
+    printed, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
     assert "SIGTERM: saved" in printed and "Traceback" not in err
     [ckpt] = list_checkpoints(out / "checkpoints")
