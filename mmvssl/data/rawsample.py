@@ -121,11 +121,16 @@ def is_failed_download(raw: dict) -> bool:
     return meta.get("status") not in (None, "success")
 
 
-def read_shard(url: str) -> Iterator[dict]:
-    """The samples of one shard, in order, as member bytes; MmvsslError naming the shard when it
-    is not a readable tar (truncated, or not a tar at all)."""
-    import webdataset as wds
+def read_shard(url: str, limits=None) -> Iterator[dict]:
+    """The samples of one shard, in order, as member bytes (members over `limits`, a
+    shardio.MemberLimits, refused unread: the sample carries REFUSED); MmvsslError naming the shard
+    when it is not a readable tar (truncated, or not a tar at all)."""
+    from .shardio import tar_samples
+
+    def unreadable(e: Exception) -> bool:
+        reason = str(e.args[0] if e.args else e).split(" @ ")[0]
+        raise MmvsslError(f"{url}: unreadable shard ({(reason.splitlines() or [type(e).__name__])[0]})") from None
     try:
-        yield from wds.WebDataset([url], shardshuffle=False, empty_check=False)
+        yield from tar_samples([{"url": url}], unreadable, limits)
     except (OSError, ValueError, tarfile.TarError) as e:  # a truncated tar, or not a tar
         raise MmvsslError(f"{url}: unreadable shard ({str(e).splitlines()[0]})") from None

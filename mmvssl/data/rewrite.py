@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Iterator
 import webdataset as wds
 
 from ..errors import MmvsslError
+from ..fsio import atomic_write_json, commit_file
 from .rawsample import read_shard, sample_key, stored_members
 
 
@@ -160,9 +161,8 @@ class ShardRewriter:
 
     def save(self) -> None:
         sizes = {name: r["samples"] for name, r in self.report["shards"].items()}
-        for name, value in ((self.report_name, self.report), ("sizes.json", sizes)):  # atomic: temp, then rename
-            (self.out / f".{name}.tmp").write_text(json.dumps(value, indent=2))
-            os.replace(self.out / f".{name}.tmp", self.out / name)
+        for name, value in ((self.report_name, self.report), ("sizes.json", sizes)):
+            atomic_write_json(self.out / name, value)  # temp, fsync, rename, fsync the folder
 
     def totals(self, *names: str) -> dict:
         """The report's counts summed over shards: samples, skipped, and `names`."""
@@ -188,7 +188,7 @@ class _ShardContext:
         if kind is not None:  # an error ends the run: the partial shard is not kept
             self.partial.unlink(missing_ok=True)
             return False
-        os.replace(self.partial, self.rewriter.out / self.part.name)
+        commit_file(self.partial, self.rewriter.out / self.part.name)  # fsync, rename, fsync the folder
         self.rewriter.report["shards"][self.part.name] = self.shard.result
         self.rewriter.save()
         return False

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ConfigError
+from ..fsio import atomic_folder
 from .multimodal import MultimodalModel
 
 HEAD_FILE, INFO_FILE = "classifier.safetensors", "classifier.json"
@@ -73,23 +72,17 @@ class VideoClassifier(nn.Module):
         return {"classes": self.classes, "label_key": self.label_key, "task": self.task}
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """The model folder and the head, written to a temporary folder and renamed into place."""
+        """The model folder and the head, written to a temporary folder, fsynced and swapped into place."""
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as tmp:  # fsynced, then swapped in: the old folder outlives the swap
             self.backbone.save_pretrained(tmp / "model")
             save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
                       str(tmp / "model" / HEAD_FILE), metadata={"format": "pt"})
             (tmp / "model" / INFO_FILE).write_text(json.dumps(self.info(), indent=2))
-            old = folder.with_name(f".{folder.name}.old")
-            if folder.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                folder.rename(old)
-            (tmp / "model").rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for name in os.listdir(tmp / "model"):  # the folder's content, one level up
+                os.replace(tmp / "model" / name, tmp / name)
+            os.rmdir(tmp / "model")
 
 
 def is_classifier(folder: str | os.PathLike) -> bool:

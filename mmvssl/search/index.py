@@ -27,7 +27,7 @@ import torch
 
 from ..data.decode import DecodeError, decode_window, probe
 from ..data.loader import frames_to_tensor, list_shards
-from ..data.rawsample import video_member
+from ..data.rawsample import REFUSED, video_member
 from ..data.sampling import sliding_windows
 from ..data.shardio import skip_unreadable_shard
 from ..data.shards import BuildReport, read_entries
@@ -95,13 +95,13 @@ def scan(source: str, report: BuildReport) -> Iterator[Video]:
             except OSError as e:
                 yield Video(rel, None, error=f"unreadable ({e.strerror or e})")
         return
-    import webdataset as wds
-    for sample in wds.WebDataset(list_shards(source), shardshuffle=False, empty_check=False,
-                                 handler=skip_unreadable_shard):
+    from ..data.shardio import tar_samples  # members over the size limit refused unread
+    for sample in tar_samples([{"url": url} for url in list_shards(source)], skip_unreadable_shard):
         ext = video_member(sample)
         key, url = sample["__key__"], str(Path(sample["__url__"]).resolve())
-        if ext is None:
-            yield Video(key, None, error="no video member")
+        if ext is None:  # none, or one over the size limit (refused unread)
+            refused = sample.get(REFUSED)
+            yield Video(key, None, error=refused.decode("utf-8", errors="replace") if refused else "no video member")
         else:
             yield Video(key, sample[ext], shard=url, member=f"{key}.{ext}")
 
