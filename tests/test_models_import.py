@@ -276,3 +276,76 @@ def test_unsupported_sources_stop_with_one_line(tmp_path, capsys):
     assert code == 2 and "model type 'bert' cannot be imported" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "models", "import", tmp_path / "nowhere", "--out", tmp_path / "m")
     assert code == 2 and "not a transformers model folder" in err
+
+
+# ---- joined models: BASE + towers of other sources, each in its own space (mmvssl/models/imported/combined.py)
+
+def _scores(results: list) -> dict:
+    return {(r["video"], r["start"]): r["score"] for r in results}
+
+
+def test_xclip_with_clap_serves_text_and_audio_search_in_one_index(imported, last_val_shard, tmp_path, capsys):
+    from mmvssl import load_model
+    xclip_src, xclip = imported("xclip")
+    clap_src, clap = imported("clap")
+    combo = tmp_path / "xclip+clap"
+    code, out, err = run_cli(capsys, "models", "import", xclip_src, "--audio", clap_src, "--text", clap_src,
+                             "--out", combo, "--check")
+    assert code == 0, err
+    config = json.loads((combo / "config.json").read_text())
+    assert config["kind"] == "combined"
+    assert config["spaces"] == {"video": ["vat"], "text": ["vat", "clap"], "audio": ["clap"]}
+    assert config["sampling"] == {"num_frames": 4, "fps": 4.0, "size": 32, "audio_rate": 16000}  # X-CLIP's clip
+    check = _check(combo)
+    assert check["passed"] and set(check["parts"]) == {"base", "clap"}
+    assert max(check["video"], check["audio"], check["text"]) <= 1e-4
+
+    # each space is its part's own: the joined model embeds exactly as X-CLIP alone and CLAP alone
+    model, alone_x, alone_c = load_model(combo), load_model(xclip), load_model(clap)
+    texts = ["a red circle moves left", "the sound of a blue square"]
+    tokens = model.text_tokenizer()(texts)
+    assert tokens.shape == (2, alone_x.config["text"]["context_length"] + alone_c.config["text"]["context_length"])
+    wave = torch.rand(2, 16000, generator=torch.Generator().manual_seed(0)) - 0.5
+    with torch.no_grad():
+        pairs = [(model.encode_text(tokens, "vat"), alone_x.encode_text(alone_x.text_tokenizer()(texts), "vat")),
+                 (model.encode_text(tokens, "clap"), alone_c.encode_text(alone_c.text_tokenizer()(texts), "vat")),
+                 (model.encode_audio(wave, "clap"), alone_c.encode_audio(wave, "vat"))]
+    for ours, theirs in pairs:  # the same modules on the same input; 1e-5 leaves room for kernel choices
+        assert (ours - theirs).abs().max() <= 1e-5
+    with pytest.raises(Exception, match="embeds audio in clap, not 'vat'"):
+        model.encode_audio(wave, "vat")  # no space holds CLAP's audio and X-CLIP's video
+
+    # one index: text -> video through X-CLIP, audio -> video through the windows' soundtracks in CLAP's space
+    code, _, err = run_cli(capsys, "index", "build", combo, "--input", last_val_shard, "--out", tmp_path / "index",
+                           "--quiet")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "search", tmp_path / "index", "a red circle", "-k", "100", "--json")
+    assert code == 0, err
+    by_text = json.loads(out)
+    code, _, err = run_cli(capsys, "index", "build", xclip, "--input", last_val_shard, "--out", tmp_path / "x",
+                           "--quiet")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "search", tmp_path / "x", "a red circle", "-k", "100", "--json")
+    alone = json.loads(out)  # X-CLIP alone, the same windows
+    assert _scores(by_text).keys() == _scores(alone).keys() and len(by_text) >= 4
+    for where, score in _scores(alone).items():
+        assert _scores(by_text)[where] == pytest.approx(score, abs=1e-5)
+    query, key = _a_video(last_val_shard, tmp_path)
+    code, out, err = run_cli(capsys, "search", tmp_path / "index", "--audio", query, "--start", "0", "--end", "1",
+                             "-k", "3", "--json")
+    assert code == 0, err
+    assert _own_window_on_top(json.loads(out), key)
+
+
+def test_pairings_without_a_shared_space_are_refused(imported, tmp_path, capsys):
+    xclip_src, _ = imported("xclip")
+    clap_src, _ = imported("clap")
+    videomae_src, _ = imported("videomae")
+    cases = [(["--text", clap_src], "a text tower alone would be the only tower"),
+             (["--video", clap_src], "clap has no video tower"),
+             (["--video", videomae_src], "its clips are 4 frames at 7.5 fps, 32 px, BASE's are 4 frames at 4 fps"),
+             (["--video", xclip_src], "that is BASE itself")]
+    for extra, message in cases:
+        code, _, err = run_cli(capsys, "models", "import", xclip_src, *extra, "--out", tmp_path / "m")
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not (tmp_path / "m").exists()

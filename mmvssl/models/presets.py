@@ -64,7 +64,10 @@ def create_model(name_or_yaml: str | os.PathLike = "vatt-tiny", **overrides) -> 
 def load_model(folder: str | os.PathLike, map_location: str = "cpu") -> MultimodalModel:
     """Load a folder written by `save_pretrained` (config.json + model.safetensors)."""
     from .imported import is_imported, load_imported, read_folder_config  # an imported model (docs/models.md)
+    from .imported.combined import is_combined, load_combined  # parts joined (models import BASE --audio SRC)
     config = read_folder_config(folder)
     if is_imported(config):
         return load_imported(folder, config, map_location)
+    if is_combined(config):
+        return load_combined(folder, config, map_location)
     return MultimodalModel.from_pretrained(folder, map_location=map_location)
