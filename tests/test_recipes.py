@@ -97,6 +97,35 @@ def test_ucf101_three_splits_from_the_official_lists(tmp_path):
     assert entries["v_ApplyEyeMakeup_g01_c01"]["split2"] == "train"
     lines = {p["line"]: p["reason"] for p in _problems(report, "testlist01.txt")}
     assert "not in classInd" in lines[3] and "already in split 1's train" in lines[4]
+    # the group (CoCLR's video_source.json key) is each clip's video_id
+    assert {i: e["video_id"] for i, e in entries.items()} == {
+        "v_ApplyEyeMakeup_g08_c01": "v_ApplyEyeMakeup_g08", "v_HandStandPushups_g08_c01": "v_HandStandPushups_g08",
+        "v_ApplyEyeMakeup_g01_c01": "v_ApplyEyeMakeup_g01", "v_HandStandPushups_g01_c01": "v_HandStandPushups_g01"}
+
+
+def test_ucf101_sibling_clips_share_their_group_as_video_id(tmp_path):
+    """v_X_g08_c01 and _c02 are clips of one video (UCF101's groups): one video_id, which coclr reads
+    for its same-video positives; another group or class is another video; a name not of the form
+    v_<Class>_gXX_cYY gets no video_id and is reported."""
+    from mmvssl.data.recipes.actions import ucf101_group
+    from mmvssl.methods.coclr import video_ids
+    lists = tmp_path / "ucfTrainTestlist"
+    lists.mkdir()
+    (lists / "classInd.txt").write_text("1 Archery\n2 Biking\n")
+    names = ["Archery/v_Archery_g08_c01.avi", "Archery/v_Archery_g08_c02.avi", "Archery/v_Archery_g08_c07.avi",
+             "Archery/v_Archery_g09_c01.avi", "Biking/v_Biking_g08_c01.avi", "Biking/odd_name.avi"]
+    (lists / "trainlist01.txt").write_text("".join(f"{n} 1\n" if n.startswith("Archery") else f"{n} 2\n"
+                                                   for n in names))
+    (lists / "testlist01.txt").write_text("")
+    report = convert_dataset("ucf101", [lists], tmp_path / "out")
+    entries = _jsonl(tmp_path / "out" / "captions.jsonl")
+    groups = [e.get("video_id") for e in entries]
+    assert groups == ["v_Archery_g08"] * 3 + ["v_Archery_g09", "v_Biking_g08", None]
+    odd = [p for p in _problems(report, "trainlist01.txt") if "odd_name" in p["reason"]]
+    assert len(odd) == 1 and odd[0]["line"] == 6 and odd[0]["action"] == "kept"
+    ids = video_ids({"key": [e["id"] for e in entries], "meta": entries}).tolist()
+    assert ids[0] == ids[1] == ids[2] and len(set(ids[2:])) == 4  # siblings one video, the rest apart
+    assert ucf101_group("v_YoYo_g25_c05") == "v_YoYo_g25" and ucf101_group("v_YoYo_g25") is None
 
 
 def test_hmdb51_tags_0_1_2_and_bad_rows(tmp_path):

@@ -5,7 +5,10 @@ and its role in each of the three official splits, as metadata `split1`, `split2
 
 UCF101: the folder ucfTrainTestlist/ with classInd.txt ("1 ApplyEyeMakeup"), trainlist0k.txt
 ("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1") and testlist0k.txt (path only); videos as in
-UCF-101/ (`<Class>/v_<Class>_gXX_cYY.avi`).
+UCF-101/ (`<Class>/v_<Class>_gXX_cYY.avi`). Clips of one group (`v_<Class>_gXX`: cut from one long
+video, UCF101's "groups") share the metadata `video_id`, the group, as CoCLR's
+process_data/data/ucf101/video_source.json keys them (TengdaHan/CoCLR), so methods that treat clips
+of one source video alike (coclr's same-video positives) see them as one video.
 HMDB51: the folder testTrainMulti_7030_splits/ with `<class>_test_split<k>.txt`, lines
 "<video>.avi <tag>" with tag 1 = train, 2 = test, 0 = unused; videos as `<class>/<video>.avi` (the
 per-class rar archives unpacked)."""
@@ -19,6 +22,14 @@ from ...errors import MmvsslError
 from .common import Conversion
 
 HMDB_TAGS = {"0": "unused", "1": "train", "2": "test"}
+UCF_CLIP = re.compile(r"^(?P<group>v_.+_g\d+)_c\d+$")  # v_<Class>_g08_c01: group v_<Class>_g08, clip 1
+
+
+def ucf101_group(stem: str) -> str | None:
+    """The group (source video) of a UCF101 clip name, `v_ApplyEyeMakeup_g08_c01` -> `v_ApplyEyeMakeup_g08`
+    (the keys of CoCLR's video_source.json); None for a name not of that form."""
+    m = UCF_CLIP.match(stem)
+    return m["group"] if m else None
 
 
 def _lines(path: Path, conv: Conversion):
@@ -71,6 +82,12 @@ def convert_ucf101(files: list[Path], conv: Conversion) -> None:
                 entry = videos.get(rel)
                 if entry is None:
                     entry = {"id": Path(rel).stem, "video": rel, "label": label}
+                    group = ucf101_group(entry["id"])
+                    if group is None:
+                        conv.problem(path, f"{rel!r} is not named v_<Class>_gXX_cYY: no video_id (its group) "
+                                           f"is written", line_no, action="kept")
+                    else:
+                        entry["video_id"] = group
                     if conv.add(entry, path, line_no):
                         videos[rel] = entry
                     else:
