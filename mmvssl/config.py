@@ -36,6 +36,7 @@ class ModelConfig:
     init_arch: str = ""  # CLIP initialisation (LaViLa): an open_clip model (name or config JSON); empty = off
     init_pretrained: str = ""  # its weights: an open_clip tag, an hf-hub name or a local checkpoint file
     init_towers: list[str] = field(default_factory=lambda: ["video"])  # video and/or text (text needs text.causal)
+    init_from: str = ""  # a model folder to start from: trained (same architecture) or imported (models/imported/init_from.py)
 
 
 @dataclass

@@ -349,3 +349,91 @@ def test_pairings_without_a_shared_space_are_refused(imported, tmp_path, capsys)
         code, _, err = run_cli(capsys, "models", "import", xclip_src, *extra, "--out", tmp_path / "m")
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
         assert not (tmp_path / "m").exists()
+
+
+# ---- training from an imported model: finetune, and pretrain's model.init_from
+
+TRAIN_TINY = ["data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "train.warmup_steps=1",
+              "train.log_every=1", "train.save_every=0", "train.log_with=none", "train.max_steps=2"]
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_finetune_an_imported_videomae_and_the_classifier_reloads(imported, demo_shards, last_val_shard, tmp_path,
+                                                                  capsys):
+    from mmvssl import load_model
+    from mmvssl.evaluation.classifier import classify_shards
+    from mmvssl.evaluation.features import ExtractOptions
+    from mmvssl.models.classifier import load_classifier
+    from mmvssl.models.imported import ImportedModel
+    _, folder = imported("videomae")
+    out = tmp_path / "ft"
+    code, stdout, err = run_cli(capsys, "finetune", folder, "--train", demo_shards["train"], "--test", last_val_shard,
+                                "--task", "demo", "--out", out, "--clips", "1", "--crops", "1",
+                                "--set", *TRAIN_TINY, "method.options.eval_every=0", "train.lr=1e-2")
+    assert code == 0, err
+    assert "top1" in stdout
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["kind"] == "imported" and config["sampling"]["num_frames"] == 4
+    assert isinstance(load_model(out / "model"), ImportedModel)
+    before, after = _weights(folder), _weights(out / "model")
+    assert before.keys() == after.keys()
+    moved = [k for k in before if k.startswith("encoders.video.") and not torch.equal(before[k], after[k])]
+    assert moved  # the source's own modules were trained
+    options = ExtractOptions(num_clips=1, num_crops=1)
+    first = classify_shards(load_classifier(out / "model"), str(last_val_shard), options)
+    again = classify_shards(load_classifier(out / "model"), str(last_val_shard), options)
+    torch.testing.assert_close(first["scores"], again["scores"])
+    assert first["scores"].shape == (4, 5)
+
+
+def _xclip_pretrain_config(tmp_path: Path, shards: Path) -> Path:
+    path = tmp_path / "xclip.yaml"
+    path.write_text(f"""
+data: {{shards: {shards}, num_frames: 4, fps: 4.0, size: 32, context_length: 16, num_candidates: 2}}
+objective:
+  terms: [{{name: vt_milnce, loss: mil_nce, inputs: [video_vat, text_vat], weight: 1.0}}]
+train: {{output_dir: {tmp_path / 'run'}, lr: 1.0e-2}}
+""")
+    return path
+
+
+def test_pretrain_starts_from_an_imported_xclip_and_reads_its_tokenizer(imported, demo_shards, tmp_path, capsys):
+    from mmvssl import load_model
+    _, folder = imported("xclip")
+    config = _xclip_pretrain_config(tmp_path, demo_shards["train"])
+    # the tiny X-CLIP's vocabulary has 36 words: CLIP's BPE ids would fall outside its embedding table,
+    # so a run that trains at all read the captions with the model's own tokenizer
+    code, _, err = run_cli(capsys, "pretrain", config, f"model.init_from={folder}", *TRAIN_TINY)
+    assert code == 0, err
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    trained = load_model(tmp_path / "run" / "model")
+    assert trained.config["kind"] == "imported"
+    before, after = _weights(folder), _weights(tmp_path / "run" / "model")
+    for tower in ("encoders.video.", "encoders.text."):
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(tower)), tower
+    code, _, err = run_cli(capsys, "pretrain", config, f"model.init_from={folder}", "data.num_frames=8", *TRAIN_TINY)
+    assert code == 2 and "takes clips of 4 frames (its position table), not data.num_frames=8" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_init_from_a_trained_folder_loads_matching_weights_and_names_a_mismatch(tmp_path):
+    from mmvssl import create_model
+    from mmvssl.config import load_config
+    from mmvssl.errors import ConfigError
+    from mmvssl.methods.contrastive import build_student
+    torch.manual_seed(1)
+    create_model("video-tiny").save_pretrained(tmp_path / "trained")
+    saved = _weights(tmp_path / "trained")
+    cfg = load_config("configs/demo/tiny.yaml", ["model.preset=video-tiny", "model.overrides={}",
+                                                 f"model.init_from={tmp_path / 'trained'}"])
+    net = build_student(cfg)
+    assert net.state_dict().keys() == saved.keys()
+    assert all(torch.equal(net.state_dict()[k], saved[k]) for k in saved)  # copies of the saved tensors
+    cfg = load_config("configs/demo/tiny.yaml", [f"model.init_from={tmp_path / 'trained'}"])  # vatt-tiny, conv stem
+    with pytest.raises(ConfigError, match="does not match model.preset 'vatt-tiny'"):
+        build_student(cfg)

@@ -27,9 +27,12 @@ def finetune_config(model: str, train: str, task: str, out: str, val: str = "", 
     if Path(model).is_dir():
         if not (Path(model) / "config.json").is_file():
             raise MmvsslError(f"{model}: not a model folder (no config.json)")
-        sampling = json.loads((Path(model) / "config.json").read_text()).get("sampling", {})
+        folder_config = json.loads((Path(model) / "config.json").read_text())
+        sampling = folder_config.get("sampling", {})
         given += [f"method.options.pretrained={model}"]
         given += [f"data.{k}={sampling[k]}" for k in ("num_frames", "fps", "size") if k in sampling]
+        if folder_config.get("kind") == "imported" and "context_length" in folder_config.get("text", {}):
+            given += [f"data.context_length={folder_config['text']['context_length']}"]  # its tokenizer's length
     else:
         from ..models.presets import list_presets
         if model not in list_presets():

@@ -129,10 +129,11 @@ class DecodeSamples:
     """Pipeline stage: raw tar samples -> decoded samples; failures are skipped and counted."""
 
     def __init__(self, spec: SampleSpec, max_error_rate: float = 1.0, position: "StreamPosition | None" = None,
-                 min_samples_for_rate: int = 50):
+                 min_samples_for_rate: int = 50, tokenizer=None):
         self.spec = spec
         self.position = position or StreamPosition()
-        self.tokenizer = build_tokenizer("clip-bpe", spec.context_length)
+        # the model's own (mmvssl.data.text.tokenizer_for: an imported model's source tokenizer), else CLIP's BPE
+        self.tokenizer = tokenizer or build_tokenizer("clip-bpe", spec.context_length)
         self.max_error_rate = max_error_rate
         self.min_samples_for_rate = min_samples_for_rate
         self.augmenter = Augmenter(spec.augment, spec.size)
@@ -315,7 +316,7 @@ class StreamPosition:
 def build_dataset(shards: str, spec: SampleSpec, batch_size: int, shuffle_buffer: int = 256,
                   max_error_rate: float = 0.1, start_batch: int = 0, num_workers: int = 0,
                   mode: str | None = None, epoch_length: int | None = None,
-                  member_limits: MemberLimits | None = None) -> wds.DataPipeline:
+                  member_limits: MemberLimits | None = None, tokenizer=None) -> wds.DataPipeline:
     """mode: "resampled" (default when training) or "epoch" (default for evaluation). Members over
     `member_limits` (data.max_member_mb) are refused from the tar header, the sample skipped and counted."""
     sets = parse_sources(shards)
@@ -351,7 +352,7 @@ def build_dataset(shards: str, spec: SampleSpec, batch_size: int, shuffle_buffer
             stages.append(wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=spec.seed))
     else:
         raise MmvsslError(f"loader mode must be 'resampled' or 'epoch', got '{mode}'")
-    stages += [DecodeSamples(spec, max_error_rate, position),
+    stages += [DecodeSamples(spec, max_error_rate, position, tokenizer=tokenizer),
                wds.batched(batch_size, collation_fn=collate, partial=not spec.train or mode == "epoch")]
     pipeline = wds.DataPipeline(*stages)
     if mode == "resampled" and epoch_length:  # batches per process per epoch, shared by its workers
@@ -362,13 +363,14 @@ def build_dataset(shards: str, spec: SampleSpec, batch_size: int, shuffle_buffer
 def build_loader(shards: str, spec: SampleSpec, batch_size: int, num_workers: int = 0,
                  shuffle_buffer: int = 256, max_error_rate: float = 0.1,
                  start_batch: int = 0, mode: str | None = None, epoch_length: int | None = None,
-                 epoch: int = 0, member_limits: MemberLimits | None = None) -> torch.utils.data.DataLoader:
+                 epoch: int = 0, member_limits: MemberLimits | None = None,
+                 tokenizer=None) -> torch.utils.data.DataLoader:
     """Batches per the Batch contract. Training: an endless seeded stream; `start_batch=N` resumes
     it after N consumed batches; `epoch_length` makes it an epoch of that many batches. Evaluation
     (or mode="epoch"): every sample once, split over processes and workers; `epoch` reseeds the
     shard order of a training epoch. `shards` may mix sets: "a=DIR@0.7;b=DIR@0.3"."""
     dataset = build_dataset(shards, spec, batch_size, shuffle_buffer, max_error_rate, start_batch, num_workers,
-                            mode, epoch_length, member_limits)
+                            mode, epoch_length, member_limits, tokenizer)
     if isinstance(dataset.pipeline[0], EpochSamples):
         dataset.pipeline[0].set_epoch(epoch)
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,

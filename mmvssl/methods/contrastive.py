@@ -47,6 +47,10 @@ def build_student(cfg: DictConfig, accelerator=None) -> MultimodalModel:
         if accelerator is not None:
             accelerator.print(f"{' and '.join(towers)} tower(s) initialised from {cfg.model.init_arch} "
                               f"({cfg.model.init_pretrained or 'random'})")
+    if cfg.model.init_from:  # a trained folder of the same architecture, or an imported model (its own)
+        from ..models.imported.init_from import init_from_folder
+        net = init_from_folder(net, cfg.model.init_from, preset["sampling"], to_dict(cfg.model.overrides),
+                               cfg.model.init_arch)
     return net
 
 

@@ -35,6 +35,9 @@ class VideoClassifier(nn.Module):
         super().__init__()
         if "video" not in backbone.encoders:
             raise ConfigError(f"model '{backbone.name}' has no video encoder to classify with")
+        if backbone.config.get("kind") == "combined":  # its towers belong to its parts (models/imported/combined.py)
+            raise ConfigError(f"model '{backbone.name}' joins separately trained parts; fine-tune one of them "
+                              f"(its folder's parts/NAME)")
         self.backbone = backbone
         self.classes, self.label_key, self.task = list(classes), label_key, task
         width = backbone.encoders["video"].width
@@ -68,6 +71,11 @@ class VideoClassifier(nn.Module):
             pooled, logits = pooled.view(*views, -1), logits.view(*views, -1)
         return {"logits": logits, "pooled": pooled}
 
+    def text_tokenizer(self, context_length: int):
+        """The backbone's tokenizer (mmvssl.data.text.tokenizer_for): an imported model's own, else CLIP's BPE."""
+        from ..data.text import tokenizer_for
+        return tokenizer_for(self.backbone, context_length)
+
     def info(self) -> dict:
         return {"classes": self.classes, "label_key": self.label_key, "task": self.task}
 
@@ -95,8 +103,9 @@ def load_classifier(folder: str | os.PathLike, map_location: str = "cpu") -> Vid
     if not is_classifier(folder):
         raise ConfigError(f"{folder}: not a fine-tuned classifier ({INFO_FILE} and {HEAD_FILE} are written by "
                           f"`mmvssl finetune`); a pretrained model folder needs fine-tuning first")
+    from .presets import load_model  # a trained, imported or combined folder (its config.json's kind)
     info = json.loads((folder / INFO_FILE).read_text())
-    model = VideoClassifier(MultimodalModel.from_pretrained(folder, map_location), info["classes"],
+    model = VideoClassifier(load_model(folder, map_location), info["classes"],
                             info.get("label_key", "label"), info.get("task", ""))
     state = load_file(str(folder / HEAD_FILE), device=map_location)
     try:

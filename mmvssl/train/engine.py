@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 
 from ..config import save_config, to_dict
 from ..data.loader import SampleSpec, build_loader
+from ..data.text import tokenizer_for
 from ..data.options import loader_options
 from ..data.options import sample_spec as data_sample_spec
 from ..errors import ConfigError, MmvsslError
@@ -221,8 +222,11 @@ def pretrain(cfg: DictConfig) -> Path:
     options = loader_options(cfg.data)
     epoch = 0
 
+    tokenizer = tokenizer_for(net, spec.context_length)  # the model's own (an imported model's), else CLIP's BPE
+
     def make_loader(start_batch: int):
-        return build_loader(cfg.data.shards, spec, cfg.data.batch_size, start_batch=start_batch, epoch=epoch, **options)
+        return build_loader(cfg.data.shards, spec, cfg.data.batch_size, start_batch=start_batch, epoch=epoch,
+                            tokenizer=tokenizer, **options)
     loader = make_loader(batches_consumed)
     params = list(net.parameters()) + [p for p in method.parameters() if p.requires_grad]
     log = RunLog(accelerator, out, t.max_steps, step, use_trackers=bool(trackers))

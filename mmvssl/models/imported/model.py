@@ -129,8 +129,20 @@ class ImportedModel(nn.Module):
         self.heads = SpaceHeads(self.config["spaces"])
         self.tokenizer, self.feature_extractor = tokenizer, feature_extractor
         self.assets = assets or {}  # extra files written beside the weights: name -> bytes
-        self.frame_features = False
-        self.token_features = False
+        self._per_frame = False
+
+    @property
+    def frame_features(self) -> bool:
+        """Per-frame features (`video_frames`) and tokens (`video_tokens`): not given by released towers."""
+        return self._per_frame
+
+    @frame_features.setter
+    def frame_features(self, on: bool) -> None:
+        if on:
+            raise ConfigError(f"model '{self.name}' gives no per-frame features (video_frames): its towers end in "
+                              f"the source's pooled embedding")
+
+    token_features = frame_features
 
     @property
     def name(self) -> str:
@@ -141,6 +153,10 @@ class ImportedModel(nn.Module):
         from .tokenizer import tokenizer_from_config
         if "text" not in self.encoders:  # captions are still read (and never embedded): open_clip's BPE
             return tokenizer_from_config({"tokenizer": "clip-bpe"}, None, context_length or 77)
+        limit = int(self.config["text"]["context_length"])
+        if context_length is not None and int(context_length) > limit:
+            raise ConfigError(f"model '{self.name}' reads at most {limit} text tokens (its source's positions, "
+                              f"config.json text.context_length), not {context_length}: set data.context_length={limit}")
         return tokenizer_from_config(self.config["text"], self.tokenizer, context_length)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
