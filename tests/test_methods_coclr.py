@@ -118,6 +118,53 @@ def test_rgb_phase_loss_uses_positives_from_the_motion_streams_neighbours(drop, 
     assert abs(loss.item() - from_rgb.item()) > 1e-3
 
 
+def test_the_self_masking_draw_is_a_function_of_seed_and_step_so_a_resumed_run_repeats_it():
+    """The own key is dropped in 90% of the steps (main_coclr.py); the draw of step s comes from a
+    generator seeded by (seed, s): a method resumed from another's state after step 2 draws at steps 3
+    and 4 what the uninterrupted one drew, whatever torch's global generator holds, and forward drops
+    the own key exactly at the steps drawn so."""
+    from mmvssl.methods.coclr import drop_self, mine_positives, multi_instance_nce, self_mask_draw
+    _, uninterrupted = _coclr(queue_size=12, topk=1, init_steps=0, cycle_steps=1000)
+    draws = {}
+    for step in (1, 2, 3, 4):
+        uninterrupted.step.fill_(step - 1)  # steps taken before this one
+        torch.manual_seed(100 + step)  # other users of the global generator in between
+        draws[step] = uninterrupted.drops_own_key()
+        if step == 2:  # the checkpoint after step 2 (after_step has counted it)
+            uninterrupted.step.fill_(2)
+            state = {k: v.clone() for k, v in uninterrupted.state_dict().items()}
+    _, resumed = _coclr(queue_size=12, topk=1, init_steps=0, cycle_steps=1000)
+    resumed.load_state_dict(state)
+    torch.manual_seed(7)
+    for step in (3, 4):
+        assert int(resumed.step) == step - 1
+        assert resumed.drops_own_key() == draws[step]
+        resumed.step.fill_(step)
+    assert draws == {s: self_mask_draw(0, s) for s in (1, 2, 3, 4)}
+    # the probability: 2000 steps within 4.5 standard deviations of 0.9; another seed draws otherwise
+    share = sum(self_mask_draw(0, s) for s in range(1, 2001)) / 2000
+    assert abs(share - 0.9) < 4.5 * math.sqrt(0.9 * 0.1 / 2000)
+    assert [self_mask_draw(1, s) for s in range(1, 101)] != [self_mask_draw(0, s) for s in range(1, 101)]
+    # forward uses it: at a kept step the own key stays a positive, at a dropped step it leaves
+    kept = next(s for s in range(1, 500) if not self_mask_draw(0, s))
+    dropped = next(s for s in range(1, 500) if self_mask_draw(0, s))
+    g = torch.Generator().manual_seed(4)
+    D = uninterrupted.queue_rgb.shape[1]
+    rgb_key, motion_key, query = (F.normalize(torch.randn(4, D, generator=g), dim=1) for _ in range(3))
+    uninterrupted.queue_video.fill_(-2)  # a full queue of other videos: mining is on
+    positives = mine_positives(motion_key, uninterrupted.queue_motion, 1)
+    for step, expected_positives in ((kept, positives), (dropped, drop_self(positives))):
+        uninterrupted.step.fill_(step - 1)
+        torch.manual_seed(step)
+        loss, _ = uninterrupted({"rgb_query": query, "rgb_key": rgb_key, "motion_key": motion_key}, {})
+        expected = multi_instance_nce(query, rgb_key, uninterrupted.queue_rgb, expected_positives,
+                                      uninterrupted.o.temperature)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    other = multi_instance_nce(query, rgb_key, uninterrupted.queue_rgb, drop_self(positives), uninterrupted.o.temperature)
+    kept_loss = multi_instance_nce(query, rgb_key, uninterrupted.queue_rgb, positives, uninterrupted.o.temperature)
+    assert abs(other.item() - kept_loss.item()) > 1e-3  # the two cases are told apart
+
+
 def test_the_frozen_streams_key_encoder_keeps_its_batchnorm_statistics():
     """CoCLR's sampler runs in eval mode: in an RGB phase the motion key encoder's BatchNorm
     statistics stay; in the init phase (both streams train) they move."""

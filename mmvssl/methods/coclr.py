@@ -23,6 +23,8 @@ As implemented:
   other videos whose other-stream keys are most similar to clip i's other-stream key. The loss is
   main_coclr.py's multi_nce_loss, -log of the softmax mass on the positives; in 90% of the steps
   the own key leaves the positives of every row that has another (main_coclr.py's self-masking).
+  That draw comes from a generator seeded by (the run's seed, the step), `self_mask_draw`, never
+  from torch's global generator, so a resumed run draws what the uninterrupted one drew.
   Checked against the official numbers in tests/parity/coclr.py.
 - The frozen stream's key encoder runs in eval mode (CoCLR's `sampler.eval()`): its batch-norm
   statistics do not move while the other stream trains.
@@ -61,6 +63,17 @@ from .motion_stream import (MotionPathway, build_motion_network, build_same_wind
 STREAMS = ("rgb", "motion")
 UNKNOWN_VIDEO = -2  # queue_video of rows written without a video id (never a positive)
 SELF_MASK_PROBABILITY = 0.9  # main_coclr.py: the own key leaves the positives in 90% of the steps
+
+
+def self_mask_draw(seed: int, step: int) -> bool:
+    """Whether step `step` (1 for the first step taken) drops the own key from the positives (CoCLR's
+    self-masking, main_coclr.py train_one_epoch: with probability SELF_MASK_PROBABILITY). Drawn from a
+    generator seeded by (seed, step) alone -- as the loader seeds each sample's draws by its place in
+    the stream -- so a run resumed at any step draws what the uninterrupted run drew there, and every
+    process draws the same."""
+    digest = hashlib.blake2b(f"coclr-self-mask/{seed}/{step}".encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2 ** 63 - 1))
+    return bool(torch.rand((), generator=generator) < SELF_MASK_PROBABILITY)
 
 
 @dataclass
@@ -163,14 +176,14 @@ class CoCLR(Method):
     paper = "CoCLR (Han et al. 2020): InfoNCE per stream, then co-training with positives mined from the other stream"
     Options = CoCLROptions
 
-    def __init__(self, student: nn.Module, motion_network: nn.Module, options: CoCLROptions):
+    def __init__(self, student: nn.Module, motion_network: nn.Module, options: CoCLROptions, seed: int = 0):
         super().__init__()
         check_motion(options.motion, self.name)
         if options.queue_size < 1 or options.topk < 1 or options.cycle_steps < 1 or options.init_steps < 0:
             raise ConfigError(f"method 'coclr': queue_size, topk and cycle_steps must be positive and init_steps "
                               f">= 0 (got {options.queue_size}, {options.topk}, {options.cycle_steps}, "
                               f"{options.init_steps})")
-        self.o, self.key = options, f"video_{options.space}"
+        self.o, self.key, self.seed = options, f"video_{options.space}", int(seed)  # seed: the self-masking draws
         self.motion = MotionPathway(motion_network, options.motion, self.key)
         self.rgb_key_encoder = frozen_copy(student)
         self.motion_key_encoder = MotionPathway(frozen_copy(motion_network), options.motion, self.key)
@@ -189,7 +202,7 @@ class CoCLR(Method):
     def build(cls, cfg: DictConfig, ctx: BuildContext):
         options = cls.options(cfg)
         net = build_same_window_student(cls, cfg, ctx, options, "contrasts a query and a key view of each clip")
-        return net, cls(net, build_motion_network(cfg, options.motion, cls.name), options)
+        return net, cls(net, build_motion_network(cfg, options.motion, cls.name), options, ctx.spec.seed or 0)
 
     def decayed_modules(self) -> list[nn.Module]:
         return [self.motion.network]
@@ -203,6 +216,10 @@ class CoCLR(Method):
 
     def trains(self, stream: str) -> bool:
         return self.phase() in ("init", stream)
+
+    def drops_own_key(self) -> bool:
+        """The self-masking draw of the step being taken (steps taken + 1): self_mask_draw."""
+        return self_mask_draw(self.seed, int(self.step) + 1)
 
     def prepare(self, batch: dict) -> dict:
         device = batch["video"].device if "video" in batch else None
@@ -240,7 +257,7 @@ class CoCLR(Method):
             video = torch.full((B,), UNKNOWN_VIDEO, dtype=torch.long, device=keys["rgb"].device)
         video = video.to(keys["rgb"].device)
         same_video = same_video_mask(video, self.queue_video)  # (B, K)
-        drop = bool(torch.rand(()) < SELF_MASK_PROBABILITY)  # one draw per step, as main_coclr.py
+        drop = self.drops_own_key()  # one draw per step, as main_coclr.py; a function of (seed, step)
         for stream, other in (("rgb", "motion"), ("motion", "rgb")):
             if not self.trains(stream):
                 continue
