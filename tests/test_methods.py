@@ -188,6 +188,19 @@ def test_iboot_teacher_sees_its_own_view_and_the_student_the_other():
     torch.testing.assert_close(batch["teacher_frames"][..., 0], video[:, 1].mean(dim=(1, 3, 4)))
 
 
+def test_iboot_is_rgb_only_and_its_mmv_variant_adds_audio_and_text():
+    """iBoot (Saxena et al. 2022) trains a video student against an image teacher alone; MMV's audio and
+    text terms beside it are this repository's variant, a config of its own."""
+    from mmvssl.modalities import modality_of
+
+    def inputs(name):
+        cfg = load_config(data_path("configs", "methods", f"{name}.yaml"))
+        assert cfg.method.options.teacher_view == 1 and cfg.teacher.arch and cfg.data.sampler == "same"
+        return {modality_of(x) for t in cfg.objective.terms if t.weight > 0 for x in t.inputs} - {"teacher"}
+    assert inputs("iboot") == {"video"}
+    assert inputs("iboot_mmv") == {"video", "audio", "text"}
+
+
 def test_teacher_view_without_views_or_teacher_is_refused(demo_shards, tmp_path):
     from mmvssl.train.engine import pretrain
     path = data_path("configs", "methods", "iboot.yaml")

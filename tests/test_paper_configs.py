@@ -39,7 +39,10 @@ def test_paper_config_keeps_the_papers_values(path):
     if path.parent.name in ("vatt", "mmv"):
         assert cfg.data.batch_size * 64 == 2048 and cfg.data.num_frames == 32 and cfg.data.size == 224
         assert cfg.data.audio_rate == 48000 and cfg.train.max_steps == 500000 and cfg.train.lr == 1e-4
-        assert [t.loss for t in cfg.objective.terms] == ["nce", "mil_nce"]
+        # the released loss: VATT's AsymmetricNCE (one softmax over both directions) in va and vat, the
+        # total sum(w * loss) / sum(w) (google-research/vatt utils/train/objectives.py)
+        assert [(t.loss, t.inputs[1], t.weight) for t in cfg.objective.terms] == [
+            ("mil_nce", "audio_va", 0.5), ("mil_nce", "text_vat", 0.5)]
         assert [s.split("=")[0] for s in cfg.data.shards.split(";")] == ["howto100m", "audioset"]
     if path.parent.name == "vatt":
         from mmvssl.resources import read_yaml_mapping
@@ -71,3 +74,28 @@ def test_paper_config_trains_two_steps_at_tiny_size(path, demo_shards, tmp_path)
     names = [t.name for t in cfg.objective.terms]
     assert all(name in records[0] for name in names)
     assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in records)  # finite, positive
+
+
+def test_the_video_audio_term_is_one_softmax_over_both_directions_by_hand():
+    """VATT's AsymmetricNCE (the loss of its TxFACModel and MMVFACModel) for video-audio: for video i,
+    -log e^{v_i.a_i} / (sum_j e^{v_i.a_j} + sum_{j != i} e^{v_j.a_i}), temperatures in the scores; the
+    objective's va term of configs/vatt and configs/mmv computes it (the positive once in the
+    denominator; the released code also adds it a second time, a documented difference)."""
+    import torch
+
+    from mmvssl.losses.objective import Objective
+    cfg = load_config(data_path("configs", "vatt", "mbs.yaml"))
+    terms = [dict(t) for t in OmegaConf.to_container(cfg.objective.terms)][:1]
+    objective = Objective(terms, temperature=cfg.objective.temperature)
+    g = torch.Generator().manual_seed(0)
+    v = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    a = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    batch = {"text_mask": torch.ones(4, 3, dtype=torch.bool)}  # a text mask of K = 3 must not reach the audio term
+    total, values = objective({"video_va": v, "audio_va": a}, batch)
+    s = (v @ a.T) / 0.07
+    expected = 0.0
+    for i in range(4):
+        denominator = torch.cat([s[i], torch.cat([s[:i, i], s[i + 1:, i]])])
+        expected += -(s[i, i] - torch.logsumexp(denominator, 0)).item()
+    assert values["va_nce"].item() == pytest.approx(expected / 4, rel=1e-5)
+    assert total.item() == pytest.approx(0.5 * expected / 4, rel=1e-5)

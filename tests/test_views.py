@@ -47,6 +47,8 @@ def test_views_command_writes_every_field_and_refuses_a_single_view_sampler(demo
             assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 and isinstance(view["flip"], bool)
         a, b = sample["views"]
         assert (a["start"], a["end"]) == (b["start"], b["end"]) and a["crop"] != b["crop"]  # SimCLR: one window
+    areas = [(v["crop"][2] - v["crop"][0]) * (v["crop"][3] - v["crop"][1]) for s in report["samples"] for v in s["views"]]
+    assert min(areas) >= 0.08 - 1e-6 and min(areas) < 0.3  # SimCLR's crop area 0.08-1, not CVRL's 0.3-1
     config = data_path("configs", "methods", "simclr.yaml")
     assert main(["views", str(config), "data.sampler=random", "--data", str(demo_shards["train"]),
                  "--out", str(tmp_path / "x")]) == 2

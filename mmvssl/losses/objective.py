@@ -194,7 +194,7 @@ class Objective(nn.Module):
                 if has is not None:
                     mask = has if mask is None else mask & has
             kwargs = {"temperature": self.pair_temperatures(t, batch), "mask": mask}
-            if t.loss == "mil_nce":
+            if t.loss == "mil_nce" and modality_of(t.inputs[1]) == "text":  # audio: one candidate, no mask
                 kwargs["candidate_mask"] = batch.get("text_mask")
             if t.loss == "siglip":
                 kwargs["bias"] = self.bias[t.name] if t.name in self.bias else t.bias

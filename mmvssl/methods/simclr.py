@@ -2,7 +2,11 @@
 
 One module, two papers, told apart by their configs (configs/methods/):
 - SimCLR (Chen et al. 2020) applied to video: two augmentations of the same window
-  (`data.sampler: same`, `data.num_clips: 2`: the window is decoded once), an MLP projection head.
+  (`data.sampler: same`, `data.num_clips: 2`: the window is decoded once), an MLP projection head,
+  SimCLR's augmentations (configs/methods/simclr.yaml, after google-research/simclr data_util.py:
+  crop area 0.08-1, aspect 3/4-4/3, colour jitter, greyscale, blur with p 0.5) and its NT-Xent
+  (objective.py `add_contrastive_loss`: each view against the other view's and its own side's other
+  clips, the two directions summed there and averaged here, a factor 2 of scale).
 - CVRL (Qian et al. 2021): two clips of one video at a gap drawn from a linearly decreasing
   distribution (`data.sampler: cvrl`), temporally consistent strong augmentation
   (`data.augment`), a 3-layer MLP head, InfoNCE at temperature 0.1.
