@@ -115,6 +115,66 @@ def test_shift_survives_the_shards_round_trip_and_a_broken_sample_is_reported(tm
         add_flow(str(src), tmp_path / "out", algorithm="farneback", fps=10.0, size=64, progress=False)
 
 
+def test_cached_flow_is_between_consecutive_source_frames_not_cached_times(tmp_path):
+    """A 20 fps video moving SHIFT px per source frame, cached at 5 fields/s (4 source frames per
+    cached step): each field is the flow from the frame shown at its time to the next decoded frame,
+    so its mean magnitude is |SHIFT| (2.24 px), not the 4 x |SHIFT| (8.94 px) between cached times."""
+    video = _mp4(_moving(40), fps=20)  # 2 s
+    src = _shards(tmp_path / "in", [("v", video, {"duration": 2.0})])
+    add_flow(str(src), tmp_path / "out", fps=5.0, size=64, progress=False)
+    (raw,) = read_shard(str(tmp_path / "out" / "shard-000000.tar"))
+    q, scale, times, meta = decode_member(raw[MEMBER])
+    assert q.shape[0] == 10 and times[1] == pytest.approx(0.2) and meta["format"] == "mmvssl-flow/2"
+    flow = dequantise(q, scale).numpy()[1:]  # the codec's first frame aside; every field has a successor
+    inner = flow[:, 8:-8, 8:-8, :]
+    per_frame = float(np.hypot(*SHIFT))
+    assert np.mean(np.linalg.norm(inner, axis=-1)) == pytest.approx(per_frame, abs=0.35)
+    for field in flow:
+        assert np.allclose(_interior(field), SHIFT, atol=0.35)
+    # the loader's pairing keeps it per source frame: the centre square at half size, half the shift
+    paired = pair_flow(raw, torch.tensor([0.4, 0.6, 0.8, 1.0]), None, False, 32)
+    assert np.allclose(np.median(paired[:, :, 4:-4, 4:-4].reshape(2, -1).numpy(), axis=1),
+                       np.array(SHIFT) / 2, atol=0.2)
+
+
+def test_flow_of_the_older_format_is_refused_in_one_line(tmp_path):
+    """Format 1 cached flow between frames 1/F s apart: its shards and its output folder are refused,
+    saying why and how to recompute; --overwrite recomputes the folder."""
+    from safetensors.torch import save
+
+    from mmvssl.data.loader import SampleSpec, build_loader
+    from mmvssl.errors import MmvsslError
+    video = _mp4(_moving(10))
+    old_member = save({"flow": torch.full((10, 64, 80, 2), 128, dtype=torch.uint8),
+                       "times": torch.arange(10).float() / 10, "scale": torch.tensor([1.0])},
+                      metadata={"format": "mmvssl-flow/1", "algorithm": "dis", "fps": "10.0", "size": "64",
+                                "clip": "20.0", "duration": "1.0"})
+    with pytest.raises(ValueError, match=r"older format mmvssl-flow/1 \(flow between cached frames 1/F s apart.*"
+                                         r"add-flow .*--overwrite"):
+        decode_member(old_member)
+    old = _shards(tmp_path / "old", [("v0", video, {"duration": 1.0})])
+    with wds.TarWriter(str(old / "shard-000000.tar"), encoder=False) as w:
+        w.write({"__key__": "v0", "mp4": video, "json": b'{"duration": 1.0}', MEMBER: old_member})
+    spec = SampleSpec(num_frames=2, fps=10.0, size=32, train=False, flow=True)
+    with pytest.raises(MmvsslError, match=r"shard-000000.tar: sample v0: .flow.safetensors: flow cached in the "
+                                          r"older format mmvssl-flow/1") as caught:
+        next(iter(build_loader(str(old), spec, batch_size=1)))
+    assert "\n" not in str(caught.value)
+    # a folder written by format 1 (its report named no format) is not resumed: refused, then recomputed
+    src = _shards(tmp_path / "in", [("v0", video, {"duration": 1.0})])
+    settings = {"algorithm": "dis", "fps": 10.0, "size": 64, "clip": 20.0}
+    (old / "flow_report.json").write_text(json.dumps({"settings": settings, "shards": {"shard-000000.tar": {
+        "source": str(src / "shard-000000.tar"), "samples": 1, "frames": 10, "without_video": 0, "skipped": []}}}))
+    with pytest.raises(MmvsslError, match=r"holds flow cached in the format mmvssl-flow/1 \(flow between cached "
+                                          r"frames 1/F s apart.*, not mmvssl-flow/2: pass --overwrite") as caught:
+        add_flow(str(src), old, fps=10.0, size=64, progress=False)
+    assert "\n" not in str(caught.value)
+    report = add_flow(str(src), old, fps=10.0, size=64, overwrite=True, progress=False)
+    assert report["format"] == "mmvssl-flow/2" and report["done_before"] == []
+    (raw,) = read_shard(str(old / "shard-000000.tar"))
+    assert decode_member(raw[MEMBER])[3]["format"] == "mmvssl-flow/2"
+
+
 def test_add_flow_command_and_the_sheet_draw_flow(tmp_path, capsys):
     src = _shards(tmp_path / "in", [("good", _mp4(_moving(10)), {"duration": 1.0, "caption": "moving"})])
     assert main(["shards", "add-flow", "--shards", str(src), "--out", str(tmp_path / "out"), "--fps", "5",

@@ -143,9 +143,10 @@ def register(sub) -> None:
     o.add_argument("--algorithm", choices=["dis", "farneback"], default="dis",
                    help="OpenCV's DIS (medium preset) or Farneback")
     o.add_argument("--fps", type=float, default=8.0, help="flow fields per second over the whole video (times 0, "
-                                                         "1/F, ...; field i: frame i -> i + 1); training pairs each "
+                                                         "1/F, ...; field i: the frame at i/F -> the next source "
+                                                         "frame); training pairs each "
                                                          "sampled frame with the nearest")
     o.add_argument("--size", type=int, default=128, help="frames resized to this short side (aspect kept, no crop)")
     o.add_argument("--clip", type=float, default=20.0, help="flow clipped to +-CLIP px before 8-bit quantisation")
-    o.add_argument("--overwrite", action="store_true", help="replace flow made with other settings")
+    o.add_argument("--overwrite", action="store_true", help="replace flow made with other settings or an older format")
     o.set_defaults(func=_add_flow)

@@ -1,24 +1,28 @@
 """Optical flow: computed once on the CPU with OpenCV (`mmvssl shards add-flow`), cached in shards
 quantised to 8 bits, and paired by the loader with the frames a clip sampler chose.
 
-Computation: frames at 0, 1/F, 2/F, ... seconds over the whole video (F = `fps`, the times of
-mmvssl/data/cachetimes.py), decoded with the loader's decoder resized to `size` px on the short
-side (aspect kept, no crop, so that any later crop of the frame is also a crop of the flow),
-converted to grey, and flow[i] = the dense flow from frame i to frame i + 1 (OpenCV's DIS, medium
-preset, or Farneback), in pixels of those frames; the last entry is 0 (as the temporal
-gradient's), so there is one field per cached time.
+Computation: for each time 0, 1/F, 2/F, ... seconds over the whole video (F = `fps`, the times of
+mmvssl/data/cachetimes.py), the frame shown at that time and the source frame decoded right after
+it (decode_window's `next_frames`), both with the loader's decoder resized to `size` px on the
+short side (aspect kept, no crop, so that any later crop of the frame is also a crop of the flow),
+converted to grey; flow[i] = the dense flow between those two consecutive source frames (OpenCV's
+DIS, medium preset, or Farneback), in pixels of those frames per source frame. This is the flow the
+papers use (MSCL, MaCLR, CoCLR: TV-L1 / RAFT between consecutive frames of the video), sampled at the
+cache's times, not the flow over 1/F s between two cached frames. The last source frame has no
+successor: its field is 0 (as the temporal gradient's).
 
 Storage (the two-stream convention, per sample): flow clipped to +-`clip` px, then mapped to
 uint8 by q = round(flow / scale * 127) + 128 with scale = the sample's largest |flow| (at most
 `clip`), so 0 is exactly 128 and the error is at most scale / 254 px. The member
 `<key>.flow.safetensors` holds `flow` (N, H, W, 2) uint8 (x then y), `times` (N,) float32 and
 `scale` (1,) float32, with string metadata: format, algorithm, fps, size, clip, duration. It is a
-safetensors file: never a pickle.
+safetensors file: never a pickle. `FORMAT` names the version; a member of an older format (flow
+between cached frames 1/F s apart) is refused with a line saying so and how to recompute it.
 
 Pairing (`pair_flow`): each sampled frame time takes the nearest cached field (cachetimes), the
 view's crop box (a share of the decoded frame, as the loader records it) and horizontal flip are
 applied to the field, which is resized to the clip's size with its vectors scaled to match: the
-result is in pixels of the clip per cached step (1/F s), x to the right and y down.
+result is in pixels of the clip per source frame, x to the right and y down.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ from .cachetimes import nearest_indices
 
 MEMBER = "flow.safetensors"  # the member's extension: <key>.flow.safetensors
 REPORT = "flow_report.json"
-FORMAT = "mmvssl-flow/1"
+FORMAT = "mmvssl-flow/2"  # /2: flow between consecutive source frames at each cached time
+# formats this mmvssl no longer reads, and what they held
+OLD_FORMATS = {"mmvssl-flow/1": "flow between cached frames 1/F s apart, not between consecutive source frames"}
 ALGORITHMS = ("dis", "farneback")
 
 
@@ -64,6 +70,16 @@ class FlowComputer:
         # Farneback with OpenCV's sample parameters (pyramid 0.5 x 3 levels, window 15, 3 iterations,
         # polynomial of 5 px neighbourhoods, sigma 1.2)
         return cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+
+    def pairs(self, frames: np.ndarray, following: np.ndarray) -> np.ndarray:
+        """(n, H, W, 3) uint8 frames and the frame after each (same shape) -> (n, H, W, 2) float32:
+        row i is the flow from frames[i] to following[i] (decode_window's next_frames)."""
+        if frames.shape != following.shape:
+            raise ValueError(f"flow pairs: frames {frames.shape} and their next frames {following.shape} differ")
+        out = np.zeros((*frames.shape[:3], 2), np.float32)
+        for i, (frame, after) in enumerate(zip(frames, following)):
+            out[i] = self.pair(_grey(frame), _grey(after))
+        return out
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
         """(n, H, W, 3) uint8 -> (n, H, W, 2) float32: row i is the flow from the frame before it
@@ -122,6 +138,9 @@ def decode_member(data: bytes) -> tuple[torch.Tensor, float, torch.Tensor, dict]
     except Exception as e:  # struct, JSON, SafetensorError, a missing tensor: all mean a broken member
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"not a flow member ({reason})") from None
+    if meta.get("format") in OLD_FORMATS:
+        raise ValueError(f"flow cached in the older format {meta['format']} ({OLD_FORMATS[meta['format']]}); "
+                         f"recompute it: `mmvssl shards add-flow --shards ORIGINAL --out THIS_FOLDER --overwrite`")
     if meta.get("format") != FORMAT or flow.dtype != torch.uint8 or flow.ndim != 4 or flow.shape[-1] != 2 \
             or times.shape != (flow.shape[0],):
         raise ValueError(f"not a flow member of format {FORMAT} (flow {tuple(flow.shape)} {flow.dtype}, "
@@ -155,7 +174,7 @@ def crop_flow(flow: torch.Tensor, box: list[float], flipped: bool, size: int) ->
 
 def pair_flow(raw: dict, sampled: torch.Tensor, box: list[float] | None, flipped: bool, size: int) -> torch.Tensor:
     """The cached flow of a raw tar sample for its sampled frame times (T,) as float32
-    (2, T, size, size) in pixels of the clip per cached step; `box` None: the decoder's centre
+    (2, T, size, size) in pixels of the clip per source frame; `box` None: the decoder's centre
     square. MmvsslError naming the shard and key when the flow is missing, broken, or does not
     cover the window."""
     where = f"{raw.get('__url__', '?')}: sample {raw.get('__key__', '?')}"
