@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -217,10 +216,9 @@ class ImportedModel(nn.Module):
         return {k: v.detach().cpu().clone().contiguous() for k, v in self.state_dict().items()}
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
+        from ...fsio import atomic_folder
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as tmp:  # fsynced, swapped in; the old folder stays until the new one is there
             (tmp / "config.json").write_text(json.dumps(self.config, indent=2))
             save_file(self.state_for_saving(), str(tmp / "model.safetensors"), metadata={"format": "pt", "kind": KIND})
             if self.tokenizer is not None and self.config.get("text", {}).get("tokenizer") == "hf":
@@ -232,13 +230,3 @@ class ImportedModel(nn.Module):
                 (tmp / name).write_bytes(data)
             if (folder / "check.json").is_file():  # the check of these same weights stays with them
                 shutil.copy2(folder / "check.json", tmp / "check.json")
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                folder.rename(old)
-                tmp.rename(folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
