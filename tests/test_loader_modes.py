@@ -101,13 +101,16 @@ def test_silent_samples_are_masked_not_invented(tmp_path, video_factory):
 def test_multi_view_batches(demo_shards, sampler, views):
     spec = SampleSpec(**SPEC, train=True, sampler=sampler, num_clips=3)
     batch = next(iter(build_loader(str(demo_shards["train"]), spec, 2)))
-    stacked = 2 if sampler == "svt" else views  # svt: the globals in `video`, the locals in the group video/local
+    # svt: the globals in `video`, the locals in the group video/local; teg: the short clip in `video`, the
+    # long one (2x as long at the same rate: 2x the frames) in the group video/long
+    stacked = {"svt": 2, "teg": 1}.get(sampler, views)
     assert batch["video"].shape == (2, stacked, 3, 2, 16, 16)
     assert batch["view_times"].shape == (2, views, 2) and batch["view_crops"].shape == (2, views, 4)
     if sampler == "svt":
         assert batch["video/local"].shape == (2, 2, 3, 2, 16, 16)
     if sampler == "teg":
-        (ls, le), (ss, se) = batch["view_times"][0].tolist()
+        assert batch["video/long"].shape == (2, 1, 3, 4, 16, 16)
+        (ss, se), (ls, le) = batch["view_times"][0].tolist()
         assert ls <= ss and se <= le + 1e-6 and le - ls == pytest.approx(2 * (se - ss))
 
 
@@ -119,8 +122,9 @@ def test_svt_local_views_travel_as_a_group_of_their_own_size_frames_and_crops(de
     batch = next(iter(build_loader(str(demo_shards["train"]), spec, 4)))
     assert batch["video"].shape == (4, 2, 3, 4, 16, 16) and batch["video/local"].shape == (4, 3, 3, 2, 8, 8)
     length = batch["view_times"][..., 1] - batch["view_times"][..., 0]  # (B, 5): globals then locals
-    torch.testing.assert_close(length[:, :2], torch.full((4, 2), 2 * spec.window, dtype=torch.float64))
-    torch.testing.assert_close(length[:, 2:], torch.full((4, 3), spec.window, dtype=torch.float64))
+    clip = 2 * spec.window  # SVT cuts every view from one clip: globals nearly all of it, locals an eighth
+    torch.testing.assert_close(length[:, :2], torch.full((4, 2), clip * (1 - 5 / 256), dtype=torch.float64))
+    torch.testing.assert_close(length[:, 2:], torch.full((4, 3), clip / 8, dtype=torch.float64))
     crops = batch["view_crops"]
     area = (crops[..., 2] - crops[..., 0]) * (crops[..., 3] - crops[..., 1])  # share of the decoded frame
     assert (area[:, :2] > 0.4 - 0.05).all() and (area[:, 2:] < 0.4 + 0.05).all()  # integer pixel rounding
