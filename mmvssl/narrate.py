@@ -2,16 +2,27 @@
 optionally, as new shards whose metadata carries them (so they train the dual encoder).
 
 Input is a folder of videos or a shard set. Each output line is
-{"source", "key", "start", "end", "candidates": [{"text", "score"}, ...]}. Re-running appends
-only the windows not yet written; unreadable videos are reported and skipped. `--shards-out`
-goes through the shard rewriter (mmvssl/data/rewrite.py): one output shard per input shard of
-the same name (a folder of videos: `shard-%06d.tar` of 256 videos), every member copied byte for
-byte beside the new metadata, each shard atomic, `narrate_report.json`, finished shards kept by
-a re-run.
+{"source", "key", "start", "end", "candidates": [{"text", "score"}, ...], "provenance": ID}: every
+candidate the narrator gave the window, best first (`--num-candidates`, by default LaViLa's 10
+sampled with top_p 0.95 and temperature 0.7: facebookresearch/LaViLa main_infer_narrator.py), and
+the id of what made them (narration_provenance: the narrator's and tokenizer's fingerprints, the
+seed, the sampling settings, the windows), spelt out in `<out>.provenance.json`. Each window
+samples from its own generator, seeded by the run's seed, the sample key and the window start, so
+its draws do not depend on the windows sampled before it (a resumed run, another --batch-size; up
+to the floating-point differences batched arithmetic may make in the probabilities). Re-running
+appends only the windows not yet written with the same provenance; unreadable videos are reported
+and skipped. `--shards-out` goes through the shard rewriter (mmvssl/data/rewrite.py): one output
+shard per input shard of the same name (a folder of videos: `shard-%06d.tar` of 256 videos), every
+member copied byte for byte beside the new metadata, each shard atomic, `narrate_report.json`,
+finished shards kept by a re-run. The new metadata: `pseudo_narrations` [{start, end, text, score,
+candidates: [{text, score}, ...]}] (text and score: the best candidate) and
+`pseudo_narrations_provenance` (the provenance itself); the dual encoder draws one candidate per
+clip (mmvssl.data.sampling.source_texts), as LaViLa draws one of a clip's narrations.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from dataclasses import asdict
@@ -75,9 +86,54 @@ def _written_rows(out_file: Path) -> dict[str, list[dict]]:
     return rows
 
 
+def narration_provenance(model: Narrator, tokenizer_file: Path, gen: GenerationConfig, window: float,
+                         stride: float) -> dict:
+    """What made a run's narrations: the narrator's fingerprint (its config and every weight), its
+    tokenizer's (sha256 of the file), the run's seed (each window's generator: window_seed) and
+    sampling settings, and the windows. Stored with the narrations so that they can be told apart
+    and remade."""
+    from .evaluation.features import model_fingerprint
+    return {"narrator": model_fingerprint(model),
+            "tokenizer": hashlib.sha256(Path(tokenizer_file).read_bytes()).hexdigest()[:16],
+            "seed": gen.seed,
+            "sampling": {"strategy": gen.strategy, "num_candidates": gen.num_candidates, "top_p": gen.top_p,
+                         "temperature": gen.temperature, "max_length": gen.max_length, "num_beams": gen.num_beams},
+            "window": window, "stride": stride}
+
+
+def provenance_id(provenance: dict) -> str:
+    """A short id of a provenance (sha256 of its canonical JSON), written on every output line."""
+    return hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def window_seed(seed: int, key: str, start: float) -> int:
+    """The seed of one window's sampling generator: a hash of (run seed, sample key, window start)."""
+    digest = hashlib.blake2b(f"narrate/{seed}/{key}/{start:.3f}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2 ** 63 - 1)
+
+
+def _record_provenance(out_path: Path, pid: str, provenance: dict) -> None:
+    """Add this run's provenance to `<out>.provenance.json` ({id: provenance}), atomically."""
+    from .fsio import atomic_write_json
+    path = out_path.with_suffix(".provenance.json")
+    known = {}
+    if path.is_file():
+        try:
+            known = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if known.get(pid) != provenance:
+        atomic_write_json(path, {**known, pid: provenance})
+
+
 def narrate(model_dir: str, source: str, out_file: str, window_seconds: float | None = None,
             stride: float | None = None, shards_out: str | None = None, gen: GenerationConfig = GenerationConfig(),
             batch_size: int = 8, progress: bool = True) -> dict:
+    if gen.num_candidates < 1 or gen.num_beams < 1:
+        raise MmvsslError(f"narrate: --num-candidates and --num-beams must be at least 1, got "
+                          f"{gen.num_candidates} and {gen.num_beams}")
     model = Narrator.from_pretrained(model_dir).eval()
     tok_file = Path(model_dir) / model.config.get("tokenizer", "tokenizer.model")
     tokenizer = SentencePieceTokenizer(tok_file)
@@ -87,9 +143,13 @@ def narrate(model_dir: str, source: str, out_file: str, window_seconds: float | 
     clip_fps = sampling["num_frames"] / window  # the narrator always sees num_frames frames per window
     out_path = Path(out_file)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    written = _written_rows(out_path)
+    provenance = narration_provenance(model, tok_file, gen, window, stride)
+    pid = provenance_id(provenance)
+    _record_provenance(out_path, pid, provenance)
+    written = {k: [r for r in rows if r.get("provenance") == pid]  # rows made otherwise are redone
+               for k, rows in _written_rows(out_path).items()}
     done = {(k, round(float(r["start"]), 3)) for k, rows in written.items() for r in rows}
-    counts = {"videos": 0, "windows": 0, "skipped_done": 0, "failed": []}
+    counts = {"videos": 0, "windows": 0, "skipped_done": 0, "failed": [], "provenance": provenance}
 
     def narrate_one(raw: dict, out) -> list[dict]:
         """The rows of one video (written to `out` as they come); DecodeError when it is unusable."""
@@ -106,11 +166,12 @@ def narrate(model_dir: str, source: str, out_file: str, window_seconds: float | 
             chunk = todo[i:i + batch_size]
             clips = [decode_window(data, s, sampling["num_frames"], clip_fps, sampling["size"], None) for s in chunk]
             video = torch.stack([frames_to_tensor(c.frames) for c in clips])
-            for clip, candidates in zip(clips, generate(model, video, gen)):
+            seeds = None if gen.seed is None else [window_seed(gen.seed, key, s) for s in chunk]
+            for clip, candidates in zip(clips, generate(model, video, gen, seeds)):
                 row = {"source": meta.get("source", key), "key": key, "start": round(clip.start, 3),
                        "end": round(clip.end, 3),
                        "candidates": [{"text": tokenizer.decode(c["tokens"]), "score": round(c["score"], 4)}
-                                      for c in candidates]}
+                                      for c in candidates], "provenance": pid}
                 out.write(json.dumps(row) + "\n")
                 rows.append(row)
             out.flush()
@@ -126,7 +187,8 @@ def narrate(model_dir: str, source: str, out_file: str, window_seconds: float | 
     if shards_out:
         settings = {"window": window, "stride": stride, "generation": asdict(gen)}
         rewriter = ShardRewriter(shards_out, REPORT, {"narrator": str(Path(model_dir).resolve()),
-                                                      "settings": json.loads(json.dumps(settings))},
+                                                      "settings": json.loads(json.dumps(settings)),
+                                                      "provenance": provenance},
                                  command="narrate --shards-out")
     bar = None
     if progress:
@@ -151,9 +213,12 @@ def narrate(model_dir: str, source: str, out_file: str, window_seconds: float | 
                     counts["windows"] += len(rows)
                     if rewriter is not None:
                         every = sorted(written.get(raw["__key__"], []) + rows, key=lambda r: r["start"])
+                        # every candidate of every window (LaViLa trains on several per clip), the best as text
                         pseudo = [{"start": r["start"], "end": r["end"], "text": r["candidates"][0]["text"],
-                                   "score": r["candidates"][0]["score"]} for r in every]
-                        meta = {**metadata(raw), "pseudo_narrations": pseudo}
+                                   "score": r["candidates"][0]["score"], "candidates": r["candidates"]}
+                                  for r in every]
+                        meta = {**metadata(raw), "pseudo_narrations": pseudo,
+                                "pseudo_narrations_provenance": provenance}
                         shard.write(raw, {"json": json.dumps(meta).encode("utf-8")})  # every other member kept
     if bar is not None:
         bar.close()

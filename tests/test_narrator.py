@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mmvssl.errors import ConfigError
+from mmvssl.errors import ConfigError, MmvsslError
 from mmvssl.models.presets import load_preset
 from mmvssl.narrator.build import build_narrator, narration_for_window
 from mmvssl.narrator.generate import GenerationConfig, generate, sequence_logprob
@@ -194,6 +194,70 @@ def test_narrate_writes_resumes_and_merges_into_shards(tmp_path, demo_shards):
     assert len(json.loads(samples[0]["json"])["pseudo_narrations"]) == 2
 
 
+def test_narrate_keeps_every_sampled_candidate_with_its_provenance(tmp_path, demo_shards):
+    """N=3 sampled candidates per window in the lines and in the shard records (LaViLa trains on
+    several per clip), with what made them: the narrator's fingerprint, the seed, the sampling
+    settings. Each window is seeded by (seed, key, start): the same run twice gives the same
+    candidates, another seed others; a re-run with other settings redoes the windows."""
+    from mmvssl.evaluation.features import model_fingerprint
+    from mmvssl.narrate import narrate, provenance_id
+    from mmvssl.narrator.generate import GenerationConfig as Gen
+    save_untrained_narrator(tmp_path, texts_from_shards(str(demo_shards["val"])), 150)
+    model_dir = str(tmp_path / "narrator")
+    model = Narrator.from_pretrained(model_dir)
+    open_gates(model)  # gates open, so that the video reaches the text
+    model.save_pretrained(model_dir, tokenizer_file=tmp_path / "t.model")
+    gen = Gen(num_candidates=3, max_length=8, top_p=0.95, temperature=0.7, seed=5)
+    counts = narrate(model_dir, str(demo_shards["val"]), str(tmp_path / "a.jsonl"), shards_out=str(tmp_path / "pseudo"),
+                     gen=gen, progress=False)
+    provenance = counts["provenance"]
+    assert provenance["narrator"] == model_fingerprint(Narrator.from_pretrained(model_dir))
+    assert provenance["seed"] == 5 and provenance["sampling"] == {
+        "strategy": "sample", "num_candidates": 3, "top_p": 0.95, "temperature": 0.7, "max_length": 8, "num_beams": 5}
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert len(rows) == counts["windows"] == 12 and all(len(r["candidates"]) == 3 for r in rows)
+    assert {r["provenance"] for r in rows} == {provenance_id(provenance)}
+    assert json.loads((tmp_path / "a.provenance.json").read_text()) == {provenance_id(provenance): provenance}
+    assert any(len({c["text"] for c in r["candidates"]}) > 1 for r in rows)  # sampled, not one text thrice
+    by_key = {r["key"]: r for r in rows}
+    for sample in raw_samples(tmp_path / "pseudo"):
+        meta = json.loads(sample["json"])
+        assert meta["pseudo_narrations_provenance"] == provenance
+        [window] = meta["pseudo_narrations"]  # 3 s videos, one 2 s window each
+        row = by_key[sample["__key__"]]
+        assert window["candidates"] == row["candidates"] and len(window["candidates"]) == 3
+        assert (window["text"], window["score"]) == (row["candidates"][0]["text"], row["candidates"][0]["score"])
+        assert [c["score"] for c in window["candidates"]] == sorted((c["score"] for c in window["candidates"]),
+                                                                    reverse=True)
+    # the same settings draw the same candidates (same code path: exact); another seed draws others
+    narrate(model_dir, str(demo_shards["val"]), str(tmp_path / "b.jsonl"), gen=gen, progress=False)
+    again = [json.loads(line)["candidates"] for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert again == [r["candidates"] for r in rows]
+    other = Gen(num_candidates=3, max_length=8, seed=6)
+    redo = narrate(model_dir, str(demo_shards["val"]), str(tmp_path / "b.jsonl"), gen=other, progress=False)
+    assert redo["windows"] == 12 and redo["skipped_done"] == 0  # rows of other settings are not reused
+    lines = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert [r["candidates"] for r in lines[12:]] != again
+    assert len(json.loads((tmp_path / "b.provenance.json").read_text())) == 2
+    with pytest.raises(MmvsslError, match="--num-candidates and --num-beams must be at least 1"):
+        narrate(model_dir, str(demo_shards["val"]), str(tmp_path / "c.jsonl"), gen=Gen(num_candidates=0),
+                progress=False)
+
+
+def test_nucleus_sampling_with_a_generator_per_clip_draws_each_clip_alone():
+    """generate(seeds=...): a clip's rows draw from its own generator, so what a clip draws does not
+    depend on the clips sampled beside it."""
+    from mmvssl.narrator.generate import _nucleus
+    logits = torch.randn(3 * 4, 50, generator=torch.Generator().manual_seed(0))  # 3 clips x 4 candidates
+
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+    together = _nucleus(logits, 0.95, gens(11, 12, 13))
+    assert torch.equal(together[4:8], _nucleus(logits[4:8], 0.95, gens(12)))
+    assert torch.equal(together[8:], _nucleus(logits[8:], 0.95, gens(13)))
+    assert not torch.equal(_nucleus(logits, 0.95, gens(1, 2, 3)), _nucleus(logits, 0.95, gens(4, 5, 6)))
+
+
 def test_narrate_shards_out_keeps_every_member_byte_for_byte(tmp_path, val_shards_with_extra_members):
     from mmvssl.narrate import narrate
     save_untrained_narrator(tmp_path)
@@ -206,7 +270,8 @@ def test_narrate_shards_out_keeps_every_member_byte_for_byte(tmp_path, val_shard
         assert {"mp4", "notes.txt.gz", "extra.bin"} <= members == {k for k in new if not k.startswith("__")}
         assert all(old[k] == new[k] for k in members - {"json"})  # a .gz member is not compressed twice
         meta = json.loads(new["json"])
-        assert {k: v for k, v in meta.items() if k != "pseudo_narrations"} == json.loads(old["json"])
+        added = {"pseudo_narrations", "pseudo_narrations_provenance"}
+        assert {k: v for k, v in meta.items() if k not in added} == json.loads(old["json"])
 
 
 def test_narrate_skips_an_unreadable_shard_with_one_line(tmp_path, demo_shards, capsys):

@@ -88,6 +88,107 @@ def test_loader_draws_sources_per_sample_and_leaves_windows_and_augmentation_unc
     assert torch.equal(mixed["text"][~flag], human["text"][~flag])
 
 
+CANDIDATES = ("alpha", "beta", "gamma")  # each pseudo-narrated window's three narrator candidates
+
+
+@pytest.fixture(scope="module")
+def candidate_shards(demo_shards, tmp_path_factory):
+    """The demo train shards with `mmvssl narrate`'s records: one window over each video whose three
+    candidates are '<key> alpha', '<key> beta', '<key> gamma' (the best, alpha, also its text)."""
+    out = tmp_path_factory.mktemp("candidates")
+    urls = sorted(map(str, demo_shards["train"].glob("*.tar")))
+    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=8, verbose=0) as writer:
+        for sample in wds.WebDataset(urls, shardshuffle=False):
+            meta, key = json.loads(sample["json"]), sample["__key__"]
+            candidates = [{"text": f"{key} {c}", "score": -1.0 - i} for i, c in enumerate(CANDIDATES)]
+            meta["pseudo_narrations"] = [{"start": 0.0, "end": meta["duration"], "text": candidates[0]["text"],
+                                          "score": -1.0, "candidates": candidates}]
+            meta["pseudo_narrations_provenance"] = {"narrator": "0123456789abcdef", "seed": 0}
+            writer.write({"__key__": key, "mp4": sample["mp4"], "json": json.dumps(meta).encode()})
+    return out
+
+
+class TextIds:
+    """A tokenizer that gives each distinct text one id (in position 0), to read back which text a
+    sample drew."""
+
+    def __init__(self, context_length: int):
+        self.context_length, self.ids = context_length, {}
+
+    def __call__(self, texts):
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for i, text in enumerate(texts):
+            out[i, 0] = self.ids.setdefault(text, len(self.ids) + 1)
+        return out
+
+    def text(self, token: int) -> str:
+        return {v: k for k, v in self.ids.items()}[int(token)]
+
+
+def test_pseudo_candidates_are_drawn_per_window_and_malformed_ones_refused():
+    meta = {"pseudo_narrations": [{"start": 0, "end": 2, "text": "a0", "candidates": [
+        {"text": "a0", "score": -1}, {"text": "a1", "score": -2}, {"text": " ", "score": -3}]},
+        {"start": 4, "end": 6, "text": "b0"}]}
+    assert select_source_texts(meta, 0, 1, 2, ("pseudo",)) == (["a0", "b0"], True)  # no rng: the best
+    drawn = {select_source_texts(meta, 0, 1, 1, ("pseudo",), random.Random(s))[0][0] for s in range(40)}
+    assert drawn == {"a0", "a1"}  # an empty candidate is never drawn
+    bad = {"pseudo_narrations": [{"start": 0, "end": 2, "text": "a0", "candidates": ["a0"]}]}
+    with pytest.raises(ValueError, match="'pseudo_narrations'.*'candidates' is not a list of"):
+        select_source_texts(bad, 0, 1, 1, ("pseudo",), random.Random(0))
+
+
+def test_the_loader_draws_among_a_windows_candidates_seeded_by_sample_and_step(candidate_shards):
+    """Each clip's pseudo text is one of its window's candidates, drawn with the sample's generator
+    (seeded by the run's seed and the sample's place in the stream): the same stream draws the same,
+    a resumed stream draws what the uninterrupted one drew at that step, a clip met at other steps
+    draws other candidates; the flag marks exactly the clips whose text is pseudo."""
+    spec = SampleSpec(num_frames=2, fps=2.0, size=32, audio_rate=8000, context_length=4, num_candidates=1,
+                      train=True, seed=3, text_sources=("human", "pseudo"))
+
+    def drawn(start_batch=0, batches=3):
+        tok = TextIds(4)
+        loader = build_loader(str(candidate_shards), spec, batch_size=6, start_batch=start_batch, tokenizer=tok)
+        out = []
+        for batch, _ in zip(loader, range(batches)):
+            out.append([(key, tok.text(t), bool(g)) for key, t, g in
+                        zip(batch["key"], batch["text"][:, 0, 0], batch["text_generated"])])
+        return out
+    stream = drawn()
+    assert drawn() == stream and drawn(start_batch=1, batches=2) == stream[1:]
+    rows = [row for batch in stream for row in batch]
+    pseudo = [(key, text) for key, text, generated in rows if generated]
+    assert 0 < len(pseudo) < len(rows)
+    assert all(text.split(" ", 1)[0] == key and text.split(" ", 1)[1] in CANDIDATES for key, text in pseudo)
+    assert all(text.split(" ", 1)[0] != key for key, text, generated in rows if not generated)  # human texts
+    assert {text.split(" ", 1)[1] for _, text in pseudo} == set(CANDIDATES)  # not only the best
+    longer = [row for batch in drawn(batches=12) for row in batch if row[2]]
+    per_key = {}
+    for key, text, _ in longer:
+        per_key.setdefault(key, set()).add(text)
+    assert any(len(texts) > 1 for texts in per_key.values())  # one clip, other steps, other candidates
+
+
+def test_flagged_pseudo_texts_take_the_pseudo_scale_in_ssl_clip(candidate_shards):
+    """The loader's text_generated is ssl_clip's pseudo flag: the objective's loss on a loader batch is
+    SSLCLIPLoss with ground_truth = not text_generated (and not the all-ground-truth loss)."""
+    from mmvssl.losses.contrastive import ssl_clip_loss
+    spec = SampleSpec(num_frames=2, fps=2.0, size=32, audio_rate=8000, context_length=8, num_candidates=1,
+                      train=True, seed=3, text_sources=("human", "pseudo"))
+    batch = next(iter(build_loader(str(candidate_shards), spec, batch_size=8)))
+    generated = batch["text_generated"]
+    assert 0 < int(generated.sum()) < 8
+    objective = Objective([{"name": "vt_clip", "loss": "ssl_clip", "inputs": ["video_vat", "text_vat"],
+                            "pseudo_temperature": 0.5}], temperature=0.07)
+    torch.manual_seed(5)
+    emb = {"video_vat": _unit(8, 16), "text_vat": _unit(8, 1, 16)}
+    _, values = objective(emb, batch)
+    expected = ssl_clip_loss(emb["video_vat"], emb["text_vat"][:, 0], 0.07, pseudo_temperature=0.5,
+                             ground_truth=~generated)
+    truth = ssl_clip_loss(emb["video_vat"], emb["text_vat"][:, 0], 0.07, pseudo_temperature=0.5)
+    assert float(values["vt_clip"]) == pytest.approx(float(expected), rel=1e-6)
+    assert abs(float(values["vt_clip"]) - float(truth)) > 1e-3
+
+
 def _unit(*shape):
     return F.normalize(torch.randn(*shape), dim=-1)
 

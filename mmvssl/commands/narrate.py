@@ -40,14 +40,17 @@ def register(sub) -> None:
     n.add_argument("--window-seconds", type=float, default=None, help="default: the narrator's training window")
     n.add_argument("--stride", type=float, default=None, help="seconds between window starts (default: the window)")
     n.add_argument("--shards-out", default=None, help="also write shards with the narrations in each sample's metadata")
-    n.add_argument("--strategy", choices=["sample", "greedy", "beam"], default="sample")
-    n.add_argument("--num-candidates", type=int, default=10)
+    n.add_argument("--strategy", choices=["sample", "greedy", "beam"], default="sample",
+                   help="sample (default; LaViLa's pseudo-narrations: main_infer_narrator.py), greedy or beam")
+    n.add_argument("--num-candidates", type=int, default=10,
+                   help="sampled narrations per window, all written to the lines and the shards (LaViLa: 10)")
     n.add_argument("--num-beams", type=int, default=5)
     n.add_argument("--top-p", type=float, default=0.95)
     n.add_argument("--temperature", type=float, default=0.7)
     n.add_argument("--max-length", type=int, default=77)
     n.add_argument("--batch-size", type=int, default=8)
-    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--seed", type=int, default=0, help="each window samples with a generator seeded by this, "
+                   "its key and its start (recorded with the narrations)")
     n.set_defaults(func=_narrate)
 
     r = sub.add_parser("rephrase", help="write shards whose human narrations carry K T5 paraphrases each")

@@ -68,15 +68,31 @@ def _nearest(items: list, start: float, end: float) -> list[dict]:
     return sorted(items, key=lambda n: (_gap(n, start, end), float(n["start"])))
 
 
+def pseudo_candidates(item: dict) -> list[str]:
+    """The texts a pseudo-narration offers: its `candidates` (every narrator sample of the window,
+    `mmvssl narrate`), or its `text` alone (shards without candidates). ValueError naming the key
+    when `candidates` is not a list of {text}."""
+    candidates = item.get("candidates")
+    if candidates is None:
+        return [str(item["text"]).strip()]
+    if not isinstance(candidates, list) or not all(isinstance(c, dict) and isinstance(c.get("text"), str)
+                                                   for c in candidates):
+        raise ValueError("metadata key 'pseudo_narrations': an entry's 'candidates' is not a list of {text, score}")
+    return [c["text"].strip() for c in candidates if c["text"].strip()] or [str(item["text"]).strip()]
+
+
 def source_texts(meta: dict, source: str, start: float, end: float, k: int,
                  rng: random.Random | None = None) -> list[str]:
     """Up to k texts of one source: human (select_texts), paraphrase (for each narration nearest the
-    window, one of its paraphrases, drawn with `rng`, else the first) or pseudo (the narrator's
-    pseudo-narrations nearest the window)."""
+    window, one of its paraphrases, drawn with `rng`, else the first) or pseudo (for each
+    pseudo-narrated window nearest the window, one of the narrator's candidates, drawn with `rng`,
+    else the best: LaViLa draws one of a clip's narrations, facebookresearch/LaViLa
+    lavila/data/datasets.py `get_raw_item`, narration_selection 'random')."""
     if source == "human":
         return select_texts(meta, start, end, k)
     if source == "pseudo":
-        return [str(n["text"]).strip() for n in _nearest(meta.get("pseudo_narrations"), start, end)][:k]
+        windows = _nearest(meta.get("pseudo_narrations"), start, end)[:k]
+        return [rng.choice(options) if rng else options[0] for options in map(pseudo_candidates, windows)]
     if source == "paraphrase":
         by_narration: dict = {}
         for p in _nearest(meta.get("paraphrases"), start, end):

@@ -3,6 +3,11 @@
 LaViLa re-runs the whole prefix at every token; here each step feeds only the newest token and
 GPT-2 keeps the keys and values of the prefix (`use_cache=False` re-runs the prefix, for tests
 and the benchmark). The visual context is computed once per clip and shared by its candidates.
+Sampling defaults are LaViLa's pseudo-narration settings (facebookresearch/LaViLa
+main_infer_narrator.py: multinomial sampling, top_p 0.95, temperature 0.7, 10 return sequences,
+77 tokens). With `seeds` (one per clip), each clip draws from its own generator, so its draws
+depend on its seed, not on the other clips of the batch (`mmvssl narrate` seeds each window by the
+run's seed and the window).
 """
 
 from __future__ import annotations
@@ -27,13 +32,20 @@ class GenerationConfig:
     seed: int | None = 0
 
 
-def _nucleus(logits: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Sample one token per row from the smallest set of tokens whose probability reaches top_p."""
+def _nucleus(logits: torch.Tensor, top_p: float, generator: torch.Generator | list[torch.Generator] | None
+             ) -> torch.Tensor:
+    """Sample one token per row from the smallest set of tokens whose probability reaches top_p.
+    `generator`: one for all rows, or a list of G generators for G equal runs of consecutive rows
+    (one per clip: its candidates)."""
     probs = logits.softmax(dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # keep the token that crosses top_p
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (N, 1), renormalised inside
+    if isinstance(generator, list):  # (G x n, V): each clip's n rows from its own generator
+        choice = torch.cat([torch.multinomial(rows, 1, generator=g)
+                            for rows, g in zip(sorted_probs.chunk(len(generator)), generator)])
+    else:
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (N, 1), renormalised inside
     return order.gather(1, choice).squeeze(1)
 
 
@@ -54,9 +66,13 @@ def _step(model: Narrator, ids: torch.Tensor, visual: torch.Tensor, cache, use_c
 
 
 @torch.no_grad()
-def generate(model: Narrator, video: torch.Tensor, cfg: GenerationConfig = GenerationConfig()) -> list[list[dict]]:
+def generate(model: Narrator, video: torch.Tensor, cfg: GenerationConfig = GenerationConfig(),
+             seeds: list[int] | None = None) -> list[list[dict]]:
     """(B, 3, T, H, W) clips -> per clip a list of {"tokens", "score"} (score: mean log-probability
-    of the generated tokens, end token included), best first."""
+    of the generated tokens, end token included), best first. `seeds` (B,): with sampling, clip b
+    draws from a generator seeded by seeds[b] (instead of one generator seeded by cfg.seed)."""
+    if seeds is not None and len(seeds) != video.shape[0]:
+        raise ValueError(f"generate: {len(seeds)} seeds for {video.shape[0]} clips")
     model.eval()
     if cfg.strategy == "beam":
         return _beam_search(model, video, cfg)
@@ -68,7 +84,9 @@ def generate(model: Narrator, video: torch.Tensor, cfg: GenerationConfig = Gener
     length = torch.zeros(B * n, device=video.device)
     done = torch.zeros(B * n, dtype=torch.bool, device=video.device)
     generator = None
-    if cfg.seed is not None and cfg.strategy == "sample":
+    if seeds is not None and cfg.strategy == "sample":
+        generator = [torch.Generator(device=video.device).manual_seed(int(s)) for s in seeds]
+    elif cfg.seed is not None and cfg.strategy == "sample":
         generator = torch.Generator(device=video.device).manual_seed(cfg.seed)
     cache = None
     for _ in range(cfg.max_length - 1):
