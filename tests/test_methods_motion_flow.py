@@ -1,7 +1,8 @@
 """The motion methods on cached optical flow: the demo shards through `shards add-flow`, then maclr,
 coclr, mscl and stcmix with `method.options.motion=flow` and `data.flow=true` train through the engine, their
 motion pathway built for 2 flow channels and fed the batch's flow (the tgrad path is every config's
-default: tests/test_methods.py)."""
+default: tests/test_methods.py). And the model's own `tgrad` stream: taken between consecutive decoded
+frames (`video_next`) when the batch carries them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import math
 
 import pytest
 import torch
+
+from mmvssl.data.motion import temporal_gradient
 
 from mmvssl.resources import data_path
 from tests.conftest import read_jsonl
@@ -66,3 +69,31 @@ def test_mcl_focuses_on_cached_flow(demo_flow_shards, tmp_path, monkeypatch):
     pretrain(cfg)
     log = read_jsonl(tmp_path / "metrics.jsonl")
     assert kinds == ["flow"] and all(math.isfinite(r["loss"]) and r["align"] >= 0 for r in log)
+
+
+def _tgrad_model():
+    from mmvssl.models.multimodal import MultimodalModel
+    stream = {"width": 32, "depth": 1, "heads": 2, "patch": [2, 8, 8], "num_frames": 4, "image_size": 32}
+    torch.manual_seed(0)
+    return MultimodalModel({"name": "tgrad-test", "video": dict(stream), "tgrad": dict(stream),
+                            "heads": {"type": "projection", "dim": 16, "hidden": 32}}).eval()
+
+
+@torch.no_grad()
+def test_model_tgrad_is_taken_against_the_next_decoded_frames(demo_shards):
+    """MultimodalModel computes `tgrad` from `video_next` - `video` (the loader's consecutive frames) when
+    the batch carries `video_next`, and from differences of the sampled frames only without it. (Both
+    sides feed the encoder the same tensor, video_next - video, so they agree to float rounding.)"""
+    from mmvssl.data.loader import SampleSpec, build_loader
+    model = _tgrad_model()
+    spec = SampleSpec(num_frames=4, fps=4.0, size=32, sampler="same", num_clips=2, seed=5, next_frames=True)
+    batch = next(iter(build_loader(str(demo_shards["train"]), spec, batch_size=2, shuffle_buffer=1)))
+    video, following = batch["video"], batch["video_next"]  # (B, V, C, T, H, W) each
+    assert following.shape == video.shape == (2, 2, 3, 4, 32, 32)
+    consecutive = model({"video": video, "tgrad": following - video})["tgrad_ssl"]  # (B, V, D)
+    sampled = model({"video": video, "tgrad": temporal_gradient(video)})["tgrad_ssl"]
+    out = model({"video": video, "video_next": following})
+    assert out["tgrad_ssl"].shape == (2, 2, 16)
+    assert torch.allclose(out["tgrad_ssl"], consecutive, atol=1e-6)
+    assert (out["tgrad_ssl"] - sampled).abs().max() > 1e-2  # not the sampled frames' differences
+    assert torch.allclose(model({"video": video})["tgrad_ssl"], sampled, atol=1e-6)  # no video_next: fallback

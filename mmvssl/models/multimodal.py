@@ -9,7 +9,10 @@ tokens averaged per temporal position, unnormalised, for per-frame distillation.
 
 Motion streams (`flow:` / `tgrad:` preset sections, modalities.MOTION_CHANNELS) are encoded like
 video, views folded the same way, and embedded by heads that have a space for them (projection:
-`flow_ssl`; shared: `flow_vat`). `tgrad` is computed here from `video` when the batch has none.
+`flow_ssl`; shared: `flow_vat`). `tgrad` is computed here when the batch has none: between each
+frame of `video` and the source frame decoded right after it (`video_next`, the loader's with
+SampleSpec.next_frames), or, in a batch without `video_next`, between the sampled frames themselves
+(mmvssl.data.motion.temporal_gradient).
 """
 
 from __future__ import annotations
@@ -124,7 +127,8 @@ class MultimodalModel(nn.Module):
         pooled, text_shape, views, stream_views = {}, None, None, {}
         for modality, enc in self.encoders.items():
             if modality == "tgrad" and "tgrad" not in batch and "video" in batch:
-                batch = {**batch, "tgrad": temporal_gradient(batch["video"])}  # frame differences, on the device
+                # consecutive decoded frames when the loader gave them (video_next), on the device
+                batch = {**batch, "tgrad": temporal_gradient(batch["video"], batch.get("video_next"))}
             if modality not in batch:
                 continue
             x = batch[modality]
