@@ -36,7 +36,7 @@ from .data.loader import frames_to_tensor, list_shards
 from .data.rawsample import metadata, video_bytes
 from .data.rewrite import Part, ShardRewriter, chunked_parts, shard_parts
 from .data.sampling import sliding_windows
-from .data.shardio import skip_unreadable_shard
+from .data.shardio import skip_unreadable_shard, tar_samples
 from .data.shards import MEDIA_SUFFIXES
 from .errors import MmvsslError
 from .narrator.generate import GenerationConfig, generate
@@ -61,9 +61,10 @@ def _folder_samples(path: Path) -> Iterator[dict]:
 
 
 def _read_shard_leniently(url: str) -> Iterator[dict]:
-    """A shard's raw samples; an unreadable shard is reported on one line and passed over."""
-    import webdataset as wds
-    yield from wds.WebDataset([url], shardshuffle=False, empty_check=False, handler=skip_unreadable_shard)
+    """A shard's raw samples; an unreadable shard is reported on one line and passed over. A member
+    over the size limit is refused from its tar header (one line) and its sample skipped with that
+    reason (shardio.tar_samples)."""
+    yield from tar_samples([{"url": url}], skip_unreadable_shard)
 
 
 def _parts(source: str) -> Iterator[Part]:

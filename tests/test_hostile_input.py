@@ -392,3 +392,259 @@ def test_the_narrator_and_model_saves_keep_the_old_folder_when_saving_fails(tmp_
     for name, value in load_model(tmp_path / "m").state_dict().items():
         assert torch.equal(value, model.state_dict()[name]), name
     assert sorted(os.listdir(tmp_path)) == ["m", "n"]
+
+
+# ---- every other reader of shards goes through shardio: an oversized member refused from its header
+
+BIG_LINE = "member big.mp4 is 2048.0 MiB, over data.max_member_mb=1024 (refused unread)"
+
+
+def fresh_copy(hostile_shard, tmp_path) -> tuple[Path, Path, list[str]]:
+    """(folder, shard, good keys): the hostile shard under a new path, so that its refusal is reported
+    again (one line per shard and member in a process; other tests read the same shard)."""
+    import shutil
+    folder, good = hostile_shard
+    shutil.copytree(folder, tmp_path / "shards")
+    return tmp_path / "shards", tmp_path / "shards" / "shard-000000.tar", good
+
+
+def refusals(err: str) -> list[str]:
+    """The shard readers' refusal lines on stderr (a progress bar may share the line before one)."""
+    marker = "mmvssl: warning: "
+    return [line[line.index(marker):] for line in err.splitlines() if marker in line and "refused unread" in line]
+
+
+def test_extract_refuses_the_oversized_member_with_one_line_and_embeds_the_rest(hostile_shard, tmp_path, capsys):
+    from mmvssl.cli import main
+    from mmvssl.evaluation.features import load_features
+    from mmvssl.models.presets import create_model
+    folder, shard, good = fresh_copy(hostile_shard, tmp_path)
+    create_model("vatt-tiny").save_pretrained(tmp_path / "m")
+    assert main(["extract", str(tmp_path / "m"), "--data", str(folder), "--out", str(tmp_path / "f.safetensors")]) in (0, None)
+    out, err = capsys.readouterr()
+    assert refusals(err) == [f"mmvssl: warning: {shard}: {BIG_LINE}"]
+    assert "4 samples (6 failed to decode)" in out  # the refused video and the five bad metadata
+    features = load_features(tmp_path / "f.safetensors")
+    assert sorted(features["keys"]) == sorted(good) and features["failed"] == 6
+
+
+def test_eval_refuses_the_oversized_member_with_one_line_and_scores_the_rest(hostile_shard, tmp_path, capsys):
+    from mmvssl.cli import main
+    from mmvssl.evaluation.classifier import classify_shards
+    from mmvssl.models.classifier import VideoClassifier
+    from mmvssl.models.presets import create_model
+    folder, shard, good = fresh_copy(hostile_shard, tmp_path)
+    torch.manual_seed(0)
+    model = create_model("vatt-tiny")
+    model.save_pretrained(tmp_path / "m")
+    assert main(["eval", "retrieval", str(tmp_path / "m"), "--data", str(folder), "--out", str(tmp_path / "r")]) in (0, None)
+    assert refusals(capsys.readouterr().err) == [f"mmvssl: warning: {shard}: {BIG_LINE}"]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["num_samples"] == 4 and report["failed_samples"] == 6
+    # a fine-tuned classifier's evaluation reads shards the same way (the refusal was said once above)
+    labels = sorted({json.loads(s["json"])["label"] for s in tar_samples([{"url": str(shard)}])
+                     if s["__key__"] in good})
+    scored = classify_shards(VideoClassifier(model, labels), str(folder))
+    assert sorted(scored["keys"]) == sorted(good) and scored["failed"] == 6
+    assert refusals(capsys.readouterr().err) == []
+
+
+def test_narrate_refuses_the_oversized_member_with_one_line_and_narrates_the_rest(hostile_shard, tmp_path, capsys):
+    from mmvssl.cli import main
+    from tests.conftest import raw_samples
+    from tests.test_narrator import save_untrained_narrator
+    folder, shard, good = fresh_copy(hostile_shard, tmp_path)
+    narrator = save_untrained_narrator(tmp_path, sampling={"num_frames": 4, "fps": 2.0, "size": 32}, image_size=32)
+    assert main(["narrate", narrator, "--input", str(folder), "--out", str(tmp_path / "n.jsonl"),
+                 "--shards-out", str(tmp_path / "pseudo"), "--num-candidates", "1", "--max-length", "4"]) in (0, None)
+    out, err = capsys.readouterr()
+    assert refusals(err) == [f"mmvssl: warning: {shard}: {BIG_LINE}"]  # the shard reader's line
+    assert "narrate: skipped big: sample big: " + BIG_LINE in err  # and narrate's own line for the sample it skips
+    assert "narrated" in out and "of 4 videos" in out and "6 videos skipped" in out
+    assert sorted({json.loads(line)["key"] for line in (tmp_path / "n.jsonl").read_text().splitlines()}) == sorted(good)
+    assert sorted(s["__key__"] for s in raw_samples(tmp_path / "pseudo")) == sorted(good)
+    report = json.loads((tmp_path / "pseudo" / "narrate_report.json").read_text())
+    skipped = {item["key"]: item["reason"] for r in report["shards"].values() for item in r["skipped"]}
+    assert BIG_LINE in skipped["big"] and len(skipped) == 6
+
+
+def plain_member(name: str, data: bytes) -> bytes:
+    """One regular tar member (header and padded data), no end-of-archive blocks: to sit between sparse ones."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape") + data + b"\0" * (-len(data) % 512)
+
+
+def labelled_shard(path: Path) -> Path:
+    """a: its .json over the text limit; b: labelled; c: its video over the limit; d: labelled, no video."""
+    video = b"v" * 100
+    path.write_bytes(sparse_member("a.json", 32 * 2**20) + plain_member("a.mp4", video) + plain_member("b.mp4", video)
+                     + plain_member("b.json", b'{"label": "x"}') + sparse_member("c.mp4", 2**31)
+                     + tar_bytes({"c.json": b'{"label": "y"}', "d.json": b'{"label": "z"}'}))
+    return path
+
+
+def test_labels_leave_out_samples_with_an_oversized_member_as_the_loader_does(tmp_path, capsys):
+    from mmvssl.data.labels import check_labels, shard_labels
+    shard = labelled_shard(tmp_path / "s.tar")
+    assert shard_labels(str(shard)) == {"b": "x", "d": "z"}
+    assert refusals(capsys.readouterr().err) == [
+        f"mmvssl: warning: {shard}: member a.json is 32.0 MiB, over data.max_text_member_mb=16 (refused unread)",
+        f"mmvssl: warning: {shard}: member c.mp4 is 2048.0 MiB, over data.max_member_mb=1024 (refused unread)"]
+    # exactly the samples the shared reader does not refuse
+    assert {s["__key__"] for s in tar_samples([{"url": str(shard)}]) if REFUSED not in s} == {"b", "d"}
+    # the limit is an option: below 100 bytes every video is refused, and its sample with it
+    assert shard_labels(str(shard), limits=MemberLimits(max_member_mb=50 / 2**20)) == {"d": "z"}
+    assert check_labels(str(shard), ["x", "z"], "classes.txt", fraction=1.0) == frozenset({"b", "d"})
+
+
+def test_tokenizer_texts_leave_out_samples_with_an_oversized_member(tmp_path, capsys):
+    from mmvssl.narrator.tokenizer import texts_from_shards
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(sparse_member("big.mp4", 2**31) + plain_member("big.json", b'{"caption": "never read"}')
+                      + sparse_member("huge.txt", 2**25)
+                      + tar_bytes({"huge.mp4": b"v", "ok.mp4": b"v", "ok.txt": b"a",
+                                   "ok.json": b'{"narrations": [{"start": 0, "end": 1, "text": "b"}]}'}))
+    assert texts_from_shards(str(shard)) == ["a", "b"]  # the .txt fills the missing caption
+    assert [line.split(": member ")[1].split(" is ")[0] for line in refusals(capsys.readouterr().err)] == [
+        "big.mp4", "huge.txt"]
+
+
+def test_report_thumbnails_refuse_the_oversized_member_with_one_line(hostile_shard, tmp_path, capsys):
+    from mmvssl.evaluation.thumbnails import read_videos
+    folder, shard, good = fresh_copy(hostile_shard, tmp_path)
+    videos = read_videos({"big": str(shard), good[0]: str(shard), good[-1]: str(shard)})
+    stored = {s["__key__"]: s["mp4"] for s in tar_samples([{"url": str(shard)}]) if s["__key__"] in good}
+    assert videos == {good[0]: stored[good[0]], good[-1]: stored[good[-1]]}
+    assert refusals(capsys.readouterr().err) == [f"mmvssl: warning: {shard}: {BIG_LINE}"]
+
+
+def test_the_server_never_serves_an_oversized_member(tmp_path, capsys):
+    """A shard whose video member grew past the limit after it was indexed (the index scan refuses it
+    too): a 403 naming the member and the limit, never the shard's path; its neighbour still served."""
+    from mmvssl.data.shards import build_shards
+    from mmvssl.models.presets import create_model
+    from mmvssl.search.index import build_index
+    from tests.conftest import make_video
+    from tests.test_search_security import one_line_error, request, start, stop
+    for i in range(2):
+        make_video(tmp_path / "clips" / f"clip{i}.mp4", seconds=1.0, fps=5, size=(32, 32), audio_rate=None)
+    build_shards(tmp_path / "clips", tmp_path / "shards", samples_per_shard=2)
+    create_model("vatt-tiny").save_pretrained(tmp_path / "m")
+    build_index(str(tmp_path / "m"), str(tmp_path / "shards"), str(tmp_path / "idx"), window=1.0)
+    shard = next((tmp_path / "shards").glob("*.tar"))
+    with tarfile.open(shard) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    second = members["000000001.mp4"]
+    shard.write_bytes(sparse_member("000000000.mp4", 2**31)
+                      + tar_bytes({k: v for k, v in members.items() if k != "000000000.mp4"}))
+    server = start(tmp_path / "idx")
+    port = server.server_address[1]
+    try:
+        for headers in ({"Range": "bytes=0-1"}, {}):
+            status, data, _ = request(port, "GET", "/media/1/000000000", headers=headers)
+            assert status == 403
+            assert one_line_error(data) == "member 000000000.mp4 is 2048.0 MiB, over data.max_member_mb=1024 (refused unread)"
+        status, data, _ = request(port, "GET", "/media/1/000000001")
+        assert status == 200 and data == second
+    finally:
+        stop(server)
+    assert refusals(capsys.readouterr().err) == [
+        f"mmvssl: warning: {shard}: member 000000000.mp4 is 2048.0 MiB, over data.max_member_mb=1024 (refused unread)"]
+
+
+# ---- frames too large for memory, refused by every decoder from the stream header
+
+# A 12000x12000 H.264 mp4 of two grey frames: 423,744 bytes, 973 as bzip2 (made once with PyAV and
+# libx264, ultrafast, crf 51). Decoding it took +619 MB (check_video_stream, the issue's +624 MB upload).
+BIG_H264 = (
+    "QlpoOTFBWSZTWYaLoUUAADH////flHd+n/9zetdjFr/v//BEQEGY8CgAk0QBEPZhbYAYwAMLjMWwBYNETSnpHpAaNAaDINAGhiaA"
+    "AAyGmRkDRoAA0A0Bp6gamQTJkE01TzSNINpoIbUGmg00Bo00BoA00BoAMTTRoGgAgwAEwABMEwAAAAAEwCYCGAACMAAAGKSaQ9ID"
+    "QNDQ0DTRoBoAAAAAAAAA0BoAABuT+JsyQup7C0ZAhx4baXDkillNxsxWyQZlTUmQlE+pIqKhQDJqBLJCAKSA8JIUXviB1yKlYTT8"
+    "MqWxPF/jtOZo5fjbUwGQKQOypuRZFbYCK9MnWEku0Z7GuGqRAgO1ARIiogDiCDSDjjjQJHsiAPRAOKbRdqYQj1DQrBV10kA6QQQR"
+    "UswdaOavFC3TiJIkojA8RlYmo0DaIE2MNgFHt4qUGZgkm77EdsCJENewtXStMIAi60GuWUZJM26UJnjD5+ukkroXMophYJfJQfs4"
+    "YKbY21kt/Cl1SAU6NmZXkI+4q0XpCrjKNNXs1awxi59DND1r7wWs0AXUm8tErhAKJM5TGxazLEcYYQDHGG6JHZg6NQDoMuKWWcHZ"
+    "qqmxRGGaZzBT14ikJU+GEG52s+UDVVjdLHF7ndNLqF4OpaY+JnRNqdZZwvzSHkbZhinoFaoxSdRqpLywY6FTOj45qAKcP4MZV0t0"
+    "8cslRn6BO+SAIgSSACAKKigwICZQNNtukGxGSg04T+NhPCITYhJ1PXDQPFknKC9jIyPctdeOvOewzz2t4zxB0ZuTUwkhl2Cd/sGj"
+    "hlTE7gAHISIT5+rNGJiMLENQ8CA0nosSHP90zk6tSeTAxCJDgFXC4hzLCMHNOstogwnqZInCGzPKGW0g7NWHuV4ZLZputyvomm1c"
+    "y3SikZluf2vFQkyyphHMJCbeD7pTCsa5IsfFON9toj2nGdgX8ZNnlaJaJnSMCrSp48YgqVv+LlZ7rChH8rTl1Qis62+UKXzggmhK"
+    "EtUEoF8dhLIlwYplQJY02nI6+foL3EFxAmwtGm3SoVqxyCMKOCzRKH3JALrJSvNN+OhkW2WwkqgImvcO0NKoIcSKjE0zZgRKmKmZ"
+    "dKxEhlAr6+TFC9sqPXewR+QUUCE5VWaJgw10pBkq1ISpPpa2ZzaHcfEeTILAiKcl1dx7+exAJBJIAIAgPQKOHSz9q9WNIfzLxyle"
+    "sU+H76YdPrDB1njb6+4GixKmzsnAiL2rlo534G/XcOb0ECIEREACAHA7anfug9ISWuMDehdTX9RpCwYDLxn/F3JFOFCQhouhRQ=="
+)
+
+
+def test_a_12000x12000_h264_is_refused_from_its_header_by_every_decoder_with_bounded_memory(tmp_path):
+    import bz2
+    import subprocess
+    import sys
+    video = tmp_path / "big.mp4"
+    video.write_bytes(bz2.decompress(base64.b64decode(BIG_H264)))
+    # in a fresh process, so the peak resident memory (FFmpeg's allocations too) is this check's alone
+    script = (
+        "import resource, sys\n"
+        "from mmvssl.data.decode import DecodeError, check_video_stream, decode_all, decode_window, probe\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "info = probe(data, max_pixels=12000 * 12000, check_decode=False)  # the header only: no frame\n"
+        "print(info.width, info.height, info.video_codec)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "for decode in (lambda: decode_all(data), lambda: check_video_stream(data, info.duration),\n"
+        "               lambda: decode_window(data, 0.0, 2, 2.0), lambda: probe(data)):\n"
+        "    try:\n"
+        "        decode()\n"
+        "        print('decoded')\n"
+        "    except DecodeError as e:\n"
+        "        print(e)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(video)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "12000 12000 h264"
+    assert lines[1:5] == ["frame size 12000x12000 exceeds the limit of 16777216 pixels"] * 4
+    assert int(lines[5]) < 64 * 2**20  # one decoded 12000x12000 frame alone is 216 MB of YUV
+
+
+def test_decode_all_and_check_video_stream_refuse_a_frame_over_the_limit_before_decoding(tmp_path):
+    from mmvssl.data.decode import check_video_stream, decode_all, probe
+    from tests.conftest import make_video
+    video = make_video(tmp_path / "v.mp4", seconds=1.0, fps=5, size=(128, 96), audio_rate=None).read_bytes()
+    message = "frame size 128x96 exceeds the limit of 10000 pixels"
+    for decode in (lambda: decode_all(video, max_pixels=10_000), lambda: check_video_stream(video, 1.0, max_pixels=10_000),
+                   lambda: probe(video, max_pixels=10_000)):
+        with pytest.raises(DecodeError) as refused:
+            decode()
+        assert str(refused.value) == message
+    frames, times, _ = decode_all(video, max_pixels=128 * 96)  # at the limit: decoded
+    assert frames.shape == (5, 96, 128, 3) and len(times) == 5
+    check_video_stream(video, 1.0, max_pixels=128 * 96)
+
+
+def _raw_h264(width: int, height: int, frames: int = 3) -> bytes:
+    import av
+    import numpy as np
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="h264") as container:
+        stream = container.add_stream("libx264", rate=5)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 40 * i, np.uint8), format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return out.getvalue()
+
+
+def test_a_stream_that_grows_its_frames_after_the_header_is_refused_at_the_first_large_frame():
+    """H.264 may start a new sequence of another size mid-stream: the header says 32x32, the second
+    sequence is 128x96. Each decoded frame is checked, so at most one frame over the limit is held."""
+    import av
+    from mmvssl.data.decode import check_video_stream, decode_all
+    small = _raw_h264(32, 32)
+    grown = small + _raw_h264(128, 96)
+    with av.open(io.BytesIO(grown)) as container:
+        context = container.streams.video[0].codec_context
+        assert (context.width, context.height) == (32, 32)  # what the header check sees
+    check_video_stream(small, 0.0, max_pixels=10_000)  # the first sequence alone passes
+    for decode in (lambda: decode_all(grown, max_pixels=10_000), lambda: check_video_stream(grown, 0.0, max_pixels=10_000)):
+        with pytest.raises(DecodeError, match=r"^frame size 128x96 exceeds the limit of 10000 pixels$"):
+            decode()

@@ -19,7 +19,7 @@ from .sampling import frame_times
 
 
 AUDIO_PREROLL = 0.1  # seconds decoded before an audio window and thrown away
-MAX_PIXELS = 4096 * 4096  # largest frame (width x height) probe() and decode_window() accept: a small
+MAX_PIXELS = 4096 * 4096  # largest frame (width x height) every decoder here accepts: a small
 #                           file can declare a huge frame (a decompression bomb), so this is checked from
 #                           the stream header before any frame is decoded
 
@@ -291,20 +291,33 @@ def decode_audio(source: bytes | str | os.PathLike, start: float, seconds: float
         return _decode_audio(container, container.streams.audio[0], start, start + seconds, rate)
 
 
+def _check_decoded_size(frame, max_pixels: int) -> None:
+    """The header's size is checked before decoding; a stream may still switch to a larger frame
+    later (a new H.264 sequence header), so each decoded frame is checked too: at most one frame
+    over the limit is ever held."""
+    if frame.width * frame.height > max_pixels:
+        raise DecodeError(f"frame size {frame.width}x{frame.height} exceeds the limit of {max_pixels} pixels")
+
+
 def decode_all(source: bytes | str | os.PathLike, size: int | tuple[int, int] | None = None,
-               audio_rate: int | None = 16000) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+               audio_rate: int | None = 16000,
+               max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Every frame of the video, upright: (frames (N, H, W, 3) uint8, their times (N,) in seconds,
     the whole audio track mono at `audio_rate` or None). For verification and as the naive
-    baseline of the benchmark; training never needs the whole video."""
+    baseline of the benchmark; training never needs the whole video. A frame larger than
+    `max_pixels` raises DecodeError: from the stream header before anything is decoded, as in
+    decode_window, and on each decoded frame (a stream may switch to a larger size later)."""
     out_size = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
     frames, times = [], []
     with _open(source) as container:
         if not container.streams.video:
             raise DecodeError("no video stream")
         vs = container.streams.video[0]
+        _check_frame_size(vs.codec_context.width or 0, vs.codec_context.height or 0, max_pixels)
         first_pts = vs.start_time or 0
         try:
             for frame in container.decode(vs):
+                _check_decoded_size(frame, max_pixels)
                 if frame.pts is not None:
                     frames.append(to_upright_rgb(frame, out_size))
                     times.append(float((frame.pts - first_pts) * vs.time_base))
@@ -320,15 +333,21 @@ def decode_all(source: bytes | str | os.PathLike, size: int | tuple[int, int] | 
     return np.stack(frames), np.asarray(times), audio
 
 
-def check_video_stream(source: bytes | str | os.PathLike, duration: float, min_fraction: float = 0.9) -> None:
+def check_video_stream(source: bytes | str | os.PathLike, duration: float, min_fraction: float = 0.9,
+                       max_pixels: int = MAX_PIXELS) -> None:
     """Decode every video packet (no colour conversion) and raise DecodeError when the stream is
-    corrupt or ends well before its declared duration (a truncated download)."""
+    corrupt or ends well before its declared duration (a truncated download), or when a frame is
+    larger than `max_pixels` (from the stream header before decoding, then on every frame)."""
     last = 0.0
     with _open(source) as container:
+        if not container.streams.video:
+            raise DecodeError("no video stream")
         vs = container.streams.video[0]
+        _check_frame_size(vs.codec_context.width or 0, vs.codec_context.height or 0, max_pixels)
         first_pts = vs.start_time or 0
         try:
             for frame in container.decode(vs):
+                _check_decoded_size(frame, max_pixels)
                 if frame.pts is not None:
                     last = max(last, float((frame.pts - first_pts) * vs.time_base))
         except (av.error.FFmpegError, ValueError) as e:

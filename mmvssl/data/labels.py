@@ -42,37 +42,46 @@ def labelled_keys(labels: dict[str, object], fraction: float, salt: int = 0) -> 
     return frozenset(chosen)
 
 
-def shard_labels(shards: str, label_key: str = "label") -> dict[str, object]:
+def shard_labels(shards: str, label_key: str = "label", limits=None) -> dict[str, object]:
     """key -> the metadata label (None when absent) of every sample in `shards`, reading only the
-    `.json` members (tar headers are skipped over, videos are never read)."""
-    from .shardio import list_shards
+    `.json` members (videos are passed over unread). A member over `limits` (a shardio.MemberLimits)
+    is refused from its tar header, on one line, and its sample left out, as the loader skips it."""
+    from .shardio import list_shards, read_members
+
+    def is_metadata(name: str) -> bool:
+        parsed = base_plus_ext(name)
+        return parsed is not None and parsed[1] == "json" and "/." not in f"/{name}"
     labels: dict[str, object] = {}
     for url in list_shards(shards):
+        refused = set()
         try:
-            with tarfile.open(url, mode="r:") as tar:
-                for member in tar:
-                    parsed = base_plus_ext(member.name) if member.isfile() else None
-                    if parsed is None or parsed[1] != "json" or "/." in f"/{member.name}":
-                        continue
-                    key = parsed[0]  # as webdataset names the sample
-                    try:
-                        meta = json.loads(tar.extractfile(member).read())
-                    except json.JSONDecodeError as e:
-                        raise MmvsslError(f"{url}: {member.name} is not valid JSON ({e})") from None
-                    if isinstance(meta, dict) and meta.get("status") not in (None, "success"):
-                        continue  # video2dataset's record of a failed download: no sample
-                    labels[key] = meta.get(label_key) if isinstance(meta, dict) else None
-        except tarfile.TarError as e:
+            for name, data in read_members(url, is_metadata, limits):
+                parsed = base_plus_ext(name)
+                key = parsed[0] if parsed else name  # as webdataset names the sample
+                if data is None:
+                    refused.add(key)
+                    continue
+                try:
+                    meta = json.loads(data)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise MmvsslError(f"{url}: {name} is not valid JSON ({e})") from None
+                if isinstance(meta, dict) and meta.get("status") not in (None, "success"):
+                    continue  # video2dataset's record of a failed download: no sample
+                labels[key] = meta.get(label_key) if isinstance(meta, dict) else None
+        except (tarfile.TarError, OSError) as e:
             raise MmvsslError(f"{url}: unreadable tar ({e})") from None
+        for key in refused:
+            labels.pop(key, None)
     return labels
 
 
 def check_labels(shards: str, classes: list[str], class_source: str, label_key: str = "label",
-                 fraction: float = 1.0, salt: int = 0) -> frozenset[str]:
+                 fraction: float = 1.0, salt: int = 0, limits=None) -> frozenset[str]:
     """The labelled keys of `shards` (labelled_keys), after checking that every labelled sample has a
-    label in `classes` (evaluation.tasks.match_labels: the error names the labels that do not match)."""
+    label in `classes` (evaluation.tasks.match_labels: the error names the labels that do not match).
+    `limits`: the loader's shardio.MemberLimits (samples it would refuse are left out here too)."""
     from ..evaluation.tasks import match_labels
-    labels = shard_labels(shards, label_key)
+    labels = shard_labels(shards, label_key, limits)
     if not labels:
         raise MmvsslError(f"{shards}: no samples with metadata (.json members) found")
     if fraction >= 1:

@@ -10,6 +10,7 @@ slots (3 shards, 4 slots) therefore neither duplicate samples nor leave a proces
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -17,6 +18,7 @@ import random
 import sys
 import tarfile
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import webdataset as wds
 from torch.utils.data import IterableDataset
@@ -86,8 +88,6 @@ def _tar_members(stream, url: str, limits: MemberLimits):
             report_refused_member(url, info.name, reason)
             key = info.name.rpartition("/")[0] + "/" if "/" in info.name else ""
             key += info.name.rpartition("/")[2].split(".", 1)[0]
-            if not skippable:
-                reason += "; rest of the shard skipped (reading past it would mean reading it)"
             yield {"fname": f"{key}.{REFUSED}", "data": reason.encode()}
             if not skippable:
                 break
@@ -96,6 +96,59 @@ def _tar_members(stream, url: str, limits: MemberLimits):
         if not random_access:
             tar.members = []  # stream mode: keep no headers (random-access mode indexes them)
     tar.close()
+
+
+class MemberRefused(MmvsslError):
+    """A shard member over the size limit, asked for by name (open_member)."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(f"{url}: {reason}")
+        self.url, self.reason = url, reason
+
+
+def read_members(url: str, wanted: Callable[[str], bool], limits: MemberLimits | None = None
+                 ) -> Iterator[tuple[str, bytes | None]]:
+    """(name, bytes) of each regular member of the shard file `url` that `wanted(name)` accepts, in
+    tar order, read one at a time; the others are passed over unread (a seek in a plain tar). For
+    readers that need a few members rather than whole samples (labels: the .json members; report
+    thumbnails: a few videos). A member over `limits`, wanted or not, is never read: it is reported
+    on one line and yielded as (name, None), and in a compressed tar it ends the shard, as in
+    tar_samples. OSError / tarfile.TarError when `url` is not a readable tar."""
+    limits = limits or MemberLimits()
+    with open(url, "rb") as f:
+        tar, _, skippable = _open_tar(f)
+        with tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                reason = _refusal(info.name, info.size, limits)
+                if reason is not None:
+                    if not skippable:
+                        reason += "; rest of this compressed shard skipped (passing it means reading it)"
+                    report_refused_member(url, info.name, reason)
+                    yield info.name, None
+                    if not skippable:
+                        return
+                elif wanted(info.name):
+                    yield info.name, tar.extractfile(info).read()
+
+
+@contextlib.contextmanager
+def open_member(url: str, name: str, limits: MemberLimits | None = None):
+    """(file object of the member `name` of the shard file `url`, its size): read from the member's
+    offset as far as the caller reads, never whole (the search server's media ranges). KeyError when
+    the shard has no regular member of that name; MemberRefused, reported on one line, when it is
+    over `limits`; OSError / tarfile.TarError when `url` is not a readable tar."""
+    with tarfile.open(url) as tar:
+        info = tar.getmember(name)
+        if not info.isreg():
+            raise KeyError(name)
+        reason = _refusal(name, info.size, limits or MemberLimits())
+        if reason is not None:
+            report_refused_member(url, name, reason)
+            raise MemberRefused(url, reason)
+        with tar.extractfile(info) as member:
+            yield member, info.size
 
 
 def tar_samples(src, handler=None, limits: MemberLimits | None = None):

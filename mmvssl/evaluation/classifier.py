@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import webdataset as wds
 
-from ..data.shardio import list_shards, skip_unreadable_shard
+from ..data.shardio import MemberLimits, list_shards, skip_unreadable_shard, tar_stage
 from ..errors import MmvsslError
 from . import plots
 from .features import DecodeViews, ExtractOptions, _batches, eval_spec, model_info
@@ -18,16 +18,18 @@ from .tasks import match_labels
 
 
 @torch.no_grad()
-def classify_shards(model, shards: str, options: ExtractOptions | None = None) -> dict:
+def classify_shards(model, shards: str, options: ExtractOptions | None = None,
+                    limits: MemberLimits | None = None) -> dict:
     """{"scores": (N, C) mean softmax over views, "targets": (N,), "keys", "failed"} for `model` (a
-    VideoClassifier) on every sample of `shards`; labels mapped as the evaluation maps them."""
+    VideoClassifier) on every sample of `shards`; labels mapped as the evaluation maps them. Members
+    over `limits` are refused from their tar header (one line) and their samples counted in `failed`."""
     options = options or ExtractOptions()
     spec = eval_spec(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pipeline = wds.DataPipeline(wds.SimpleShardList(list_shards(shards)), wds.split_by_worker,
-                                wds.tarfile_to_samples(handler=skip_unreadable_shard), DecodeViews(spec, options),
+                                tar_stage(skip_unreadable_shard, limits), DecodeViews(spec, options),
                                 lambda src: _batches(src, options.batch_size))
     loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=options.num_workers)
     scores, labels, keys, failed = [], [], [], 0

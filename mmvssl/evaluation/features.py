@@ -28,7 +28,7 @@ import webdataset as wds
 from ..data.decode import DecodeError, decode_window, probe
 from ..data.loader import SampleSpec, frames_to_tensor, list_shards
 from ..data.rawsample import metadata, video_bytes
-from ..data.shardio import skip_unreadable_shard
+from ..data.shardio import MemberLimits, skip_unreadable_shard, tar_stage
 from ..data.sampling import uniform_windows
 from ..data.text import build_tokenizer, tokenizer_for
 from ..errors import MmvsslError
@@ -176,14 +176,17 @@ def _mean_views(out: dict, batch: int, views: int) -> dict:
 
 @torch.no_grad()
 def extract_features(model, shards: str, options: ExtractOptions | None = None, spec: SampleSpec | None = None,
-                     model_path: str | None = None) -> dict:
+                     model_path: str | None = None, limits: MemberLimits | None = None) -> dict:
+    """The feature set of every sample of `shards` (module docstring). Members over `limits` are
+    refused from their tar header (shardio.tar_stage), reported on one line and their samples
+    counted in `failed`; the rest of the shard is still read."""
     options = options or ExtractOptions()
     spec = spec or eval_spec(model)
     model.eval()
     spaces = model_spaces(model)
     decode = DecodeViews(spec, options, tokenizer_for(model, spec.context_length))  # an imported model's own tokenizer
     pipeline = wds.DataPipeline(wds.SimpleShardList(list_shards(shards)), wds.split_by_worker,
-                                wds.tarfile_to_samples(handler=skip_unreadable_shard), decode,
+                                tar_stage(skip_unreadable_shard, limits), decode,
                                 lambda src: _batches(src, options.batch_size))
     loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=options.num_workers)
     feats: dict[str, list[torch.Tensor]] = {}

@@ -59,18 +59,34 @@ def train_sentencepiece(texts: list[str], out_file: str | os.PathLike, vocab_siz
 
 
 def texts_from_shards(shards: str) -> list[str]:
-    """Every caption and narration text in a shard set (metadata members only; videos skipped)."""
-    import webdataset as wds
+    """Every caption and narration text in a shard set, reading only the `.json` / `.txt` members
+    (videos are passed over unread). A sample with a member over the size limit is left out, as the
+    loader leaves it out (the member is refused from its tar header, on one line: shardio.read_members)."""
+    import tarfile
     from ..data.decode import DecodeError
-    from ..data.loader import list_shards
     from ..data.rawsample import metadata
+    from ..data.shardio import list_shards, read_members
     texts = []
-    for sample in wds.WebDataset(list_shards(shards), shardshuffle=False, empty_check=False).select(
-            lambda s: "json" in s or "txt" in s):
+    for url in list_shards(shards):
+        samples: dict[str, dict] = {}  # key -> {"__key__", "json", "txt"}, in shard order
+        refused = set()
         try:
-            meta = metadata(sample, with_caption=True)
-        except DecodeError as e:
-            raise MmvsslError(f"{sample.get('__url__', shards)}: {e}") from None
-        caption = meta.get("caption") or ""
-        texts += [caption] + [n.get("text", "") for n in meta.get("narrations") or [] if isinstance(n, dict)]
+            for name, data in read_members(url, lambda n: n.rpartition(".")[2] in ("json", "txt")):
+                key, _, ext = name.rpartition("/")[2].partition(".")
+                key = name.rpartition("/")[0] + "/" + key if "/" in name else key  # webdataset's key
+                if data is None:
+                    refused.add(key)
+                elif ext in ("json", "txt"):
+                    samples.setdefault(key, {"__key__": key})[ext] = data
+        except (tarfile.TarError, OSError) as e:
+            raise MmvsslError(f"{url}: unreadable shard ({e})") from None
+        for key, sample in samples.items():
+            if key in refused:
+                continue
+            try:
+                meta = metadata(sample, with_caption=True)
+            except DecodeError as e:
+                raise MmvsslError(f"{url}: {e}") from None
+            caption = meta.get("caption") or ""
+            texts += [caption] + [n.get("text", "") for n in meta.get("narrations") or [] if isinstance(n, dict)]
     return [t for t in texts if t]

@@ -309,15 +309,16 @@ class Handler(BaseHTTPRequestHandler):
     def _media(self, found: tuple) -> None:
         with contextlib.ExitStack() as stack:
             if found[0] == "shard":
-                try:  # tarfile reads the headers; the member is read from its offset, as asked, never whole
-                    tar = stack.enter_context(tarfile.open(found[1]))
-                    member = tar.getmember(found[2])
-                    source = stack.enter_context(tar.extractfile(member)) if member.isfile() else None
+                # read from the member's offset, as asked, never whole; a member over the size limit,
+                # which the index scan refused too (a shard replaced since), is not served
+                from ..data.shardio import MemberRefused, open_member
+                try:
+                    source, size = stack.enter_context(open_member(found[1], found[2]))
+                except MemberRefused as e:
+                    return self._error(HTTPStatus.FORBIDDEN, e.reason)  # the member, not the shard's path
                 except (OSError, tarfile.TarError, KeyError):
-                    source = None
-                if source is None:
                     return self._not_found()
-                size, name = member.size, found[2]
+                name = found[2]
             else:
                 source = stack.enter_context(open(found[1], "rb"))
                 size, name = os.fstat(source.fileno()).st_size, found[1]
