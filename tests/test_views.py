@@ -138,3 +138,11 @@ def test_teg_long_clip_runs_at_the_short_clips_rate_around_it(demo_shards, tmp_p
         assert long["start"] - 1e-6 <= short["start"] and short["end"] <= long["end"] + 1e-6
         offset = (short["start"] - long["start"]) * 4.0  # in frames
         assert offset == pytest.approx(round(offset), abs=1e-6) and round(offset) % 4 == 0
+
+
+def test_a_config_with_an_online_image_teacher_shows_the_loaders_views_without_loading_it(demo_shards, tmp_path):
+    report = _views("iboot", demo_shards["train"], tmp_path, "teacher.arch=/nonexistent/teacher.json")
+    assert not report["device_views"]  # the method (and its teacher) were not built
+    for sample in report["samples"]:
+        a, b = sample["views"]
+        assert (a["start"], a["end"]) == (b["start"], b["end"]) and a["crop"] != b["crop"]  # iBoot: one window

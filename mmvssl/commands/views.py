@@ -125,7 +125,7 @@ def plot_views(report: dict, path: Path, max_samples: int = 8) -> None:
         ax.set_title(f"{sample['key']} ({sample['duration']:.1f} s)", fontsize=8, loc="left")
     axes[-1, 0].set_xlabel("seconds of the video")
     fig.suptitle(f"{report['method']}: views at step {report['step']}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / height))  # room for the title
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
