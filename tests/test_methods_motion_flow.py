@@ -13,6 +13,7 @@ import torch
 
 from mmvssl.data.motion import temporal_gradient
 
+from mmvssl.config import load_config
 from mmvssl.resources import data_path
 from tests.conftest import read_jsonl
 
@@ -69,6 +70,47 @@ def test_mcl_focuses_on_cached_flow(demo_flow_shards, tmp_path, monkeypatch):
     pretrain(cfg)
     log = read_jsonl(tmp_path / "metrics.jsonl")
     assert kinds == ["flow"] and all(math.isfinite(r["loss"]) and r["align"] >= 0 for r in log)
+
+
+# the shipped configs that read cached optical flow (data.flow): tests/test_methods.py trains every other
+# config on the plain demo shards; these train here on the demo shards through `shards add-flow`
+FLOW_CONFIGS = sorted(p for p in data_path("configs", "methods").glob("*.yaml") if load_config(p).data.flow)
+
+
+def test_mscl_ships_the_papers_setting_on_flow():
+    cfg = load_config(data_path("configs", "methods", "mscl_flow.yaml"))
+    assert data_path("configs", "methods", "mscl_flow.yaml") in FLOW_CONFIGS
+    assert cfg.method.name == "mscl" and cfg.data.flow and cfg.data.sampler == "same" and cfg.data.num_clips == 2
+    assert cfg.method.options.motion == "flow" and cfg.method.options.rotation
+    assert cfg.method.options.temperature == 0.07  # the official T
+
+
+@pytest.mark.parametrize("path", FLOW_CONFIGS, ids=lambda p: p.stem)
+def test_flow_config_trains_on_cached_flow(path, demo_flow_shards, tmp_path, monkeypatch):
+    """Each flow config as shipped (MSCL's: flow with FRA) trains 2 steps on cached flow: the motion
+    stream reads the batch's flow, and with rotation on it also sees every clip's flow turned by one
+    angle in [0.2, 1.8] pi."""
+    import mmvssl
+    from mmvssl.methods import mscl
+    from mmvssl.train.engine import pretrain
+    from tests.test_methods import tiny_config
+    angles = []
+    real_rotate = mscl.rotate_flow
+
+    def recording_rotate(flow, beta, dim):
+        angles.append(torch.as_tensor(beta).flatten() / math.pi)
+        return real_rotate(flow, beta, dim)
+    monkeypatch.setattr(mscl, "rotate_flow", recording_rotate)
+    cfg = tiny_config(path, demo_flow_shards, tmp_path, "train.max_steps=2", "train.save_every=0")
+    final = pretrain(cfg)
+    log = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
+    if cfg.method.name == "mscl" and cfg.method.options.rotation:
+        assert len(angles) == 2 and all(a.numel() == cfg.data.batch_size for a in angles)
+        drawn = torch.cat(angles)
+        assert ((drawn >= 0.2 - 1e-6) & (drawn <= 1.8 + 1e-6)).all()
+    with torch.no_grad():  # the student ships alone and embeds RGB clips
+        assert mmvssl.load_model(final).eval()({"video": torch.zeros(1, 3, 4, 32, 32)})["video_ssl"].shape == (1, 128)
 
 
 def _tgrad_model():
