@@ -428,6 +428,20 @@ def test_extract_refuses_the_oversized_member_with_one_line_and_embeds_the_rest(
     assert sorted(features["keys"]) == sorted(good) and features["failed"] == 6
 
 
+def test_extract_and_eval_take_the_member_limit_as_an_option(hostile_shard, tmp_path, capsys):
+    """--max-member-mb reaches the reader: the refusal names the limit given (the demo's good videos
+    are far below 0.5 MiB, the sparse member far above)."""
+    from mmvssl.cli import main
+    from mmvssl.models.presets import create_model
+    folder, shard, good = fresh_copy(hostile_shard, tmp_path)
+    create_model("vatt-tiny").save_pretrained(tmp_path / "m")
+    assert main(["extract", str(tmp_path / "m"), "--data", str(folder), "--out", str(tmp_path / "f.safetensors"),
+                 "--max-member-mb", "0.5"]) in (0, None)
+    out, err = capsys.readouterr()
+    assert refusals(err) == [f"mmvssl: warning: {shard}: {BIG_LINE.replace('=1024', '=0.5')}"]
+    assert "4 samples (6 failed to decode)" in out
+
+
 def test_eval_refuses_the_oversized_member_with_one_line_and_scores_the_rest(hostile_shard, tmp_path, capsys):
     from mmvssl.cli import main
     from mmvssl.evaluation.classifier import classify_shards

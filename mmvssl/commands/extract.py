@@ -8,12 +8,17 @@ def add_extract_options(p) -> None:
     p.add_argument("--crops", type=int, default=1, choices=(1, 3), help="spatial crops per window (1 centre, 3 ends+centre)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--max-member-mb", type=float, default=1024.0,
+                   help="refuse shard members (videos, features) larger than this, from the tar header (default 1024)")
+    p.add_argument("--max-text-member-mb", type=float, default=16.0,
+                   help="refuse .json / .txt / .cls members larger than this (default 16)")
 
 
 def extract_options(args):
+    from ..data.shardio import MemberLimits
     from ..evaluation.features import ExtractOptions
     return ExtractOptions(num_clips=args.clips, num_crops=args.crops, batch_size=args.batch_size,
-                          num_workers=args.num_workers)
+                          num_workers=args.num_workers, limits=MemberLimits(args.max_member_mb, args.max_text_member_mb))
 
 
 def _extract(args) -> None:

@@ -29,7 +29,7 @@ def classify_shards(model, shards: str, options: ExtractOptions | None = None,
     model.eval()
     device = next(model.parameters()).device
     pipeline = wds.DataPipeline(wds.SimpleShardList(list_shards(shards)), wds.split_by_worker,
-                                tar_stage(skip_unreadable_shard, limits), DecodeViews(spec, options),
+                                tar_stage(skip_unreadable_shard, limits or options.limits), DecodeViews(spec, options),
                                 lambda src: _batches(src, options.batch_size))
     loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=options.num_workers)
     scores, labels, keys, failed = [], [], [], 0

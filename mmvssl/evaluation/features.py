@@ -44,6 +44,7 @@ class ExtractOptions:
     num_crops: int = 1
     batch_size: int = 16
     num_workers: int = 0
+    limits: MemberLimits | None = None  # the largest shard member read (--max-member-mb); None: the defaults
 
     def __post_init__(self):
         if self.num_clips < 1:
@@ -186,7 +187,7 @@ def extract_features(model, shards: str, options: ExtractOptions | None = None, 
     spaces = model_spaces(model)
     decode = DecodeViews(spec, options, tokenizer_for(model, spec.context_length))  # an imported model's own tokenizer
     pipeline = wds.DataPipeline(wds.SimpleShardList(list_shards(shards)), wds.split_by_worker,
-                                tar_stage(skip_unreadable_shard, limits), decode,
+                                tar_stage(skip_unreadable_shard, limits or options.limits), decode,
                                 lambda src: _batches(src, options.batch_size))
     loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=options.num_workers)
     feats: dict[str, list[torch.Tensor]] = {}

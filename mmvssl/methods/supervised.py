@@ -194,7 +194,9 @@ def setup_labels(method: Method, cfg: DictConfig, ctx: BuildContext, options, ta
     from it), the label check over the training shards and the validation of a label-using method."""
     method.classes, method.label_key = task.classes, task.label_key
     fraction, salt = labelled_fraction(cfg)
-    keys = check_labels(cfg.data.shards, task.classes, task.source, task.label_key, fraction, salt)
+    from ..data.options import member_limits
+    keys = check_labels(cfg.data.shards, task.classes, task.source, task.label_key, fraction, salt,
+                        limits=member_limits(cfg.data))  # the labelled set holds only samples the loader reads
     method.labelled = keys if fraction < 1 else None
     if ctx.spec is not None:
         ctx.spec.labelled_keys = method.labelled
