@@ -33,6 +33,12 @@ def _inspect(args) -> None:
         print(f"contact sheet with {rows} samples -> {args.sheet}")
 
 
+def _sizes(args) -> None:
+    from ..data.shardio import write_sizes
+    for folder, sizes in write_sizes(args.shards, _limits(args)).items():
+        print(f"{len(sizes)} shards, {sum(sizes.values())} samples -> {folder}/sizes.json")
+
+
 def _verify(args) -> None:
     from ..data.audit import verify_shards
     from ..errors import MmvsslError
@@ -111,6 +117,11 @@ def register(sub) -> None:
     i.add_argument("--sheet", default=None)
     _limit_flags(i)
     i.set_defaults(func=_inspect)
+    z = shards.add_parser("sizes", help="count the samples of every shard and write sizes.json beside them "
+                          "(local or s3://), so readers need not count them")
+    z.add_argument("shards")
+    _limit_flags(z)
+    z.set_defaults(func=_sizes)
     v = shards.add_parser("verify", help="decode every sample and list the failures")
     v.add_argument("shards")
     _limit_flags(v)

