@@ -149,6 +149,16 @@ def test_http_and_pipe_read_the_same_samples_as_local(http_root, demo_shards):
         shardio.list_shards(f"{http_root}/train/")
 
 
+def test_a_missing_http_shard_is_one_line_at_once_not_retried(http_root, demo_shards, capsys):
+    start = time.monotonic()
+    samples = _read(shardio.list_shards(f"{http_root}/train/shard-{{000002..000003}}.tar"))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert [s["__key__"] for s in samples] == [s["__key__"] for s in _local(demo_shards)[16:]]
+    assert err == [f"mmvssl: warning: skipped unreadable shard {http_root}/train/shard-000003.tar: "
+                   f"FileNotFoundError: not found"]
+    assert time.monotonic() - start < remote.RETRY_DELAYS[0] * 4  # no backoff on a 404
+
+
 def test_sizes_json_beside_remote_shards_or_counted_once_with_a_note(train_in_bucket, capsys):
     remote._sizes_cache.clear()
     remote._told_sizes.clear()
@@ -257,3 +267,54 @@ def test_build_out_to_a_bucket_publishes_whole_shards_and_resumes(s3, demo_data,
     assert again["num_accepted"] == 12 and not [u for u in uploads if u.endswith(".tar")]  # nothing rebuilt
     with pytest.raises(MmvsslError, match="built from other inputs"):
         build_shards(videos, "s3://bucket/built", captions=videos / "captions.jsonl", samples_per_shard=4)
+
+
+def test_the_server_stopping_mid_epoch_is_retried_and_every_sample_read_once(demo_shards, monkeypatch, capsys):
+    """http.server sends half of the second shard, drops the connection and stops listening; 1.5 s
+    later it listens again on the same port. The epoch's reader waits, opens the shard again, goes
+    on from the same byte, and reads each of the 24 samples exactly once."""
+    monkeypatch.setattr(remote, "RETRY_DELAYS", (0.5, 1.0, 2.0, 4.0))
+    state = {"cut": "/train/shard-000001.tar", "server": None}
+    folder = str(Path(demo_shards["train"]).parent)
+
+    class Flaky(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=folder, **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+        def copyfile(self, source, outputfile):
+            if self.path != state["cut"]:
+                return super().copyfile(source, outputfile)
+            state["cut"] = None
+            outputfile.write(source.read(100_000))  # of ~340 KB, Content-Length announced whole
+            outputfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            threading.Thread(target=outage, daemon=True).start()
+
+    def serve(port):
+        http.server.ThreadingHTTPServer.allow_reuse_address = True
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Flaky)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        state["server"] = server
+        return server
+
+    def outage():
+        old = state["server"]
+        old.shutdown()
+        old.server_close()
+        time.sleep(1.5)
+        serve(old.server_address[1])
+
+    port = serve(0).server_address[1]
+    try:
+        samples = list(shardio.EpochSamples(shardio.parse_sources(
+            f"http://127.0.0.1:{port}/train/shard-{{000000..000002}}.tar")))
+    finally:
+        state["server"].shutdown()
+        state["server"].server_close()
+    assert [s["__key__"] for s in samples] == [s["__key__"] for s in _local(demo_shards)]
+    assert [s["mp4"] for s in samples] == [s["mp4"] for s in _local(demo_shards)]
+    assert state["cut"] is None and "shard-000001.tar at byte" in capsys.readouterr().err
+    assert not [u for u in shardio.skipped_shards() if str(port) in u]

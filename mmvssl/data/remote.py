@@ -61,19 +61,37 @@ def _is_access_failure(exn: Exception) -> bool:
         or "SignatureDoesNotMatch" in str(exn) or "credentials" in str(exn).lower())
 
 
+def _transient(exn: Exception) -> bool:
+    """A dropped or refused connection, a timeout: worth another try (not a missing object, not a
+    refused credential)."""
+    import aiohttp
+    if isinstance(exn, FileNotFoundError) and exn.__cause__ is not None:
+        return _transient(exn.__cause__)  # fsspec's HTTP info turns every failure into FileNotFoundError
+    if isinstance(exn, aiohttp.ClientResponseError):
+        return exn.status >= 500 or exn.status == 429  # 404, 403: the answer, not a failure
+    if isinstance(exn, (FileNotFoundError, PermissionError)) or _is_access_failure(exn):
+        return False
+    if isinstance(exn, (OSError, TimeoutError)):
+        return True
+    from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+    return isinstance(exn, (aiohttp.ClientError, BotoConnectionError, HTTPClientError))
+
+
+def _retry_note(what: str, exn: Exception, attempt: int, delay: float) -> None:
+    print(f"mmvssl: warning: {what}: {type(exn).__name__}; retry {attempt}/{len(RETRY_DELAYS)} in {delay:g} s",
+          file=sys.stderr)
+
+
 def _with_retries(what: str, call):
     """call() again after RETRY_DELAYS when the connection fails (a server restarting); a missing
     object or a refused credential is not retried."""
     for attempt, delay in enumerate((*RETRY_DELAYS, None)):
         try:
             return call()
-        except (FileNotFoundError, PermissionError):
-            raise
-        except (OSError, TimeoutError) as exn:
-            if delay is None or _is_access_failure(exn):
+        except Exception as exn:  # noqa: BLE001 - sorted by _transient
+            if delay is None or not _transient(exn):
                 raise
-            print(f"mmvssl: warning: {what}: {type(exn).__name__}; retry {attempt + 1}/{len(RETRY_DELAYS)} "
-                  f"in {delay:g} s", file=sys.stderr)
+            _retry_note(what, exn, attempt + 1, delay)
             time.sleep(delay)
 
 
@@ -111,31 +129,79 @@ def open_remote(url: str):
     FileNotFoundError when it is not there; connection failures are retried with backoff."""
     fs, path = filesystem(url)
     if url.startswith("s3://"):
-        return _with_retries(url, lambda: fs.open(path, "rb", block_size=S3_BLOCK, cache_type="readahead"))
-    return io.BufferedReader(_ForwardOnly(_with_retries(url, lambda: fs.open(path, "rb", block_size=0))), 2**20)
+        return io.BufferedReader(_Resuming(url, lambda: fs.open(path, "rb", block_size=S3_BLOCK,
+                                                                cache_type="readahead"), True), 2**20)
+    return io.BufferedReader(_Resuming(url, lambda: fs.open(path, "rb", block_size=0), False), 2**20)
 
 
-class _ForwardOnly(io.RawIOBase):
-    """fsspec's HTTP stream says it is seekable but refuses seeks: shown as the stream it is, so
-    the tar is read in stream mode."""
+class _Resuming(io.RawIOBase):
+    """A remote file that survives the server going away for a while: a read that fails on the
+    connection waits (RETRY_DELAYS), opens the object again and goes on from the same byte (a seek
+    on S3; an HTTP stream is read again up to there), so no member is lost or read twice.
 
-    def __init__(self, f):
-        self.f = f
+    Seekable only for S3: fsspec's HTTP stream says it is seekable but refuses seeks, so it is
+    shown as the stream it is and the tar is read in stream mode. Written here because fsspec
+    retries neither a dropped stream nor (for HTTP) a refused connection."""
+
+    def __init__(self, url: str, opener, seekable: bool):
+        self.url, self.opener, self._seekable, self.pos = url, opener, seekable, 0
+        self.f = _with_retries(url, opener)
 
     def readable(self) -> bool:
         return True
 
     def seekable(self) -> bool:
-        return False
+        return self._seekable
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if not self._seekable:
+            raise io.UnsupportedOperation("seek")
+        self.pos = self._file().seek(offset, whence)
+        return self.pos
+
+    def _file(self):
+        if self.f is None:
+            self.f = self.opener()
+            if self._seekable:
+                self.f.seek(self.pos)
+            else:
+                left = self.pos
+                while left:
+                    chunk = self.f.read(min(left, 2**20))
+                    if not chunk:
+                        raise EOFError(f"{self.url} is shorter than before the retry")
+                    left -= len(chunk)
+        return self.f
 
     def readinto(self, buffer) -> int:
-        data = self.f.read(len(buffer))
+        for attempt, delay in enumerate((*RETRY_DELAYS, None)):
+            try:
+                data = self._file().read(len(buffer))
+                break
+            except Exception as exn:  # noqa: BLE001 - sorted by _transient
+                if delay is None or not _transient(exn):
+                    raise
+                _retry_note(f"{self.url} at byte {self.pos}", exn, attempt + 1, delay)
+                self._drop()
+                time.sleep(delay)
         buffer[:len(data)] = data
+        self.pos += len(data)
         return len(data)
+
+    def _drop(self) -> None:
+        if self.f is not None:
+            try:
+                self.f.close()
+            except Exception:  # noqa: BLE001 - a broken connection may fail to close too
+                pass
+            self.f = None
 
     def close(self) -> None:
         if not self.closed:
-            self.f.close()
+            self._drop()
         super().close()
 
 
