@@ -318,3 +318,25 @@ def test_the_server_stopping_mid_epoch_is_retried_and_every_sample_read_once(dem
     assert [s["mp4"] for s in samples] == [s["mp4"] for s in _local(demo_shards)]
     assert state["cut"] is None and "shard-000001.tar at byte" in capsys.readouterr().err
     assert not [u for u in shardio.skipped_shards() if str(port) in u]
+
+
+def test_inspect_and_a_rewriting_pass_take_a_bucket_prefix(s3, demo_shards, tmp_path, capsys):
+    from mmvssl.cli import main
+    for path in sorted(Path(demo_shards["val"]).glob("*")):
+        s3["fs"].put_file(str(path), f"bucket/val/{path.name}")
+    assert main(["shards", "inspect", str(demo_shards["val"])]) == 0
+    local = capsys.readouterr().out
+    assert main(["shards", "inspect", "s3://bucket/val"]) == 0
+    assert capsys.readouterr().out == local and '"samples": 12' in local
+    flow = ["--fps", "2", "--size", "32"]
+    assert main(["shards", "add-flow", "--shards", str(demo_shards["val"]), "--out", str(tmp_path / "local"), *flow]) == 0
+    assert main(["shards", "add-flow", "--shards", "s3://bucket/val", "--out", str(tmp_path / "remote"), *flow]) == 0
+    names = sorted(p.name for p in (tmp_path / "local").glob("*.tar"))
+    assert names and names == sorted(p.name for p in (tmp_path / "remote").glob("*.tar"))
+    def members(folder):  # the tar headers carry the writing time: compare the members; two local runs'
+        # flows differ in a few quantised values already (OpenCV's threads), so the flow by its size
+        return [{k: (len(v) if k == "flow.safetensors" else v) for k, v in s.items() if not k.startswith("__")}
+                for s in raw_samples(folder)]
+    assert len(members(tmp_path / "remote")) == 12 and members(tmp_path / "remote") == members(tmp_path / "local")
+    report = (tmp_path / "remote" / "flow_report.json").read_text()
+    assert "s3://bucket/val/shard-000000.tar" in report and s3["secret"] not in report

@@ -31,6 +31,7 @@ import webdataset as wds
 from ..errors import MmvsslError
 from ..fsio import atomic_write_json, commit_file
 from .rawsample import read_shard, sample_key, stored_members
+from .shardio import absolute_url
 
 
 @dataclass
@@ -52,10 +53,10 @@ def shard_parts(urls: list[str], samples_per_shard: int | None = None,
             twice = sorted({n for n in names if names.count(n) > 1})
             raise MmvsslError(f"shards from several folders share the names {twice[:3]}: rewrite them per folder")
         for url, name in zip(urls, names):
-            yield Part(name, os.path.abspath(url), lambda url=url: reader(url))
+            yield Part(name, absolute_url(url), lambda url=url: reader(url))
         return
     yield from chunked_parts(itertools.chain.from_iterable(reader(u) for u in urls), samples_per_shard,
-                             ",".join(os.path.abspath(u) for u in urls))
+                             ",".join(absolute_url(u) for u in urls))
 
 
 def chunked_parts(samples: Iterable[dict], per_shard: int, source: str) -> Iterator[Part]:

@@ -265,6 +265,13 @@ def _list_remote(part: str) -> list[str]:
     return urls
 
 
+def absolute_url(url: str, resolve: bool = False) -> str:
+    """A local shard's absolute path (symlinks resolved when `resolve`); a URL as it is."""
+    if remote.is_remote(url) or remote.is_pipe(url):
+        return url
+    return os.path.realpath(url) if resolve else os.path.abspath(url)
+
+
 def list_shards(spec: str) -> list[str]:
     """A folder (its *.tar), a brace pattern, a glob, or several of those joined by ','; remote:
     `s3://bucket/prefix/shard-{000000..000009}.tar`, an s3 bucket prefix (its *.tar),

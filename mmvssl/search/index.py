@@ -95,10 +95,10 @@ def scan(source: str, report: BuildReport) -> Iterator[Video]:
             except OSError as e:
                 yield Video(rel, None, error=f"unreadable ({e.strerror or e})")
         return
-    from ..data.shardio import tar_samples  # members over the size limit refused unread
+    from ..data.shardio import absolute_url, tar_samples  # members over the size limit refused unread
     for sample in tar_samples([{"url": url} for url in list_shards(source)], skip_unreadable_shard):
         ext = video_member(sample)
-        key, url = sample["__key__"], str(Path(sample["__url__"]).resolve())
+        key, url = sample["__key__"], absolute_url(sample["__url__"], resolve=True)
         if ext is None:  # none, or one over the size limit (refused unread)
             refused = sample.get(REFUSED)
             yield Video(key, None, error=refused.decode("utf-8", errors="replace") if refused else "no video member")
