@@ -340,3 +340,26 @@ def test_inspect_and_a_rewriting_pass_take_a_bucket_prefix(s3, demo_shards, tmp_
     assert len(members(tmp_path / "remote")) == 12 and members(tmp_path / "remote") == members(tmp_path / "local")
     report = (tmp_path / "remote" / "flow_report.json").read_text()
     assert "s3://bucket/val/shard-000000.tar" in report and s3["secret"] not in report
+
+
+def test_a_rewriting_pass_writes_into_a_bucket_and_resumes(s3, demo_shards, tmp_path, monkeypatch, capsys):
+    from mmvssl.cli import main
+    for path in sorted(Path(demo_shards["val"]).glob("*.tar")):
+        s3["fs"].put_file(str(path), f"bucket/val2/{path.name}")
+    uploads = []
+    real_upload = remote.upload
+    monkeypatch.setattr(remote, "upload", lambda local, url: (uploads.append(url), real_upload(local, url))[1])
+    flow = ["--fps", "2", "--size", "32"]
+    assert main(["shards", "add-flow", "--shards", "s3://bucket/val2", "--out", "s3://bucket/flow", *flow]) == 0
+    names = sorted(p.rpartition("/")[2] for p in s3["fs"].ls("bucket/flow", refresh=True))
+    assert names == ["flow_report.json", "shard-000000.tar", "shard-000001.tar", "sizes.json"]
+    tars = [u for u in uploads if u.endswith(".tar")]
+    assert tars == ["s3://bucket/flow/shard-000000.tar", "s3://bucket/flow/shard-000001.tar"]
+    assert uploads.index(tars[1]) < len(uploads) - 2 and uploads[-1].endswith("flow_report.json")
+    assert len(shardio.EpochSamples(shardio.parse_sources("s3://bucket/flow"))) == 12
+    capsys.readouterr()
+    s3["fs"].rm_file("bucket/flow/shard-000001.tar")  # as if the run had stopped before its upload
+    uploads.clear()
+    assert main(["shards", "add-flow", "--shards", "s3://bucket/val2", "--out", "s3://bucket/flow", *flow]) == 0
+    assert "(1 finished before)" in capsys.readouterr().out
+    assert [u for u in uploads if u.endswith(".tar")] == ["s3://bucket/flow/shard-000001.tar"]

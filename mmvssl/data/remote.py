@@ -21,6 +21,7 @@ import posixpath
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from ..errors import MmvsslError
 
@@ -271,3 +272,45 @@ def listing(folder_url: str) -> list[str]:
 def remove(url: str) -> None:
     fs, path = filesystem(url)
     fs.rm_file(path)
+
+
+class Staging:
+    """A local folder standing in for an `s3://` output prefix: files are written there as in a
+    local folder, and `publish` uploads each finished shard (then deletes the local copy) and then
+    the small files, in the order given, so a report never names a shard not yet in the bucket.
+    One PUT per object: nothing half-written is ever visible. `names`: what the prefix held."""
+
+    def __init__(self, url: str):
+        if not url.startswith("s3://"):
+            raise MmvsslError(f"--out {url}: shards are written to a local folder or an s3:// prefix")
+        self.url = url.rstrip("/")
+        check_access(self.url + "/")
+        self._tmp = tempfile.TemporaryDirectory(prefix="mmvssl-out-")
+        self.folder = Path(self._tmp.name)
+        self.names = set(listing(self.url))
+
+    def fetch(self, name: str) -> bool:
+        """Copy `name` from the prefix into the folder; False when the prefix has none."""
+        if name not in self.names:
+            return False
+        (self.folder / name).write_bytes(read_bytes(f"{self.url}/{name}"))
+        return True
+
+    def remove(self, name: str) -> None:
+        if name in self.names:
+            remove(f"{self.url}/{name}")
+            self.names.discard(name)
+
+    def publish(self, shards, *then: str) -> None:
+        for name in shards:
+            local = self.folder / name
+            if local.is_file():  # complete (renamed from .partial), not uploaded yet
+                upload(local, f"{self.url}/{name}")
+                local.unlink()
+                self.names.add(name)
+        for name in then:
+            upload(self.folder / name, f"{self.url}/{name}")
+            self.names.add(name)
+
+    def close(self) -> None:
+        self._tmp.cleanup()

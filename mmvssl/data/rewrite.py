@@ -31,6 +31,7 @@ import webdataset as wds
 from ..errors import MmvsslError
 from ..fsio import atomic_write_json, commit_file
 from .rawsample import read_shard, sample_key, stored_members
+from . import remote
 from .shardio import absolute_url
 
 
@@ -113,19 +114,27 @@ class ShardRewriter:
         """`header`: what the report records about the run (settings, model) and what a resumed run
         must match; `mismatch(old, new)` says why an earlier run's header does not (None: it does);
         `counts`: the counters every shard's entry reports (from 0)."""
-        self.out, self.report_name, self.header, self.command = Path(out_dir), report_name, dict(header), command
+        # an s3:// out: written in a local staging folder, each finished shard uploaded (remote.Staging)
+        self.staging = remote.Staging(str(out_dir)) if remote.is_remote(out_dir) else None
+        self.where = str(out_dir).rstrip("/") if self.staging else Path(out_dir)
+        self.out = self.staging.folder if self.staging else Path(out_dir)
+        self.report_name, self.header, self.command = report_name, dict(header), command
         self.counts = tuple(counts)
-        if self.out.resolve() in {Path(u).resolve().parent for u in inputs}:
-            raise MmvsslError(f"--out {self.out} is the input shard folder: write the new shards elsewhere")
+        if (self.where in {u.rpartition("/")[0] for u in inputs} if self.staging
+                else self.out.resolve() in {Path(u).resolve().parent for u in inputs if not remote.is_remote(u)}):
+            raise MmvsslError(f"--out {self.where} is the input shard folder: write the new shards elsewhere")
         self.mismatch = mismatch or _differs
         self.report = self._prepare(overwrite)
-        self.done_before = sorted(n for n in self.report["shards"] if (self.out / n).is_file())
+        done = (lambda n: n in self.staging.names) if self.staging else (lambda n: (self.out / n).is_file())
+        self.done_before = sorted(n for n in self.report["shards"] if done(n))
         self.report["shards"] = {n: self.report["shards"][n] for n in self.done_before}
 
     def _prepare(self, overwrite: bool) -> dict:
         """The report of an earlier run with the same header, or a fresh one."""
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / self.report_name
+        if self.staging:
+            self.staging.fetch(self.report_name)
         for partial in self.out.glob("*.tar.partial"):  # an interrupted shard is redone
             partial.unlink()
         old = None
@@ -136,19 +145,23 @@ class ShardRewriter:
                 old = None
             if not (isinstance(old, dict) and isinstance(old.get("shards"), dict)):
                 if not overwrite:
-                    raise MmvsslError(f"{path} is not a report of {self.command}; pass --overwrite to start afresh, "
+                    shown = f"{self.where}/{self.report_name}" if self.staging else path
+                    raise MmvsslError(f"{shown} is not a report of {self.command}; pass --overwrite to start afresh, "
                                       f"or choose another folder")
                 old = None
         if old is not None and not overwrite:
             why = self.mismatch({k: old.get(k) for k in self.header}, self.header)
             if why:
-                raise MmvsslError(f"{self.out} {why}: pass --overwrite to replace it, or choose another folder")
+                raise MmvsslError(f"{self.where} {why}: pass --overwrite to replace it, or choose another folder")
             return old
         if old is not None:  # overwrite: our own files only; anything else in the folder is left alone
             for name in old["shards"]:
                 (self.out / name).unlink(missing_ok=True)
-        elif any(self.out.glob("*.tar")) and not overwrite:
-            raise MmvsslError(f"{self.out} holds shards without a {self.report_name}; pass --overwrite or choose "
+                if self.staging:
+                    self.staging.remove(name)
+        elif (any(n.endswith(".tar") for n in self.staging.names) if self.staging
+              else any(self.out.glob("*.tar"))) and not overwrite:
+            raise MmvsslError(f"{self.where} holds shards without a {self.report_name}; pass --overwrite or choose "
                               f"another folder")
         return {**self.header, "shards": {}}
 
@@ -164,6 +177,8 @@ class ShardRewriter:
         sizes = {name: r["samples"] for name, r in self.report["shards"].items()}
         for name, value in ((self.report_name, self.report), ("sizes.json", sizes)):
             atomic_write_json(self.out / name, value)  # temp, fsync, rename, fsync the folder
+        if self.staging:  # the shards, then sizes.json, then the report that names them
+            self.staging.publish(list(self.report["shards"]), "sizes.json", self.report_name)
 
     def totals(self, *names: str) -> dict:
         """The report's counts summed over shards: samples, skipped, and `names`."""

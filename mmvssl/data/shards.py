@@ -22,7 +22,6 @@ import csv
 import hashlib
 import json
 import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -231,40 +230,23 @@ def _prepare_output(out_dir: Path, fingerprint: str, overwrite: bool) -> dict | 
     return state
 
 
-class BucketOutput:
+class BucketOutput(remote.Staging):
     """A remote `--out`: the staging folder the build writes into, published after every shard.
-
-    Ours in the bucket are shard-*.tar, sizes.json and build_report.json; the report is uploaded
-    last, so the progress it records never names a shard that is not there."""
+    Ours in the bucket are shard-*.tar, sizes.json and build_report.json; the report goes last."""
 
     def __init__(self, url: str, overwrite: bool):
-        if not url.startswith("s3://"):
-            raise MmvsslError(f"--out {url}: shards are written to a local folder or an s3:// prefix")
-        self.url = url.rstrip("/")
-        self._staging = tempfile.TemporaryDirectory(prefix="mmvssl-build-")
-        self.folder = Path(self._staging.name)
-        names = remote.listing(self.url)
-        ours = [n for n in names if (n.startswith("shard-") and n.endswith(".tar")) or n in ("sizes.json", "build_report.json")]
+        super().__init__(url)
+        ours = sorted(n for n in self.names if (n.startswith("shard-") and n.endswith(".tar"))
+                      or n in ("sizes.json", "build_report.json"))
         if overwrite:
             for name in ours:
-                remote.remove(f"{self.url}/{name}")
-        elif "build_report.json" in names:
-            (self.folder / "build_report.json").write_bytes(remote.read_bytes(f"{self.url}/build_report.json"))
-        elif ours:
+                self.remove(name)
+        elif not self.fetch("build_report.json") and ours:
             raise MmvsslError(f"{self.url} holds shard files without a build_report.json; pass --overwrite "
                               f"(overwrite=True) to replace them, or choose another prefix")
 
     def publish(self, sizes: dict) -> None:
-        for name in sizes:
-            local = self.folder / name
-            if local.is_file():  # complete (renamed from .partial), not uploaded yet
-                remote.upload(local, f"{self.url}/{name}")
-                local.unlink()
-        for name in ("sizes.json", "build_report.json"):
-            remote.upload(self.folder / name, f"{self.url}/{name}")
-
-    def close(self) -> None:
-        self._staging.cleanup()
+        super().publish(list(sizes), "sizes.json", "build_report.json")
 
 
 def build_shards(videos_dir: str | os.PathLike, out_dir: str | os.PathLike, captions: str | os.PathLike | None = None,
