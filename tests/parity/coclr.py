@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from mmvssl.methods.coclr import (coclr_logits, drop_self, enqueue_rows, mine_positives, multi_positive_nce,
                                   same_video_mask)
+from tests.parity.margins import assert_margin, dot_error, topk_cut_gaps
 
 INPUTS = ("q_raw", "k_raw", "kf_raw", "q", "k", "kf", "queue", "queue_second", "queue_vname", "k_vsource")
 OUTPUTS = ("logits", "mask", "mask_drop_self", "mask_same_video", "loss_keep_self", "loss_drop_self",
@@ -26,6 +27,14 @@ def compute(t: dict, meta: dict) -> dict:
     same_video = same_video_mask(t["k_vsource"], queue_video)
     full = bool((queue_video != -1).all())  # the case's queue is full (README): mining is on
     mask = mine_positives(t["kf"], second, topk, same_video, queue_full=full)
+    # `mask` is compared exactly (mask_same_video and queue_vname_after are integer comparisons, exact
+    # anywhere): the top-k of each row of kf . queue_second must be clear of float error. Both scores
+    # at the cut are dot products of unit vectors of dim D, each of which two kernels may compute
+    # up to 2 D U apart (margins.dot_error: 3.8e-6 at D = 16; the cases' smallest gap is 2.7e-3)
+    if full and topk > 0:
+        ranking = (t["kf"] @ second.T).masked_fill(same_video, float("-inf"))  # (B, K): what mine_positives ranks
+        assert_margin(topk_cut_gaps(ranking, topk), 2 * dot_error(t["kf"].shape[1]),
+                      f"coclr mask: the cut after the top {topk} of kf . queue_second")
     out = {"mask": mask, "mask_drop_self": drop_self(mask), "mask_same_video": same_video,
            "logits": coclr_logits(t["q"], t["k"], queue, tau).detach()}
     for name, positives in (("keep_self", out["mask"]), ("drop_self", out["mask_drop_self"])):

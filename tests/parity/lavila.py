@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from mmvssl.losses.contrastive import nce_loss, ssl_clip_accuracy, ssl_clip_loss
+from mmvssl.losses.contrastive import nce_loss, ssl_clip_accuracy, ssl_clip_loss, ssl_clip_scales
+from tests.parity.margins import assert_margin, dot_error
 
 INPUTS = ("image_embed", "text_embed", "gt_indicators", "logit_scale", "logit_scale_param", "logit_scale_pseudo_param")
 OUTPUTS = ("sslclip_loss", "sslclip_grad_image_embed", "sslclip_grad_text_embed", "sslclip_grad_logit_scale",
@@ -22,9 +23,25 @@ def _leaves(t: dict) -> dict:
             ("image_embed", "text_embed", "logit_scale", "logit_scale_param", "logit_scale_pseudo_param")}
 
 
+def assert_argmax_is_clear(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, what: str) -> None:
+    """The accuracies count rows whose argmax is their own text: a float decision, compared to the
+    official percentages as if exact. The own logit must be clear of the row's best other logit by
+    more than two logits' float error: each is a dot product of unit vectors of dim D (within
+    margins.dot_error(D) of another kernel's) times its scale, plus the product's rounding (D + 1)."""
+    logits = image @ text.T * scale  # (B, B), as ssl_clip_accuracy computes them
+    own = logits.diagonal()
+    best_other = logits.masked_fill(torch.eye(len(logits), dtype=torch.bool), float("-inf")).amax(dim=1)
+    assert_margin((own - best_other).abs(), 2 * dot_error(image.shape[1] + 1, float(scale.max())), what)
+
+
 def compute(t: dict, meta: dict) -> dict:
     assert meta["world_size"] == "1" and meta["use_vissl"] == "False", meta
     gt = t["gt_indicators"] == 1
+    pseudo_scale = t["logit_scale_pseudo_param"].exp()
+    # smallest margin in the cases 0.15 against a bound of 8.1e-5 (D = 16, scale 20)
+    assert_argmax_is_clear(t["image_embed"], t["text_embed"], ssl_clip_scales(gt, gt, 1 / t["logit_scale"],
+                           1 / pseudo_scale), "lavila sslclip_acc: own text against the best other")
+    assert_argmax_is_clear(t["image_embed"], t["text_embed"], t["logit_scale"], "lavila clip_acc")
     out = {}
     # SSLCLIPLoss: once through the exp-space scale (its gradient), once through the log-space parameters
     x = _leaves(t)

@@ -1,7 +1,9 @@
 """MCL (YihengZhang-CV/MCL-Motion-Focused-Contrastive-Learning, README-motion.md section 3): the
 Grad-CAM of the positive similarity l_pos and the three alignment losses of MAL through
 mmvssl.methods.mcl's own functions, on the case's stand-in network (a 1x1x1 convolution and
-MLP_Head, built here from the stored weights); second-order gradients by autograd."""
+MLP_Head, built here from the stored weights); second-order gradients by autograd. Every output is a
+float compared with a tolerance: no argmax, top-k or rounding decides any of them (Grad-CAM's ReLU
+is continuous), so there is no near-tie to guard (issue 28)."""
 
 from __future__ import annotations
 

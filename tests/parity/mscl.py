@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 
 from mmvssl.evaluation.accuracy import topk_correct
+from mmvssl.evaluation.metrics import TIE_TOLERANCE
 from mmvssl.methods.mscl import local_motion_loss, norm_flow, rotate_flow, rotation_angle
+from tests.parity.margins import assert_margin
 
 INPUTS = ("flow_in", "cid", "beta_uniform", "rgb_feat", "flow_feat", "aug_flow_feat")
 OUTPUTS = ("flow_norm", "flow_rot_norm", "beta", "flow_rot_norm_uniform", "pos_scores", "pos_labels", "loss_pos",
@@ -32,6 +34,15 @@ def compute(tensors: dict, meta: dict) -> dict:
     scores, labels, loss = local_motion_loss(feats["rgb_feat"], feats["flow_feat"], feats["aug_flow_feat"],
                                              float(meta["temperature"]))
     grads = torch.autograd.grad(loss, list(feats.values()))
+    # the accuracies count rows whose label is among the k best scores: float decisions compared to
+    # the official fractions as if exact (pos_labels is arange, cid a stored input: no float in them).
+    # Every other score must be clear of the label's by more than the error this test grants
+    # pos_scores (twice its tolerance: both scores may move) plus topk_correct's TIE_TOLERANCE (it
+    # counts scores that close as ahead of the label); the cases' smallest distance is 0.22
+    tol = TOLERANCES["pos_scores"]["atol"] + 1e-5 * float(scores.detach().abs().max())  # atol + the default rtol
+    gaps = (scores.detach() - scores.detach().gather(1, labels[:, None])).abs()  # (b t, 2t)
+    others = torch.ones_like(gaps, dtype=torch.bool).scatter_(1, labels[:, None], False)
+    assert_margin(gaps[others], TIE_TOLERANCE + 2 * tol, "mscl top1/top5_acc_pos: the label's score against the others")
     out.update({"pos_scores": scores, "pos_labels": labels, "loss_pos": loss,
                 "top1_acc_pos": topk_correct(scores, labels, 1).double().mean(),
                 "top5_acc_pos": topk_correct(scores, labels, 5).double().mean()})

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 
+import torch
+
 from mmvssl.methods.tg import crossview_contrast_loss, feature_alignment_loss, normalise_frames, temporal_gradient_uint8
 
 # the frame indices are the official SampleFrames_Custom draw (mmvssl samples by time, not by index)
@@ -31,6 +33,10 @@ def compute(tensors: dict, meta: dict) -> dict:
     norm = ast.literal_eval(meta["img_norm_cfg"])
     # offline: tempgrad_{i} from img_{i}, img_{i+1}, written by OpenCV in BGR order
     offline = temporal_gradient_uint8(frames[:-1], frames[1:]).flip(-1)
+    # the uint8 maps are compared exactly, and are exact on any CPU: frame - next + 255 is an integer
+    # in [0, 510] and its half a multiple of .5, both exact in float32, and the cast truncates; no
+    # rounding anywhere, so no near-tie (issue 28): the float path is integer arithmetic
+    assert torch.equal(offline.flip(-1).long(), (frames[:-1].long() - frames[1:].long() + 255) // 2)
     sampled = frames[inds]  # (T, H, W, 3)
     tg = temporal_gradient_uint8(sampled, frames[inds + 1])  # the next raw frame, not the next sampled one
     normalised = normalise_frames(tg, norm["mean"], norm["std"], channel_dim=-1)  # (T, H, W, 3)
