@@ -71,6 +71,7 @@ def test_each_instance_is_matched_to_the_most_similar_target_instance_of_the_oth
     """Views of different crops: the instances are matched by their target features, a -> b by the
     argmax over b and b -> a by the argmax over a; a permutation of b's instances moves the positives
     with them and leaves the loss unchanged."""
+    from mmvssl.evaluation.metrics import TIE_TOLERANCE
     from mmvssl.methods import constcl
     student, method = _constcl(regions=3)
     student.eval()
@@ -91,8 +92,11 @@ def test_each_instance_is_matched_to_the_most_similar_target_instance_of_the_oth
     finally:
         constcl.instance_nce_loss = real
     (t_b, pos_ab), (t_a, pos_ba) = seen[:2]
-    similarity = torch.einsum("bid,bjd->bij", t_a, t_b)
-    assert torch.equal(pos_ab, similarity.argmax(2)) and torch.equal(pos_ba, similarity.argmax(1))
+    similarity = torch.einsum("bid,bjd->bij", t_a, t_b)  # (B, K_a, K_b) cosines of unit targets
+    # tie-aware: each positive is a most similar instance, within TIE_TOLERANCE (float error of the
+    # cosines on another kernel); which member of a near-tie the library's argmax picks is not asserted
+    assert (similarity.gather(2, pos_ab[..., None]) >= similarity.amax(2, keepdim=True) - TIE_TOLERANCE).all()
+    assert (similarity.gather(1, pos_ba[:, None]) >= similarity.amax(1, keepdim=True) - TIE_TOLERANCE).all()
     assert loss_permuted.item() == pytest.approx(loss.item(), rel=1e-5)
 
 
