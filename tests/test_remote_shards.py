@@ -241,7 +241,7 @@ def test_documented_commands_build_into_and_pretrain_from_the_bucket_and_no_secr
     command = (pretrain.replace("http://127.0.0.1:8333", s3["env"]["AWS_ENDPOINT_URL"])
                .replace(" mmvssl ", f" {sys.executable} -m mmvssl.cli ", 1)
                .replace("CONFIG", str(data_path("configs", "demo", "tiny.yaml"))) +
-               f" data.num_workers=0 data.batch_size=4 train.max_steps=2 train.log_every=1 train.save_every=2"
+               f" data.batch_size=4 train.max_steps=2 train.log_every=1 train.save_every=2"
                f" train.output_dir={tmp_path / 'run'}")
     proc = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (command, proc.stderr[-2000:])

@@ -101,9 +101,8 @@ def check_access(url: str) -> None:
     if not url.startswith("s3://"):
         return
     fs, path = filesystem(url)
-    bucket = path.split("/", 1)[0]
-    try:
-        _with_retries(url, lambda: fs.ls(posixpath.dirname(path) or bucket, refresh=True))
+    try:  # one HEAD (or a one-key listing for a prefix), however many objects the prefix holds
+        _with_retries(url, lambda: fs.info(path.rstrip("/"), refresh=True))
     except FileNotFoundError:
         return  # a missing prefix: its shards are reported one by one when read
     except Exception as exn:  # noqa: BLE001 - botocore's errors have no common base worth naming
