@@ -66,17 +66,32 @@ def s3(tmp_path_factory):
     ports = {name: _free_port() for name in ("master", "master.port.grpc", "volume", "volume.port.grpc", "filer",
                                              "filer.port.grpc", "s3", "s3.port.grpc")}
     flags = [f"-{name}={port}" if "grpc" in name else f"-{name}.port={port}" for name, port in ports.items()]
-    proc = subprocess.Popen([WEED, "server", "-ip=127.0.0.1", f"-dir={root / 'data'}", "-s3", *flags,
-                             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={root / 's3.json'}",
-                             "-master.volumeSizeLimitMB=16", "-volume.max=16"],
-                            stdout=open(root / "weed.log", "wb"), stderr=subprocess.STDOUT, cwd=root)
+    command = [WEED, "server", "-ip=127.0.0.1", f"-dir={root / 'data'}", "-s3", *flags, "-s3.port.iceberg=0",
+               "-s3.port.lance=0", f"-s3.config={root / 's3.json'}", "-master.volumeSizeLimitMB=16", "-volume.max=16",
+               "-master.electionTimeout=1s"]  # a restart (test_the_s3_server_restarting...) re-elects in ~1 s, not 10
+    server = {}
+
+    def start():
+        server["proc"] = subprocess.Popen(command, stdout=open(root / "weed.log", "ab"), stderr=subprocess.STDOUT,
+                                          cwd=root)
+
+    def stop():
+        proc = server.pop("proc")
+        proc.terminate()
+        try:
+            proc.wait(1)
+        except subprocess.TimeoutExpired:  # weed's graceful stop can wait on its peers
+            proc.kill()
+            proc.wait()
+
+    start()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}", "AWS_ACCESS_KEY_ID": key,
            "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_CONFIG_FILE": str(root / "no-config"), "AWS_SHARED_CREDENTIALS_FILE": str(root / "no-credentials")}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        _wait_for_port(ports["s3"], proc)
+        _wait_for_port(ports["s3"], server["proc"])
         s3fs.S3FileSystem.clear_instance_cache()
         fs = s3fs.S3FileSystem()
         for _ in range(100):  # the gateway answers before the filer behind it is ready
@@ -85,17 +100,13 @@ def s3(tmp_path_factory):
                 break
             except OSError:
                 time.sleep(0.1)
-        yield {"env": env, "fs": fs, "secret": secret, "key": key}
+        yield {"env": env, "fs": fs, "secret": secret, "key": key, "start": start, "stop": stop}
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         s3fs.S3FileSystem.clear_instance_cache()
-        proc.terminate()
-        try:
-            proc.wait(1)
-        except subprocess.TimeoutExpired:  # weed's graceful stop can wait on its peers
-            proc.kill()
-            proc.wait()
+        if "proc" in server:
+            stop()
 
 
 @pytest.fixture(scope="module")
@@ -370,3 +381,21 @@ def test_a_rewriting_pass_writes_into_a_bucket_and_resumes(s3, demo_shards, tmp_
     assert main(["shards", "add-flow", "--shards", "s3://bucket/val2", "--out", "s3://bucket/flow", *flow]) == 0
     assert "(1 finished before)" in capsys.readouterr().out
     assert [u for u in uploads if u.endswith(".tar")] == ["s3://bucket/flow/shard-000001.tar"]
+
+
+def test_the_s3_server_restarting_mid_epoch_is_retried_and_every_sample_read_once(s3, train_in_bucket, demo_shards,
+                                                                                  capsys):
+    """SeaweedFS stopped after the epoch's first 12 samples (the second shard is open and read
+    ahead, the third not yet) and started again at once (it serves again some seconds later):
+    opening the third shard waits with backoff, and each of the 24 samples is read exactly once."""
+    samples = []
+    for sample in shardio.EpochSamples(shardio.parse_sources(f"{train_in_bucket}/shard-{{000000..000002}}.tar")):
+        samples.append(sample)
+        if len(samples) == 12:
+            s3["stop"]()
+            s3["start"]()
+    assert [s["__key__"] for s in samples] == [s["__key__"] for s in _local(demo_shards)]
+    assert [s["mp4"] for s in samples] == [s["mp4"] for s in _local(demo_shards)]
+    # the third shard is first opened after the restart: without the retries (botocore's own for a
+    # refused connection, then ours with backoff) it would be skipped and the epoch end at 16
+    assert "skipped" not in capsys.readouterr().err
