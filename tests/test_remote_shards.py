@@ -399,3 +399,11 @@ def test_the_s3_server_restarting_mid_epoch_is_retried_and_every_sample_read_onc
     # the third shard is first opened after the restart: without the retries (botocore's own for a
     # refused connection, then ours with backoff) it would be skipped and the epoch end at 16
     assert "skipped" not in capsys.readouterr().err
+
+
+def test_shard_sets_of_urls_keep_their_names_weights_and_pipe_flags():
+    sets = shardio.parse_sources("web=https://host.invalid/d/shard-{000000..000001}.tar@2;"
+                                 "pipe:aws s3 cp --endpoint-url=http://127.0.0.1:9 s3://b/shard-000000.tar -")
+    assert [(s.name, s.weight) for s in sets] == [("web", 2.0), ("set1", 1.0)]
+    assert sets[0].urls == ["https://host.invalid/d/shard-000000.tar", "https://host.invalid/d/shard-000001.tar"]
+    assert sets[1].urls == ["pipe:aws s3 cp --endpoint-url=http://127.0.0.1:9 s3://b/shard-000000.tar -"]

@@ -212,9 +212,7 @@ def read_sizes(folder_url: str) -> dict | None:
         try:
             with open_remote(folder_url.rstrip("/") + "/sizes.json") as f:
                 sizes = json.loads(f.read())
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # none, or unreadable: the shards are counted instead
             pass
         _sizes_cache[folder_url] = sizes if isinstance(sizes, dict) else None
     return _sizes_cache[folder_url]
@@ -228,8 +226,8 @@ def tell_sizes_missing(folder_url: str) -> None:
     """Once per folder and process: the sizes were counted by reading the shards; say how to save that."""
     if folder_url not in _told_sizes:
         _told_sizes.add(folder_url)
-        print(f"mmvssl: note: no sizes.json beside {folder_url}/: samples counted by reading every shard's "
-              f"headers; write it once with `mmvssl shards sizes {folder_url}/` so later runs start at once",
+        print(f"mmvssl: note: no sizes.json beside {folder_url}/ (or it lacks these shards): samples counted "
+              f"by reading the shards' headers; write it once with `mmvssl shards sizes {folder_url}/` so later runs start at once",
               file=sys.stderr)
 
 

@@ -310,7 +310,7 @@ def parse_sources(spec: str) -> list[ShardSet]:
     `howto=/d/howto@0.7;audioset=/d/audioset@0.3`. One set without a name is named ''."""
     sets = []
     for i, part in enumerate(p.strip() for p in str(spec).split(";") if p.strip()):
-        named = re.match(r"([A-Za-z0-9_.-]+)=(?!/)", part)  # `name=`, not a `--flag=value` of a pipe: command
+        named = re.match(r"([A-Za-z0-9_.-]+)=", part)  # `name=`, not the `--flag=value` of a pipe: command
         name, rest = (named.group(1), part[named.end():]) if named else ("", part)
         shards, _, weight = rest.rpartition("@") if re.search(r"@[0-9.eE+-]+$", rest) else (rest, "", "1")
         try:
