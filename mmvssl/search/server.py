@@ -410,7 +410,10 @@ class Watchdog(threading.Thread):
 
 
 class SearchServer(ThreadingHTTPServer):
-    daemon_threads = True
+    # handler threads are joined at close (after their sockets are shut): a daemon thread still logging
+    # to stderr while the interpreter exits aborts the process (SIGABRT) instead of exit code 130
+    daemon_threads = False
+    block_on_close = True
     request_queue_size = 128  # many clients connect at once; the default backlog of 5 drops their SYNs
 
     def __init__(self, address, searcher, limits: Limits, allow_hosts: tuple = (), verbose: bool = False):
@@ -418,6 +421,7 @@ class SearchServer(ThreadingHTTPServer):
         self.searcher, self.limits, self.verbose = searcher, limits, verbose
         self.names, self.hosts, self.origins = allowed_hosts(address[0], self.server_address[1], allow_hosts)
         self.slots = threading.BoundedSemaphore(limits.max_connections)
+        self.open_requests, self.open_lock = set(), threading.Lock()
         self.upload_slots = threading.BoundedSemaphore(limits.max_uploads)
         self.watchdog = Watchdog(limits.timeout)
         self.watchdog.start()
@@ -425,17 +429,24 @@ class SearchServer(ThreadingHTTPServer):
     def process_request(self, request, client_address) -> None:
         if not self.slots.acquire(blocking=False):
             return self._refuse(request)
+        with self.open_lock:
+            self.open_requests.add(request)
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.slots.release()
+            self._closed(request)
             raise
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            self._closed(request)
+
+    def _closed(self, request) -> None:
+        with self.open_lock:
+            self.open_requests.discard(request)
+        self.slots.release()
 
     def _refuse(self, request) -> None:
         """Answer 503 at once, from the accepting thread, without reading the request, and close."""
@@ -449,7 +460,14 @@ class SearchServer(ThreadingHTTPServer):
         self.shutdown_request(request)
 
     def server_close(self) -> None:
+        """Stop: end every open connection (a blocked read returns at once), then join the handlers;
+        one busy with a query finishes it (bounded by the query limits)."""
         self.watchdog.stopped.set()
+        with self.open_lock:
+            requests = list(self.open_requests)
+        for request in requests:
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_RD)
         super().server_close()
 
 
@@ -529,5 +547,14 @@ def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, model_dir: 
           file=sys.stderr, flush=True)
     try:
         server.serve_forever()
+    except KeyboardInterrupt:
+        # Ctrl-C: close the sockets, join the handlers, then leave without the interpreter's teardown.
+        # After a served audio or video query, native thread pools (FFmpeg's, through PyAV) sometimes
+        # abort in their static destructors at exit ("terminate called without an active exception",
+        # SIGABRT instead of 130); the index is only read, so nothing is left to write or flush.
+        server.server_close()
+        print("mmvssl: interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
     finally:
         server.server_close()
