@@ -129,8 +129,13 @@ def test_cstp_with_feature_cached_accumulation_equals_one_step():
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
     assert results[1][1] == pytest.approx(results[0][1], rel=1e-5)
     assert set(results[1][2]) == set(results[0][2]) and not any(n.startswith("target") for n in results[0][2])
+    # the split batch sums the same terms in another order; where terms cancel (predictor.0.bias feeds a
+    # BatchNorm, so its exact gradient is 0 and its float value is rounding noise of ~1e-5 here), the error
+    # scales with the largest gradients, not the element's own: atol is 1e-4 of the largest |gradient|
+    # (one thread: 1.1e-5 seen against 8e-5 allowed; a real accumulation error is of the gradient's size)
+    scale = max(g.abs().max().item() for g in results[0][2].values())
     for n, g in results[0][2].items():
-        assert torch.allclose(results[1][2][n], g, atol=1e-5, rtol=1e-4), n
+        assert torch.allclose(results[1][2][n], g, atol=1e-4 * scale, rtol=1e-4), n
 
 
 def test_cstp_refuses_a_sampler_without_two_clips_and_bad_strides(demo_shards, tmp_path):
