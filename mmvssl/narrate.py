@@ -36,7 +36,7 @@ from .data.loader import frames_to_tensor, list_shards
 from .data.rawsample import metadata, video_bytes
 from .data.rewrite import Part, ShardRewriter, chunked_parts, shard_parts
 from .data.sampling import sliding_windows
-from .data.shardio import skip_unreadable_shard, tar_samples
+from .data.shardio import MemberLimits, skip_unreadable_shard, tar_samples
 from .data.shards import MEDIA_SUFFIXES
 from .errors import MmvsslError
 from .narrator.generate import GenerationConfig, generate
@@ -60,18 +60,18 @@ def _folder_samples(path: Path) -> Iterator[dict]:
         yield raw
 
 
-def _read_shard_leniently(url: str) -> Iterator[dict]:
+def _read_shard_leniently(url: str, limits: MemberLimits | None = None) -> Iterator[dict]:
     """A shard's raw samples; an unreadable shard is reported on one line and passed over. A member
     over the size limit is refused from its tar header (one line) and its sample skipped with that
     reason (shardio.tar_samples)."""
-    yield from tar_samples([{"url": url}], skip_unreadable_shard)
+    yield from tar_samples([{"url": url}], skip_unreadable_shard, limits)
 
 
-def _parts(source: str) -> Iterator[Part]:
+def _parts(source: str, limits: MemberLimits | None = None) -> Iterator[Part]:
     path = Path(source)
     if path.is_dir() and not list(path.glob("*.tar")):
         return chunked_parts(_folder_samples(path), VIDEOS_PER_SHARD, str(path.resolve()))
-    return shard_parts(list_shards(source), reader=_read_shard_leniently)
+    return shard_parts(list_shards(source), reader=lambda url: _read_shard_leniently(url, limits))
 
 
 def _written_rows(out_file: Path) -> dict[str, list[dict]]:
@@ -131,7 +131,9 @@ def _record_provenance(out_path: Path, pid: str, provenance: dict) -> None:
 
 def narrate(model_dir: str, source: str, out_file: str, window_seconds: float | None = None,
             stride: float | None = None, shards_out: str | None = None, gen: GenerationConfig = GenerationConfig(),
-            batch_size: int = 8, progress: bool = True) -> dict:
+            batch_size: int = 8, progress: bool = True, limits: MemberLimits | None = None) -> dict:
+    """Narrate every window of `source` (a folder of videos or shards) into `out_file`; shard members
+    over `limits` (--max-member-mb) are refused from their tar header and their videos skipped."""
     if gen.num_candidates < 1 or gen.num_beams < 1:
         raise MmvsslError(f"narrate: --num-candidates and --num-beams must be at least 1, got "
                           f"{gen.num_candidates} and {gen.num_beams}")
@@ -195,7 +197,7 @@ def narrate(model_dir: str, source: str, out_file: str, window_seconds: float | 
     if progress:
         from tqdm import tqdm
         bar = tqdm(desc="narrate", unit="video", file=sys.stderr)
-    parts = _parts(source)
+    parts = _parts(source, limits)
     with open(out_path, "a") as out:
         for context in (rewriter.pending(parts) if rewriter else _unwritten(parts)):
             with context as shard:

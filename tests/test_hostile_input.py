@@ -468,16 +468,18 @@ def test_narrate_refuses_the_oversized_member_with_one_line_and_narrates_the_res
     folder, shard, good = fresh_copy(hostile_shard, tmp_path)
     narrator = save_untrained_narrator(tmp_path, sampling={"num_frames": 4, "fps": 2.0, "size": 32}, image_size=32)
     assert main(["narrate", narrator, "--input", str(folder), "--out", str(tmp_path / "n.jsonl"),
-                 "--shards-out", str(tmp_path / "pseudo"), "--num-candidates", "1", "--max-length", "4"]) in (0, None)
+                 "--shards-out", str(tmp_path / "pseudo"), "--num-candidates", "1", "--max-length", "4",
+                 "--max-member-mb", "0.5"]) in (0, None)  # the limit given reaches the reader
     out, err = capsys.readouterr()
-    assert refusals(err) == [f"mmvssl: warning: {shard}: {BIG_LINE}"]  # the shard reader's line
-    assert "narrate: skipped big: sample big: " + BIG_LINE in err  # and narrate's own line for the sample it skips
+    big_line = BIG_LINE.replace("=1024", "=0.5")
+    assert refusals(err) == [f"mmvssl: warning: {shard}: {big_line}"]  # the shard reader's line
+    assert "narrate: skipped big: sample big: " + big_line in err  # and narrate's own line for the sample it skips
     assert "narrated" in out and "of 4 videos" in out and "6 videos skipped" in out
     assert sorted({json.loads(line)["key"] for line in (tmp_path / "n.jsonl").read_text().splitlines()}) == sorted(good)
     assert sorted(s["__key__"] for s in raw_samples(tmp_path / "pseudo")) == sorted(good)
     report = json.loads((tmp_path / "pseudo" / "narrate_report.json").read_text())
     skipped = {item["key"]: item["reason"] for r in report["shards"].values() for item in r["skipped"]}
-    assert BIG_LINE in skipped["big"] and len(skipped) == 6
+    assert big_line in skipped["big"] and len(skipped) == 6
 
 
 def plain_member(name: str, data: bytes) -> bytes:
@@ -559,6 +561,13 @@ def test_the_server_never_serves_an_oversized_member(tmp_path, capsys):
             assert one_line_error(data) == "member 000000000.mp4 is 2048.0 MiB, over data.max_member_mb=1024 (refused unread)"
         status, data, _ = request(port, "GET", "/media/1/000000001")
         assert status == 200 and data == second
+    finally:
+        stop(server)
+    server = start(tmp_path / "idx", max_member_mb=4096)  # serve --max-member-mb: a user's own large videos
+    try:  # streamed from the member's offset: two bytes of the 2 GiB member, nothing more read
+        status, data, response = request(server.server_address[1], "GET", "/media/1/000000000",
+                                         headers={"Range": "bytes=0-1"})
+        assert status == 206 and data == b"\0\0" and response.getheader("Content-Range") == f"bytes 0-1/{2**31}"
     finally:
         stop(server)
     assert refusals(capsys.readouterr().err) == [

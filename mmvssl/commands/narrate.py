@@ -4,13 +4,15 @@ import json
 
 
 def _narrate(args) -> None:
+    from ..data.shardio import MemberLimits
     from ..narrate import narrate
     from ..narrator.generate import GenerationConfig
     gen = GenerationConfig(num_candidates=args.num_candidates, max_length=args.max_length, top_p=args.top_p,
                            temperature=args.temperature, strategy=args.strategy, num_beams=args.num_beams,
                            seed=args.seed)
     counts = narrate(args.model, args.input, args.out, window_seconds=args.window_seconds, stride=args.stride,
-                     shards_out=args.shards_out, gen=gen, batch_size=args.batch_size)
+                     shards_out=args.shards_out, gen=gen, batch_size=args.batch_size,
+                     limits=MemberLimits(args.max_member_mb, args.max_text_member_mb))
     print(f"narrated {counts['windows']} windows of {counts['videos']} videos "
           f"({counts['skipped_done']} already done, {len(counts['failed'])} videos skipped) -> {args.out}")
 
@@ -49,6 +51,10 @@ def register(sub) -> None:
     n.add_argument("--temperature", type=float, default=0.7)
     n.add_argument("--max-length", type=int, default=77)
     n.add_argument("--batch-size", type=int, default=8)
+    n.add_argument("--max-member-mb", type=float, default=1024.0,
+                   help="refuse shard members (videos) larger than this, from the tar header (default 1024)")
+    n.add_argument("--max-text-member-mb", type=float, default=16.0,
+                   help="refuse .json / .txt members larger than this (default 16)")
     n.add_argument("--seed", type=int, default=0, help="each window samples with a generator seeded by this, "
                    "its key and its start (recorded with the narrations)")
     n.set_defaults(func=_narrate)

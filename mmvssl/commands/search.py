@@ -48,7 +48,7 @@ def _serve(args) -> None:
     serve(args.index, host=args.host, port=args.port, model_dir=args.model, max_upload_mb=args.max_upload_mb,
           max_uploads=args.max_uploads, max_connections=args.max_connections, timeout=args.timeout,
           max_query_seconds=args.max_query_seconds, max_text_chars=args.max_text_chars, max_pixels=args.max_pixels,
-          allow_hosts=args.allow_host)
+          max_member_mb=args.max_member_mb, allow_hosts=args.allow_host)
 
 
 def register(sub) -> None:
@@ -110,4 +110,7 @@ def register(sub) -> None:
     v.add_argument("--max-pixels", type=int, default=None,
                    help="largest query image or video frame, width x height, checked before decoding "
                         "(default: the video decoder's limit, 4096 x 4096)")
+    v.add_argument("--max-member-mb", type=float, default=1024.0,
+                   help="largest shard member played from an indexed shard set (default %(default)s; streamed from "
+                        "its offset either way)")
     v.set_defaults(func=_serve)

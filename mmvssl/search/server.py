@@ -50,6 +50,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from ..data.shardio import MemberLimits
 from ..errors import MmvsslError, one_line
 from . import limits as defaults
 
@@ -313,7 +314,7 @@ class Handler(BaseHTTPRequestHandler):
                 # which the index scan refused too (a shard replaced since), is not served
                 from ..data.shardio import MemberRefused, open_member
                 try:
-                    source, size = stack.enter_context(open_member(found[1], found[2]))
+                    source, size = stack.enter_context(open_member(found[1], found[2], self.server.member_limits))
                 except MemberRefused as e:
                     return self._error(HTTPStatus.FORBIDDEN, e.reason)  # the member, not the shard's path
                 except (OSError, tarfile.TarError, KeyError):
@@ -414,6 +415,7 @@ class SearchServer(ThreadingHTTPServer):
     # to stderr while the interpreter exits aborts the process (SIGABRT) instead of exit code 130
     daemon_threads = False
     block_on_close = True
+    member_limits: MemberLimits | None = None  # media from shards (--max-member-mb); None: the defaults
     request_queue_size = 128  # many clients connect at once; the default backlog of 5 drops their SYNs
 
     def __init__(self, address, searcher, limits: Limits, allow_hosts: tuple = (), verbose: bool = False):
@@ -520,19 +522,21 @@ def make_server(index_dir: str, host: str = "127.0.0.1", port: int = 8000, model
                 max_uploads: int = defaults.MAX_UPLOADS, max_connections: int = defaults.MAX_CONNECTIONS,
                 timeout: float = defaults.TIMEOUT, max_query_seconds: float = defaults.MAX_QUERY_SECONDS,
                 max_text_chars: int = defaults.MAX_TEXT_CHARS, max_pixels: int | None = None,
-                allow_hosts=()) -> SearchServer:
+                max_member_mb: float = 1024.0, allow_hosts=()) -> SearchServer:
     from .query import Searcher
     for name, value in (("--max-upload-mb", max_upload_mb), ("--max-uploads", max_uploads),
                         ("--max-connections", max_connections), ("--timeout", timeout),
                         ("--max-query-seconds", max_query_seconds), ("--max-text-chars", max_text_chars),
-                        ("--max-pixels", max_pixels)):
+                        ("--max-pixels", max_pixels), ("--max-member-mb", max_member_mb)):
         if value is not None and not value > 0:
             raise MmvsslError(f"{name} must be > 0, got {value}")
     searcher = Searcher(index_dir, model_dir=model_dir, max_query_seconds=max_query_seconds,
                         max_text_chars=max_text_chars, max_pixels=max_pixels)
     limits = Limits(int(max_upload_mb * 1024 * 1024), int(max_uploads), int(max_connections), float(timeout))
     try:
-        return SearchServer((host, port), searcher, limits, tuple(allow_hosts), verbose)
+        server = SearchServer((host, port), searcher, limits, tuple(allow_hosts), verbose)
+        server.member_limits = MemberLimits(max_member_mb=float(max_member_mb))  # media from shards
+        return server
     except OSError as e:
         raise MmvsslError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
 
