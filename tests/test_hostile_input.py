@@ -669,3 +669,8 @@ def test_a_stream_that_grows_its_frames_after_the_header_is_refused_at_the_first
     for decode in (lambda: decode_all(grown, max_pixels=10_000), lambda: check_video_stream(grown, 0.0, max_pixels=10_000)):
         with pytest.raises(DecodeError, match=r"^frame size 128x96 exceeds the limit of 10000 pixels$"):
             decode()
+    # decode_window seeks to its window, which a raw stream cannot: one line saying so (it was an
+    # "Operation not permitted" OSError); in a container it checks every decoded frame as these do
+    from mmvssl.data.decode import decode_window
+    with pytest.raises(DecodeError, match=r"^video stream cannot seek .*: not a seekable container"):
+        decode_window(grown, 0.0, 4, 4.0, None, None, max_pixels=10_000)

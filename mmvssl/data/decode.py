@@ -195,18 +195,21 @@ def decode_window(source: bytes | str | os.PathLike, start: float, num_frames: i
             raise DecodeError("no video stream")
         vs = container.streams.video[0]
         _check_frame_size(vs.codec_context.width or 0, vs.codec_context.height or 0, max_pixels)
-        frames, following = _decode_video(container, vs, times, out_size, short_side, next_frames)
+        frames, following = _decode_video(container, vs, times, out_size, short_side, next_frames, max_pixels)
         audio = None
         if audio_rate and container.streams.audio:
             audio = _decode_audio(container, container.streams.audio[0], start, end, audio_rate)
     return Clip(frames=frames, audio=audio, start=float(start), end=float(end), next_frames=following)
 
 
-def _decode_video(container, vs, times: np.ndarray, out_size, short_side,
-                  with_next: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+def _decode_video(container, vs, times: np.ndarray, out_size, short_side, with_next: bool = False,
+                  max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, np.ndarray | None]:
     tb = vs.time_base
     first_pts = vs.start_time or 0
-    container.seek(max(0, int(times[0] / tb) + first_pts), stream=vs, backward=True, any_frame=False)
+    try:
+        container.seek(max(0, int(times[0] / tb) + first_pts), stream=vs, backward=True, any_frame=False)
+    except av.error.FFmpegError as e:  # a raw stream (no container index) cannot seek; the demuxer is then spent
+        raise DecodeError(f"video stream cannot seek ({_short(e)}): not a seekable container (a raw stream?)") from None
     picked: list[np.ndarray | None] = [None] * len(times)
     following: list[np.ndarray | None] = [None] * len(times)  # with_next: the frame decoded after each pick
     last, last_array = None, None  # the newest decoded frame; converted only if a time picks it
@@ -217,6 +220,9 @@ def _decode_video(container, vs, times: np.ndarray, out_size, short_side,
     i = 0
     try:
         for frame in container.decode(vs):
+            # the header may give no size (0x0) or a stream may grow mid-way: every frame is checked, so
+            # at most one oversized frame is ever held
+            _check_decoded_size(frame, max_pixels)
             if frame.pts is None:
                 continue
             t = float((frame.pts - first_pts) * tb)
