@@ -16,13 +16,7 @@ WORDS = ("a an the of in is to and video sound photo red green blue yellow purpl
          "cross ring moves moving left right up down circles bouncing around travels whistling chiming").split()
 
 
-def run_cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from tests.test_eval_cli import run_cli  # noqa: E402  (the CLI's exit code, stdout, stderr)
 
 
 def save_tokenizer(folder: Path):

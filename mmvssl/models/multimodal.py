@@ -37,7 +37,22 @@ from .heads import HEADS
 TOP_LEVEL_KEYS = ("name", "description", "paper", "sampling", "backbone", "heads", *MODALITIES)
 
 
-class MultimodalModel(nn.Module):
+class SpaceEncoding:
+    """The encode_* plumbing shared by every model behind mmvssl's interface (this one and an imported
+    one, models/imported/model.py): `encoders` (modality -> module returning {"pooled": ...}) and
+    `heads.project(modality, pooled, space)`."""
+
+    def _encoder(self, modality: str) -> nn.Module:
+        if modality not in self.encoders:
+            raise ValueError(f"model '{self.name}' has no {modality} encoder")
+        return self.encoders[modality]
+
+    def _encode(self, modality: str, x: torch.Tensor, space: str, normalize: bool) -> torch.Tensor:
+        z = self.heads.project(modality, self._encoder(modality)(x)["pooled"], space)
+        return F.normalize(z, dim=-1) if normalize else z
+
+
+class MultimodalModel(SpaceEncoding, nn.Module):
     def __init__(self, config: dict):
         super().__init__()
         self.config = json.loads(json.dumps(config))  # a plain, JSON-safe copy
@@ -73,15 +88,6 @@ class MultimodalModel(nn.Module):
         for m in self.modules():
             if hasattr(m, "grad_checkpointing"):
                 m.grad_checkpointing = enable
-
-    def _encoder(self, modality: str) -> nn.Module:
-        if modality not in self.encoders:
-            raise ValueError(f"model '{self.name}' has no {modality} encoder")
-        return self.encoders[modality]
-
-    def _encode(self, modality: str, x: torch.Tensor, space: str, normalize: bool) -> torch.Tensor:
-        z = self.heads.project(modality, self._encoder(modality)(x)["pooled"], space)
-        return F.normalize(z, dim=-1) if normalize else z
 
     def encode_video(self, video: torch.Tensor, space: str = "vat", normalize: bool = True) -> torch.Tensor:
         """(B, C, T, H, W) float -> (B, dim) embedding in `space`."""

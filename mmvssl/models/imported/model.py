@@ -33,6 +33,7 @@ from torch import nn
 
 from ...data.loader import VIDEO_MEAN, VIDEO_STD
 from ...errors import ConfigError
+from ..multimodal import SpaceEncoding
 from .tokenizer import PAD
 
 KIND = "imported"
@@ -110,7 +111,7 @@ def source_text_inputs(tokens: torch.Tensor, pad_id: int, with_mask: bool) -> di
     return {"input_ids": ids, "attention_mask": mask.long()} if with_mask else {"input_ids": ids}
 
 
-class ImportedModel(nn.Module):
+class ImportedModel(SpaceEncoding, nn.Module):
     """A released model behind mmvssl's interface (module docstring). Built by `from_config` from a
     folder's config.json (the source rebuilt from its recorded config, then the weights loaded)."""
 
@@ -161,15 +162,6 @@ class ImportedModel(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if hasattr(self.source, "gradient_checkpointing_enable") and enable:
             self.source.gradient_checkpointing_enable()
-
-    def _encoder(self, modality: str) -> nn.Module:
-        if modality not in self.encoders:
-            raise ValueError(f"model '{self.name}' has no {modality} encoder")
-        return self.encoders[modality]
-
-    def _encode(self, modality: str, x: torch.Tensor, space: str, normalize: bool) -> torch.Tensor:
-        z = self.heads.project(modality, self._encoder(modality)(x)["pooled"], space)
-        return F.normalize(z, dim=-1) if normalize else z
 
     def encode_video(self, video: torch.Tensor, space: str = "vat", normalize: bool = True) -> torch.Tensor:
         """(B, C, T, H, W) float -> (B, dim)."""
