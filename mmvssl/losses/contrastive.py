@@ -11,6 +11,18 @@ differentiates -- is exactly the loss of one process on the concatenated batch.
 `temperature` is a float or a 0-d tensor (learnable temperatures come from the Objective);
 NCE and MIL-NCE also take a (B,) tensor, one temperature per local pair, which divides every
 logit of that pair's rows (LaViLa's separate temperatures for human and generated texts).
+
+The references each follows (their tests: tests/test_losses.py, tests/test_methods_mechanisms.py,
+tests/parity/lavila.py):
+- `nce_loss`: CLIP's symmetric loss as open_clip's `ClipLoss` (equal to it in tests/test_losses.py);
+- `mil_nce_loss`: google-research/google-research vatt/utils/train/objectives.py `AsymmetricNCE` (one
+  softmax per video over both directions, MIL-NCE over its candidates), with the positive pairs once in
+  the denominator where AsymmetricNCE has them twice (per video: released = log(exp(mmvssl) + 1));
+- `nt_xent_loss`: google-research/simclr objective.py `add_contrastive_loss` and CVRL's
+  tensorflow/models official/projects/video_ssl/losses/losses.py `contrastive_loss`, their two
+  directions averaged where those sum them (half their value);
+- `siglip_loss`: the SigLIP paper and open_clip's `SigLipLoss`;
+- `ssl_clip_loss`: facebookresearch/LaViLa lavila/models/loss.py `SSLCLIPLoss` (parity cases).
 """
 
 from __future__ import annotations

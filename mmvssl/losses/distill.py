@@ -12,6 +12,10 @@ Distances (BYOL style, the teacher side never gets a gradient):
   (layer norm without affine parameters, as MaskFeat / MVD normalise their regression targets).
 
 Samples without video (mask False) are left out of the mean.
+
+Reference: iBoot (Saxena et al. 2022) has no official code public that we could find (the code index
+searched by the paper's title and by "iboot" repository names), so these follow its text: a video
+student regressing a frozen image model's per-frame and clip features through predictors.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ training goes on, plus an auxiliary head that predicts how far apart the two pos
   window), the share of the video between them, into `distance_bins` equal bins (computed in
   `prepare` from batch["view_times"] and each sample's duration; the mean over the global batch).
 
-Reference: no official code was found to read (ShuvenduRoy/ConCur is not in the public index we
-could search); the module follows the paper. Departures: the schedule is in steps, not epochs; the
+Reference: no official code found public after looking (the code index holds 34 repositories of
+ShuvenduRoy, none of them ConCur; searches by the paper's title and mechanism found none; a curated
+list of video SSL papers gives the paper with no code link), so the module follows the paper. Departures: the schedule is in steps, not epochs; the
 head's form (a 2-layer MLP over the pair classifying the share of the video in bins) is ours.
 """
 

@@ -12,6 +12,20 @@ numbers in tests/parity/lavila.py. A `teacher:` section adds a frozen open_clip 
 (`teacher_frames`) the distillation terms read: computed on the device once per batch, or read
 from the shards when `teacher.cached`. With `method.options.teacher_view` and a two-view sampler
 the teacher sees its own augmentation of the clip (iBoot, configs/methods/iboot.yaml).
+
+References (docs/methods.md lists what still differs, with reasons):
+- VATT: google-research/google-research vatt/ (read at 2f6c4f7 and later): utils/train/objectives.py
+  `AsymmetricNCE` (the loss its configs/multimodal.py TxFACModel and MMVFACModel name; mmvssl's
+  `mil_nce` computes it with the positive once in the denominator, tests/test_methods_mechanisms.py),
+  configs/loss.py (temperature, weights), modeling/heads/bridge.py `FACHead`.
+- MMV: google-deepmind/deepmind-research mmv/ @ c146166: models/mm_embeddings.py
+  `AudioTextVideoEmbedding` (`fac_relu`: video -> va an MLP with BN after, ReLU, va -> vat a linear layer
+  with BN after; audio -> va and text -> vat linear) and config.py (512 / 256 dims), which
+  mmvssl/models/heads.py `FACHeads` follow (tests/test_methods_mechanisms.py). The release holds the
+  model and the UCF101 evaluation, not the training loss: the loss is VATT's MMV-FAC baseline's.
+- iBoot (Saxena et al. 2022): no official code found public (searched the code index by the paper's
+  title and by "iboot" repository names; only unrelated iBOT / boot-loader repositories), so the
+  paper's text is the reference.
 """
 
 from __future__ import annotations

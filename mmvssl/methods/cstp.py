@@ -27,12 +27,20 @@ pretext tasks: the clips' spatio-temporal overlap rate (STOR), their playback ra
   (`video_frames` averaged over t). loss = byol_weight * byol + overlap_weight * overlap +
   rate_weight * rate + rotation_weight * rotation; a term is on when its weight is positive.
 
-Reference: the official code (github.com/Katou2/CSTP) is not in the public index we could search, so
-this module follows the paper: the pretext transformations are applied to copies that only the
-pretext heads see, the contrastive (BYOL) pair is left untransformed. Departures: the head designs,
-loss weights and label sets are this module's: overlap is regressed (not classified into bins), and
-the rotation does not enter the spatial IoU. Playback rate is made on the device by temporal
-subsampling of a decoded clip, so configs decode max(strides) x the model's frames. The model's
+Reference: the official code is public, KT27-A/CSTP @ cd68686 (read for this docstring):
+main_byol.py `train_BYOL` (loss = 0.1 BYOL + spatial-overlap CE + temporal-overlap CE + playback CE
+on both clips + rotation CE on both clips), data_process/datasets.py `UcfRepreBYOLSpPre` and its
+constants (PACE 1/2/4/8, OVERLAP_TEM_RATE 1.0-0.2 in 5 classes, ROTATE 0/90/180/270 per clip),
+data_process/preprocess_data.py (OVERLAP_SPA_RATE 1.0-0.2 in 5 classes). This module does not follow
+it where docs/methods.md says so: upstream's BYOL views *are* the rotated, rate-changed clips (one
+rate for both, a rotation drawn per clip), where here they are untransformed and the transformations
+go to copies that only the pretext heads see (the issue's reading of the paper); overlap is one
+regressed product of temporal and spatial IoU (upstream: two 5-way classifications); the rate has
+`strides` (upstream 4 classes), rotation is predicted on one copy (upstream on both clips); the
+weights are this config's (upstream 0.1 for BYOL, 1 for each pretext term), and BYOL's two terms are
+averaged where upstream sums them (models/pace/r21d_byol.py `_cal_loss`), and the target's momentum
+follows a cosine where upstream keeps 0.996. Playback rate is made on the device by temporal subsampling of a
+decoded clip, so configs decode max(strides) x the model's frames. The model's
 projection output is L2-normalised before the predictor (the model normalises every embedding),
 where BYOL's projector output is not.
 """

@@ -14,6 +14,19 @@ One module, two papers, told apart by their configs (configs/methods/):
 The model returns `video_<space>` (B, V, D), normalised, for V >= 2 views; every pair of views
 (v, w) with v < w is one NT-Xent term (averaged), so SimCLR's two views give exactly NT-Xent.
 Negatives are gathered across processes (losses/contrastive.py).
+
+References (docs/methods.md lists what still differs, with reasons):
+- SimCLR: google-research/simclr, data_util.py (`preprocess_for_train`, `batch_random_blur`),
+  objective.py `add_contrastive_loss` (loss_a + loss_b: twice mmvssl's value,
+  tests/test_methods_mechanisms.py), model_util.py `projection_head` (Linear-BN-ReLU, then a
+  Linear-BN output layer without bias).
+- CVRL: tensorflow/models official/projects/video_ssl: ops/video_ssl_preprocess_ops.py
+  `sample_ssl_sequence` (the gap's CDF 2k/m - k^2/m^2, earlier start uniform, order shuffled: the
+  `cvrl` sampler, tests/test_methods_mechanisms.py) and `random_color_jitter_3d` / `random_blur` /
+  `random_solarization`, dataloaders/video_ssl_input.py `_process_image` (crop area 0.3-1, aspect
+  0.5-2; blur p 1.0 on the first clip and 0.1 on the second, solarisation p 0.2 on the second),
+  losses/losses.py `contrastive_loss` (loss_a + loss_b, as SimCLR's), modeling/video_ssl_model.py and
+  configs/video_ssl.py (3 hidden Dense-BN-ReLU layers of 2048, then Dense(128); temperature 0.1).
 """
 
 from __future__ import annotations

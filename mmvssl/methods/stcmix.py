@@ -25,6 +25,11 @@ As implemented:
 - loss = cross_weight * cross + stc_weight * (stc_rgb + stc_motion) / 2
   + cmmc_weight * (cmmc_rgb + cmmc_motion) / 2. The saved model is the RGB stream.
 
+Reference: no official code found public after looking (the code index searched by the paper's title
+and "cross-modal manifold cutmix"; the first author's 15 indexed repositories, srijandas07/*, hold
+none; a curated list of video SSL papers gives the MVA paper with no code link), so the paper's text
+is the reference.
+
 Departures from the paper: the paper trains in two stages (STC-Mix per modality, then CMMC between
 modalities initialised from them) with MoCo-style memory and 3-D CNNs mixing feature maps of a
 chosen residual stage; here the terms train together from the start, negatives are the global

@@ -21,8 +21,9 @@ persistent (clip-level) loss pulls the two clips' embeddings together.
   embeddings at `clip_temperature`.
 - loss = dense_weight * dense + clip_weight * persistent; a term is on when its weight is positive.
 
-Reference: no official code of TeG was found to read (none in the public index we could search);
-the module follows the paper. Departures: TeG's backbones are 3-D CNNs whose last stage keeps a
+Reference: no official code of TeG found public after looking (the code index searched by the paper's
+title, "temporal granularity", and the long/short-clip dense loss; nothing by its authors), so the
+module follows the paper. Departures: TeG's backbones are 3-D CNNs whose last stage keeps a
 temporal axis; here the dense embeddings are the transformer's per-time token means, so a "time
 step" is one tubelet (p frames) wide. Clip lengths, frame rates and temperatures are this config's.
 """
