@@ -1,8 +1,8 @@
 """The mechanism that defines a method, checked against its official code's formula by hand (issue 24,
 Done-when 4), for the methods whose defining part had no such test beside "the loss falls": MMV's FAC
 projection graph, VATT's AsymmetricNCE with several candidates, CVRL's pair of clips, SimCLR's NT-Xent
-as its objective.py sums it, and CSTP's BYOL term. The other methods' mechanism tests are listed in
-docs/methods.md ("Evidence" aside) and in the parity cases (tests/test_parity.py).
+as its objective.py sums it, and CSTP's BYOL term. The other methods' mechanism tests live beside
+them (tests/test_methods_<name>.py, tests/test_losses.py) and in the parity cases (tests/test_parity.py).
 
 Tiny tensors; expected values computed with plain Python / float64 loops from the formula, compared
 within a tolerance that float32 rounding of a few dozen operations cannot reach (rel 1e-5).
