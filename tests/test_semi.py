@@ -247,7 +247,7 @@ def test_cmpl_trains_both_networks_and_ships_the_main_one(demo_shards, tmp_path)
     assert all(0 <= r["pseudo_label_share"] <= 1 and 0 <= r["pseudo_label_share_aux"] <= 1 for r in log)
     one = load_file(str(out / "checkpoints" / "step_00000001" / "method.safetensors"))
     two = load_file(str(out / "checkpoints" / "step_00000002" / "method.safetensors"))
-    aux = [k for k in one if k.startswith("aux_net.backbone.encoders.video.")]
+    aux = [k for k in one if k.startswith("aux_net.stages.")]  # the auxiliary CNN's blocks
     assert aux and any(not torch.equal(one[k], two[k]) for k in aux)  # the auxiliary network trains
     assert one["aux_net.head.weight"].shape == (5, 64)  # the lighter width
     main = load_classifier(final)

@@ -95,11 +95,13 @@ def check_semi_options(options, name: str) -> None:
         raise ConfigError(f"method.options.threshold must be in (0, 1], got {options.threshold} (method '{name}')")
 
 
-def build_semi(cls, cfg: DictConfig, ctx, second_config: Callable) -> tuple:
+def build_semi(cls, cfg: DictConfig, ctx, second_config: Callable | None = None,
+               second_network: Callable | None = None) -> tuple:
     """(main classifier, method) for a semi-supervised method with a second network (TG's temporal-
     gradient stream, CMPL's auxiliary model): its options checked, one clip per sample, both
-    classifiers for the task (the main one from options.pretrained, the second from
-    second_config(options), randomly initialised), and the labelled subset set up."""
+    classifiers for the task (the main one from options.pretrained; the second one
+    second_network(options, task), or the classifier of the config second_config(options), randomly
+    initialised), and the labelled subset set up."""
     options = cls.options(cfg)
     check_semi_options(options, cls.name)
     if ctx.spec.multi_view:
@@ -107,6 +109,8 @@ def build_semi(cls, cfg: DictConfig, ctx, second_config: Callable) -> tuple:
                           f"data.sampler '{ctx.spec.sampler}' gives several (use random)")
     task = task_of(options, cls.name)
     net = build_classifier(cfg, options, task, pretrained=options.pretrained)
-    method = cls(options, build_classifier(second_config(options), options, task))
+    second = (second_network(options, task) if second_network is not None
+              else build_classifier(second_config(options), options, task))
+    method = cls(options, second)
     setup_labels(method, cfg, ctx, options, task)
     return net, method
