@@ -18,12 +18,21 @@ finished shards kept by a re-run. The new metadata: `pseudo_narrations` [{start,
 candidates: [{text, score}, ...]}] (text and score: the best candidate) and
 `pseudo_narrations_provenance` (the provenance itself); the dual encoder draws one candidate per
 clip (mmvssl.data.sampling.source_texts), as LaViLa draws one of a clip's narrations.
+
+Under torchrun (mmvssl/data/workshare.py) the input's shards are dealt out over the processes
+(with `--shards-out`, as the rewriter deals its unfinished parts; else shard i to rank i % world).
+Each process appends its lines to its own file, `.<out name>.parts/rank-NNNNN.jsonl` beside
+`--out`; after every process is done, rank 0 appends their complete lines to `--out` (lines it
+already holds are not added twice) and removes them, so `--out` holds the lines one process
+writes, in another order. A killed run's rank files are read back by the next run (with any
+number of processes) as windows done, and merged at its end.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -38,6 +47,7 @@ from .data.rewrite import Part, ShardRewriter, chunked_parts, shard_parts
 from .data.sampling import sliding_windows
 from .data.shardio import MemberLimits, skip_unreadable_shard, tar_samples
 from .data.shards import MEDIA_SUFFIXES
+from .data.workshare import Share
 from .errors import MmvsslError
 from .narrator.generate import GenerationConfig, generate
 from .narrator.model import Narrator
@@ -74,17 +84,58 @@ def _parts(source: str, limits: MemberLimits | None = None) -> Iterator[Part]:
     return shard_parts(list_shards(source), reader=lambda url: _read_shard_leniently(url, limits))
 
 
-def _written_rows(out_file: Path) -> dict[str, list[dict]]:
-    """Rows already in the output, by key (a line cut by an interruption is simply redone)."""
+def _written_rows(*files: Path) -> dict[str, list[dict]]:
+    """Rows already in the output (and in the processes' files of an unfinished run), by key (a
+    line cut by an interruption is simply redone)."""
     rows: dict[str, list[dict]] = {}
-    if out_file.is_file():
-        for line in out_file.read_text().splitlines():
+    for path in files:
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
             try:
                 row = json.loads(line)
                 rows.setdefault(row["key"], []).append(row)
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue
     return rows
+
+
+def _rank_files(out_path: Path) -> tuple[Path, list[Path]]:
+    """(the folder of the processes' line files, the files in it now)."""
+    folder = out_path.with_name(f".{out_path.name}.parts")
+    return folder, sorted(folder.glob("rank-*.jsonl"))
+
+
+def _open_for_append(path: Path):
+    """`path` opened to append lines; a last line cut by an interruption is dropped first, so the
+    next line does not join it."""
+    if path.is_file() and path.stat().st_size:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            os.truncate(path, data.rfind(b"\n") + 1)
+    return open(path, "a")
+
+
+def _merge_rank_files(out_path: Path) -> None:
+    """Rank 0, after every process finished: the complete lines of the processes' files appended to
+    `out_path` (durably; a line it holds already, from a merge interrupted before the files were
+    removed, is not added again), then the files removed."""
+    folder, files = _rank_files(out_path)
+    if not files:
+        return
+    have = set(out_path.read_text().splitlines()) if out_path.is_file() else set()
+    with _open_for_append(out_path) as out:
+        for path in files:
+            for line in path.read_text().splitlines(keepends=True):
+                if line.endswith("\n") and line[:-1] not in have:
+                    out.write(line)
+                    have.add(line[:-1])
+        out.flush()
+        os.fsync(out.fileno())
+    for path in files:
+        path.unlink()
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def narration_provenance(model: Narrator, tokenizer_file: Path, gen: GenerationConfig, window: float,
@@ -133,7 +184,8 @@ def narrate(model_dir: str, source: str, out_file: str, window_seconds: float | 
             stride: float | None = None, shards_out: str | None = None, gen: GenerationConfig = GenerationConfig(),
             batch_size: int = 8, progress: bool = True, limits: MemberLimits | None = None) -> dict:
     """Narrate every window of `source` (a folder of videos or shards) into `out_file`; shard members
-    over `limits` (--max-member-mb) are refused from their tar header and their videos skipped."""
+    over `limits` (--max-member-mb) are refused from their tar header and their videos skipped.
+    Under torchrun every process narrates its share; the counts returned are over all processes."""
     if gen.num_candidates < 1 or gen.num_beams < 1:
         raise MmvsslError(f"narrate: --num-candidates and --num-beams must be at least 1, got "
                           f"{gen.num_candidates} and {gen.num_beams}")
@@ -148,9 +200,13 @@ def narrate(model_dir: str, source: str, out_file: str, window_seconds: float | 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     provenance = narration_provenance(model, tok_file, gen, window, stride)
     pid = provenance_id(provenance)
-    _record_provenance(out_path, pid, provenance)
+    share = Share.from_env()
+    if share.is_main:
+        _record_provenance(out_path, pid, provenance)
+    rank_folder, rank_files = _rank_files(out_path)
     written = {k: [r for r in rows if r.get("provenance") == pid]  # rows made otherwise are redone
-               for k, rows in _written_rows(out_path).items()}
+               for k, rows in _written_rows(out_path, *rank_files).items()}
+    share.barrier()  # every process has read what is done before any writes
     done = {(k, round(float(r["start"]), 3)) for k, rows in written.items() for r in rows}
     counts = {"videos": 0, "windows": 0, "skipped_done": 0, "failed": [], "provenance": provenance}
 
@@ -192,14 +248,19 @@ def narrate(model_dir: str, source: str, out_file: str, window_seconds: float | 
         rewriter = ShardRewriter(shards_out, REPORT, {"narrator": str(Path(model_dir).resolve()),
                                                       "settings": json.loads(json.dumps(settings)),
                                                       "provenance": provenance},
-                                 command="narrate --shards-out")
+                                 command="narrate --shards-out", share=share)
     bar = None
-    if progress:
+    if progress and share.is_main:
         from tqdm import tqdm
         bar = tqdm(desc="narrate", unit="video", file=sys.stderr)
     parts = _parts(source, limits)
-    with open(out_path, "a") as out:
-        for context in (rewriter.pending(parts) if rewriter else _unwritten(parts)):
+    if share.world > 1:  # this process's lines: its own file, merged into out_path at the end
+        rank_folder.mkdir(exist_ok=True)
+        lines_path = rank_folder / f"rank-{share.rank:05d}.jsonl"
+    else:
+        lines_path = out_path
+    with _open_for_append(lines_path) as out:
+        for context in (rewriter.pending(parts) if rewriter else _unwritten(parts, share)):
             with context as shard:
                 for raw in shard.part.samples():
                     if bar is not None:
@@ -225,6 +286,14 @@ def narrate(model_dir: str, source: str, out_file: str, window_seconds: float | 
                         shard.write(raw, {"json": json.dumps(meta).encode("utf-8")})  # every other member kept
     if bar is not None:
         bar.close()
+    if rewriter is not None:
+        rewriter.finish()  # every process's shards in narrate_report.json
+    every = share.gather_objects({k: counts[k] for k in ("videos", "windows", "skipped_done", "failed")})
+    counts.update({k: sum(c[k] for c in every) for k in ("videos", "windows", "skipped_done")},
+                  failed=[f for c in every for f in c["failed"]])
+    if share.is_main:  # the gather above waited for every process: their lines are in their files
+        _merge_rank_files(out_path)  # also those of a killed earlier run
+    share.barrier()  # no process returns before out_path holds every line
     if counts["videos"] == 0 and not counts["failed"] and not (rewriter and rewriter.done_before):
         raise MmvsslError(f"no videos found in {source}")
     return counts
@@ -243,5 +312,6 @@ class _ReadOnly:
         return False
 
 
-def _unwritten(parts) -> Iterator[_ReadOnly]:
-    return (_ReadOnly(p) for p in parts)
+def _unwritten(parts, share: Share) -> Iterator[_ReadOnly]:
+    """Without --shards-out: part i is rank i % world's (the others' shards are not read)."""
+    return (_ReadOnly(p) for i, p in enumerate(parts) if share.owns(i))

@@ -13,6 +13,8 @@ def _narrate(args) -> None:
     counts = narrate(args.model, args.input, args.out, window_seconds=args.window_seconds, stride=args.stride,
                      shards_out=args.shards_out, gen=gen, batch_size=args.batch_size,
                      limits=MemberLimits(args.max_member_mb, args.max_text_member_mb))
+    if not _is_main():  # under torchrun the counts are over every process: rank 0 tells them
+        return
     print(f"narrated {counts['windows']} windows of {counts['videos']} videos "
           f"({counts['skipped_done']} already done, {len(counts['failed'])} videos skipped) -> {args.out}")
 
@@ -24,7 +26,14 @@ def _rephrase(args) -> None:
                          prompt=args.prompt, seed=args.seed)
     counts = rephrase_shards(args.t5_dir, args.shards, args.out, cfg, samples_per_shard=args.samples_per_shard,
                              overwrite=args.overwrite)
+    if not _is_main():
+        return
     print(json.dumps({**counts, "out": args.out}))
+
+
+def _is_main() -> bool:
+    from ..data.workshare import Share
+    return Share.from_env().is_main
 
 
 def _tokenizer_train(args) -> None:

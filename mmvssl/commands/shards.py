@@ -57,6 +57,8 @@ def _add_features(args) -> None:
     report = add_teacher_features(arch, pretrained, args.shards, args.out, fps=args.fps, size=args.size,
                                   image_size=args.image_size or image_size, batch_size=args.batch_size,
                                   device=args.device, overwrite=args.overwrite, progress=True)
+    if not _is_main():  # under torchrun every process returns the same report: rank 0 tells it
+        return
     shards = report["shards"]
     skipped = [(name, item) for name, r in shards.items() for item in r["skipped"]]
     print(f"teacher {report['teacher']['arch']} ({report['teacher']['pretrained']}, "
@@ -72,6 +74,8 @@ def _add_flow(args) -> None:
     from ..data.add_flow import add_flow
     report = add_flow(args.shards, args.out, algorithm=args.algorithm, fps=args.fps, size=args.size, clip=args.clip,
                       overwrite=args.overwrite, progress=True)
+    if not _is_main():
+        return
     shards = report["shards"]
     skipped = [(name, item) for name, r in shards.items() for item in r["skipped"]]
     s = report["settings"]
@@ -81,6 +85,11 @@ def _add_flow(args) -> None:
           f"(details in {os.path.join(args.out, 'flow_report.json')})")
     for name, item in skipped[:10]:
         print(f"  skipped {name} {item['key']}: {item['reason']}")
+
+
+def _is_main() -> bool:
+    from ..data.workshare import Share
+    return Share.from_env().is_main
 
 
 def _limit_flags(parser) -> None:

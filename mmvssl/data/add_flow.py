@@ -28,7 +28,7 @@ from .cachetimes import cached_times
 from .decode import DecodeError, decode_window, probe
 from .flow import FORMAT, MEMBER, OLD_FORMATS, REPORT, FlowComputer, encode_member, quantise
 from .rawsample import is_failed_download, metadata, video_bytes
-from .rewrite import OutputShard, ShardRewriter, shard_parts
+from .rewrite import OutputShard, ShardRewriter, shard_parts, stable_safetensors
 from .shardio import list_shards, shard_size
 
 CHUNK_FRAMES = 128  # frames decoded per call: bounds the memory a long video takes
@@ -59,7 +59,7 @@ def _add_one(raw: dict, shard: OutputShard, settings: dict) -> None:
     q, scale = quantise(flow, settings["clip"])
     member = encode_member(q, scale, times, settings["algorithm"], settings["fps"], settings["size"],
                            settings["clip"], duration)
-    shard.write(raw, {MEMBER: member})
+    shard.write(raw, {MEMBER: stable_safetensors(member)})  # the same bytes in every run
     shard.count("frames", len(times))
 
 
@@ -92,8 +92,8 @@ def add_flow(shards: str, out_dir: str | os.PathLike, algorithm: str = "dis", fp
                              overwrite=overwrite, mismatch=_report_mismatch, command="add-flow",
                              counts=("frames", "without_video"))
     from tqdm import tqdm
-    bar = tqdm(total=sum(shard_size(p.source) for p in parts if p.name not in rewriter.report["shards"]),
-               desc="add-flow", unit="sample", file=sys.stderr, disable=not progress)
+    bar = tqdm(total=sum(shard_size(p.source) for p in rewriter.assigned(parts)),
+               desc="add-flow", unit="sample", file=sys.stderr, disable=not progress or not rewriter.share.is_main)
     with bar:
         for context in rewriter.pending(parts):
             with context as shard:
@@ -105,5 +105,5 @@ def add_flow(shards: str, out_dir: str | os.PathLike, algorithm: str = "dis", fp
                         reason = str(e) or type(e).__name__
                         shard.skip(raw, reason)
                         print(f"add-flow: skipped {shard.part.name} {raw['__key__']}: {reason}", file=sys.stderr)
-    rewriter.save()
-    return {**rewriter.report, "done_before": sorted(set(rewriter.done_before) & {p.name for p in parts})}
+    report = rewriter.finish()  # every process's shards, merged by rank 0
+    return {**report, "done_before": sorted(set(rewriter.done_before) & {p.name for p in parts})}

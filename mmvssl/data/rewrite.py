@@ -14,7 +14,19 @@ Conventions, the same for every rewriter:
   samples written, counts, and the samples skipped with their reason) and `sizes.json` are
   rewritten atomically, so a re-run skips finished shards and redoes an interrupted one;
 - a folder written with another header (other settings, another model) is refused unless
-  `overwrite`, which removes this rewriter's own files only.
+  `overwrite`, which removes this rewriter's own files only;
+- the bytes of a shard depend only on its input and the pass: every tar header has the same
+  mtime (TAR_MTIME; webdataset's default is the clock) and safetensors members are written with
+  sorted metadata (`stable_safetensors`), so a re-run, or another process, writes the same bytes.
+
+Several processes (torchrun; mmvssl/data/workshare.py): the parts not finished before are dealt
+out, the j-th to rank j % world (parts cut from a stream are drained by the others, not decoded).
+A process records each shard it finishes in its own small JSON file, `.<report>.parts/<name>.json`
+beside the shards (atomic, after the shard's rename), so no two processes ever rewrite one file;
+at the end (`finish`) the records of every process are gathered and rank 0 writes the report and
+`sizes.json`, shards in name order, exactly as one process writes them, and removes the records.
+A run that was killed leaves records of the shards it finished; the next run, with any number of
+processes, counts them as done and redoes only the others.
 """
 
 from __future__ import annotations
@@ -22,6 +34,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -33,6 +47,22 @@ from ..fsio import atomic_write_json, commit_file
 from .rawsample import read_shard, sample_key, stored_members
 from . import remote
 from .shardio import absolute_url
+from .workshare import Share
+
+TAR_MTIME = 946684800  # 2000-01-01: the fixed mtime of every member written (reproducible bytes)
+
+
+def stable_safetensors(data: bytes) -> bytes:
+    """safetensors bytes with the header's keys sorted. safetensors (Rust) writes `__metadata__`
+    from a hash map whose order changes from process to process, so the same tensors and metadata
+    give other bytes in another run; no option of the library fixes it, hence this. The header is
+    an 8-byte length and JSON padded with spaces: sorting keeps its length, the tensor data is untouched."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > length:
+        raise ValueError(f"safetensors header of {length} bytes re-encodes to {len(text)}")
+    return data[:8] + text.ljust(length, b" ") + data[8 + length:]
 
 
 @dataclass
@@ -101,19 +131,21 @@ class ShardRewriter:
     """Writes parts into `out_dir` under the conventions of the module docstring.
 
         rewriter = ShardRewriter(out, "flow_report.json", {"settings": settings}, inputs=urls)
-        for shard in rewriter.pending(shard_parts(urls)):
-            with shard:                     # renamed and reported when the block ends normally
+        for context in rewriter.pending(shard_parts(urls)):   # this process's unfinished parts
+            with context as shard:          # renamed and recorded when the block ends normally
                 for raw in shard.part.samples():
                     shard.write(raw, {"flow.npz": ...})   # or shard.skip(raw, reason)
-        report = rewriter.report
+        report = rewriter.finish()          # every process: the merged report
     """
 
     def __init__(self, out_dir: str | os.PathLike, report_name: str, header: dict, inputs: Iterable[str] = (),
                  overwrite: bool = False, mismatch: Callable[[dict, dict], str | None] | None = None,
-                 command: str = "this command", counts: Iterable[str] = ()):
+                 command: str = "this command", counts: Iterable[str] = (), share: Share | None = None):
         """`header`: what the report records about the run (settings, model) and what a resumed run
         must match; `mismatch(old, new)` says why an earlier run's header does not (None: it does);
-        `counts`: the counters every shard's entry reports (from 0)."""
+        `counts`: the counters every shard's entry reports (from 0); `share`: this process's place
+        among the pass's processes (default: from torchrun's environment, one process without it)."""
+        self.share = share or Share.from_env()
         # an s3:// out: written in a local staging folder, each finished shard uploaded (remote.Staging)
         self.staging = remote.Staging(str(out_dir)) if remote.is_remote(out_dir) else None
         self.where = str(out_dir).rstrip("/") if self.staging else Path(out_dir)
@@ -124,10 +156,15 @@ class ShardRewriter:
                 else self.out.resolve() in {Path(u).resolve().parent for u in inputs if not remote.is_remote(u)}):
             raise MmvsslError(f"--out {self.where} is the input shard folder: write the new shards elsewhere")
         self.mismatch = mismatch or _differs
+        self.records = f".{report_name}.parts"  # a process's record of each shard it finished
         self.report = self._prepare(overwrite)
+        if not overwrite:  # shards finished by processes of an earlier run that did not get to merge them
+            self.report["shards"].update(self._read_records())
         done = (lambda n: n in self.staging.names) if self.staging else (lambda n: (self.out / n).is_file())
         self.done_before = sorted(n for n in self.report["shards"] if done(n))
         self.report["shards"] = {n: self.report["shards"][n] for n in self.done_before}
+        self.written: list[str] = []  # shards this process finished in this run
+        self.share.barrier()  # rank 0 has cleaned up (partials, --overwrite) before anyone writes
 
     def _prepare(self, overwrite: bool) -> dict:
         """The report of an earlier run with the same header, or a fresh one."""
@@ -135,7 +172,8 @@ class ShardRewriter:
         path = self.out / self.report_name
         if self.staging:
             self.staging.fetch(self.report_name)
-        for partial in self.out.glob("*.tar.partial"):  # an interrupted shard is redone
+        main = self.share.is_main  # every process reads and checks; only rank 0 removes anything
+        for partial in self.out.glob("*.tar.partial") if main else ():  # an interrupted shard is redone
             partial.unlink()
         old = None
         if path.is_file():
@@ -154,24 +192,88 @@ class ShardRewriter:
             if why:
                 raise MmvsslError(f"{self.where} {why}: pass --overwrite to replace it, or choose another folder")
             return old
-        if old is not None:  # overwrite: our own files only; anything else in the folder is left alone
+        if old is not None and main:  # overwrite: our own files only; anything else in the folder is left alone
             for name in old["shards"]:
                 (self.out / name).unlink(missing_ok=True)
                 if self.staging:
                     self.staging.remove(name)
+        if overwrite and main:
+            self._remove_records()
         elif (any(n.endswith(".tar") for n in self.staging.names) if self.staging
               else any(self.out.glob("*.tar"))) and not overwrite:
             raise MmvsslError(f"{self.where} holds shards without a {self.report_name}; pass --overwrite or choose "
                               f"another folder")
         return {**self.header, "shards": {}}
 
+    def _read_records(self) -> dict:
+        """{shard name: its entry} from the records left by the processes of an earlier run."""
+        if self.staging:
+            folder = f"{self.where}/{self.records}"
+            found = [(n, lambda n=n: remote.read_bytes(f"{folder}/{n}")) for n in remote.listing(folder)]
+        else:
+            found = [(p.name, p.read_bytes) for p in sorted((self.out / self.records).glob("*.json"))]
+        entries = {}
+        for file_name, read in found:
+            if not file_name.endswith(".json") or file_name.startswith("."):
+                continue  # a temporary file of an interrupted write
+            try:
+                entry = json.loads(read())
+            except (OSError, ValueError):
+                continue  # unreadable: its shard is redone
+            if isinstance(entry, dict) and isinstance(entry.get("samples"), int):
+                entries[file_name[:-len(".json")]] = entry
+        return entries
+
+    def _remove_records(self) -> None:
+        if self.staging:
+            folder = f"{self.where}/{self.records}"
+            for name in remote.listing(folder):
+                remote.remove(f"{folder}/{name}")
+        shutil.rmtree(self.out / self.records, ignore_errors=True)
+
+    def _assigned(self, parts: Iterable[Part]) -> Iterator[Part]:
+        """This process's parts among those not finished before: the j-th such part is rank j % world's."""
+        finished = set(self.done_before)
+        todo = (p for p in parts if p.name not in finished)
+        return (p for j, p in enumerate(todo) if self.share.owns(j))
+
+    def assigned(self, parts: list[Part]) -> list[Part]:
+        """The parts of a list this process will write (for a progress total)."""
+        return list(self._assigned(parts))
+
     def pending(self, parts: Iterable[Part]) -> Iterator["_ShardContext"]:
-        """A context for every part not finished by an earlier run, in order (finished ones are
-        passed over; a stream-cut part is drained by `chunked_parts`)."""
-        for part in parts:
-            if part.name in self.report["shards"]:
-                continue
+        """A context for every part of this process not finished by an earlier run, in order (the
+        others are passed over unread; a stream-cut part is drained by `chunked_parts`)."""
+        for part in self._assigned(parts):
             yield _ShardContext(self, part)
+
+    def _finished(self, name: str, result: dict) -> None:
+        """A shard is in place: one process rewrites the report; several each write a record."""
+        self.report["shards"][name] = result
+        self.written.append(name)
+        if self.share.world == 1:
+            self.save()
+            return
+        record = self.out / self.records / f"{name}.json"
+        record.parent.mkdir(exist_ok=True)
+        atomic_write_json(record, result)
+        if self.staging:  # the shard first, then its record
+            self.staging.publish([name])
+            remote.upload(record, f"{self.where}/{self.records}/{name}.json")
+
+    def finish(self) -> dict:
+        """Gather every process's finished shards; rank 0 writes the report and sizes.json (shards
+        in name order, as one process writes them) and removes the records. Every process returns
+        the merged report. Call it on every process, after its last shard."""
+        mine = {n: self.report["shards"][n] for n in self.written}
+        for entries in self.share.gather_objects(mine):
+            self.report["shards"].update(entries)
+        self.report["shards"] = dict(sorted(self.report["shards"].items()))
+        if self.share.is_main:
+            self.save()
+            self._remove_records()
+        self.share.barrier()  # no process returns before the report names every shard
+        return self.report
 
     def save(self) -> None:
         sizes = {name: r["samples"] for name, r in self.report["shards"].items()}
@@ -194,7 +296,8 @@ class _ShardContext:
         self.partial = rewriter.out / (part.name + ".partial")
 
     def __enter__(self) -> OutputShard:
-        writer = wds.TarWriter(str(self.partial), encoder=False)  # bytes as they are (no re-gzip of .gz)
+        # bytes as they are (no re-gzip of .gz), the same mtime in every run
+        writer = wds.TarWriter(str(self.partial), encoder=False, mtime=TAR_MTIME)
         result = {"source": self.part.source, "samples": 0, **{n: 0 for n in self.rewriter.counts}, "skipped": []}
         self.shard = OutputShard(self.part, writer, result)
         return self.shard
@@ -205,8 +308,7 @@ class _ShardContext:
             self.partial.unlink(missing_ok=True)
             return False
         commit_file(self.partial, self.rewriter.out / self.part.name)  # fsync, rename, fsync the folder
-        self.rewriter.report["shards"][self.part.name] = self.shard.result
-        self.rewriter.save()
+        self.rewriter._finished(self.part.name, self.shard.result)
         return False
 
 

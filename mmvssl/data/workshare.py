@@ -16,10 +16,11 @@ rank, a split and a meeting point, and torch.distributed gives those directly.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence, TypeVar
 
 from ..errors import MmvsslError
@@ -28,6 +29,7 @@ T = TypeVar("T")
 # How long a process waits at a meeting point for the others: a pass ends with every process
 # waiting for the slowest, which on a large narrate run is hours; MMVSSL_WORKSHARE_TIMEOUT_S overrides.
 DEFAULT_TIMEOUT_S = 7 * 24 * 3600
+_made_group = False  # whether this module made the process group (and so may destroy it)
 
 
 def _env_int(name: str) -> int | None:
@@ -47,7 +49,6 @@ class Share:
     world: int = 1
     local_rank: int = 0
     timeout_s: float = DEFAULT_TIMEOUT_S
-    _group_made: bool = field(default=False, repr=False)
 
     @classmethod
     def from_env(cls) -> "Share":
@@ -85,11 +86,14 @@ class Share:
         return index % self.world == self.rank
 
     def _group(self):
+        global _made_group
         import torch.distributed as dist
         if not dist.is_initialized():  # made here on first use (torchrun's env:// rendezvous)
             dist.init_process_group("gloo", rank=self.rank, world_size=self.world,
                                     timeout=datetime.timedelta(seconds=self.timeout_s))
-            self._group_made = True
+            if not _made_group:
+                atexit.register(_destroy)  # a pass that ends by an error leaves it too
+            _made_group = True
         elif dist.get_world_size() != self.world:
             raise MmvsslError(f"a process group of {dist.get_world_size()} processes exists, but WORLD_SIZE is "
                               f"{self.world}")
@@ -112,12 +116,8 @@ class Share:
         return [json.loads(t) for t in out]
 
     def close(self) -> None:
-        """Leave the process group this Share made (one made by someone else is left alone)."""
-        if self._group_made:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            self._group_made = False
+        """Leave the process group made here (one made by someone else, e.g. accelerate, is left alone)."""
+        _destroy()
 
     def __enter__(self) -> "Share":
         return self
@@ -125,3 +125,12 @@ class Share:
     def __exit__(self, *exc) -> bool:
         self.close()
         return False
+
+
+def _destroy() -> None:
+    global _made_group
+    if _made_group:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        _made_group = False

@@ -142,7 +142,7 @@ def rephrase_shards(t5_dir: str, shards: str, out_dir: str, cfg: RephraseConfig 
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(desc="rephrase", unit="sample", file=sys.stderr)
+        bar = tqdm(desc="rephrase", unit="sample", file=sys.stderr, disable=not rewriter.share.is_main)
     with torch.random.fork_rng(devices=[]):
         for context in rewriter.pending(shard_parts(urls, samples_per_shard)):
             with context as shard:
@@ -161,6 +161,7 @@ def rephrase_shards(t5_dir: str, shards: str, out_dir: str, cfg: RephraseConfig 
                 pending.flush()
     if bar is not None:
         bar.close()
+    rewriter.finish()  # every process's shards, merged by rank 0
     counts = rewriter.totals("narrations", "paraphrases", "generated", "empty")
     if counts["samples"] == 0 and counts["skipped"] == 0:
         raise MmvsslError(f"no samples found in {shards}")

@@ -30,7 +30,8 @@ import torch
 from ..data.decode import DecodeError, decode_window, probe
 from ..data.loader import frames_to_tensor
 from ..data.rawsample import is_failed_download, metadata, video_member
-from ..data.rewrite import OutputShard, ShardRewriter, shard_parts
+from ..data.rewrite import OutputShard, ShardRewriter, shard_parts, stable_safetensors
+from ..data.workshare import Share
 from ..data.shardio import list_shards, shard_size
 from ..errors import MmvsslError
 from .cache import MEMBER, REPORT, cached_times, describe, encode_member, same_teacher
@@ -157,8 +158,8 @@ class _FeatureWriter:
             return
         added = {}
         if item.times is not None:
-            added[MEMBER] = encode_member(torch.cat(item.features), item.times, self.identity, self.fps,
-                                          self.size, item.duration)
+            added[MEMBER] = stable_safetensors(encode_member(torch.cat(item.features), item.times, self.identity,
+                                                             self.fps, self.size, item.duration))
             self.shard.count("frames", len(item.times))
         self.shard.write(raw, added)
 
@@ -191,16 +192,18 @@ def add_teacher_features(arch: str, pretrained: str, shards: str, out_dir: str |
                           f"match no later run's teacher; name a tag or checkpoint (ARCH:PRETRAINED)")
     if Path(out_dir).resolve() in {Path(u).resolve().parent for u in urls}:
         raise MmvsslError(f"--out {out_dir} is the input shard folder: write the new shards elsewhere")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    share = Share.from_env()
+    if device is None:  # under torchrun, each process of a node on its own GPU
+        device = f"cuda:{share.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     teacher = load_teacher(arch, pretrained, image_size=image_size, device=device)
     identity = teacher_identity(arch, pretrained, image_size, teacher)
     settings = {"fps": float(fps), "size": int(size or teacher.image_size)}
     rewriter = ShardRewriter(out_dir, REPORT, {"teacher": identity, "settings": settings}, inputs=urls,
                              overwrite=overwrite, mismatch=_other_teacher, command="add-features",
-                             counts=("frames", "without_video"))
+                             counts=("frames", "without_video"), share=share)
     from tqdm import tqdm
-    bar = tqdm(total=sum(shard_size(p.source) for p in parts if p.name not in rewriter.report["shards"]),
-               desc="add-features", unit="sample", file=sys.stderr, disable=not progress)
+    bar = tqdm(total=sum(shard_size(p.source) for p in rewriter.assigned(parts)),
+               desc="add-features", unit="sample", file=sys.stderr, disable=not progress or not share.is_main)
     with bar:
         for context in rewriter.pending(parts):
             with context as shard:
@@ -208,5 +211,5 @@ def add_teacher_features(arch: str, pretrained: str, shards: str, out_dir: str |
                 for raw in shard.part.samples():
                     batcher.add(raw)
                 batcher.close()
-    rewriter.save()
-    return {**rewriter.report, "done_before": sorted(set(rewriter.done_before) & {p.name for p in parts})}
+    report = rewriter.finish()  # every process's shards, merged by rank 0
+    return {**report, "done_before": sorted(set(rewriter.done_before) & {p.name for p in parts})}
