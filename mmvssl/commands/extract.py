@@ -22,11 +22,18 @@ def extract_options(args):
 
 
 def _extract(args) -> None:
-    from ..evaluation.features import extract_features, save_features, sidecar_path
+    """One process, or every process of `torchrun --nproc_per_node N -m mmvssl.cli extract ...`
+    (the shards split over them, rank 0 writes the file and prints; evaluation.features.extract_to_file)."""
+    from ..data.workshare import Share
+    from ..evaluation.features import extract_to_file, sidecar_path
     from ..models.presets import load_model
     model = load_model(args.model)
-    features = extract_features(model, args.data, extract_options(args), model_path=args.model)
-    path = save_features(features, args.out)
+    with Share.from_env() as share:
+        features = extract_to_file(model, args.data, args.out, extract_options(args), model_path=args.model,
+                                   share=share)
+    if features is None:  # not the main process
+        return
+    path = args.out
     names = ", ".join(f"{k} {tuple(v.shape)}" for k, v in features.items() if hasattr(v, "shape") and v.ndim == 2)
     print(f"{len(features['keys'])} samples ({features['failed']} failed to decode): {names}")
     print(f"features: {path} + {sidecar_path(path)} (model fingerprint {features['info']['model']['fingerprint']})")

@@ -7,21 +7,30 @@ from ..errors import MmvsslError
 from ..search import limits
 
 
-def _print_build(counts: dict) -> None:
+def _print_build(counts: dict | None) -> None:
+    if counts is None:  # not the main process of a torchrun launch: rank 0 prints
+        return
     print(f"indexed {counts['videos']} videos, {counts['windows']} windows ({counts['embedded_videos']} videos "
           f"embedded now, {counts['kept']} unchanged, {counts['dropped']} dropped, {counts['rejected']} rejected) "
           f"-> {counts['index']} (details in {Path(counts['index']) / 'build_report.json'})")
 
 
 def _build(args) -> None:
+    """One process, or every process of `torchrun --nproc_per_node N -m mmvssl.cli index build ...`."""
+    from ..data.workshare import Share
     from ..search.index import build_index
-    _print_build(build_index(args.model, args.input, args.out, window=args.window, stride=args.stride,
-                             narrator=args.narrator, batch_size=args.batch_size, progress=not args.quiet))
+    with Share.from_env() as share:
+        _print_build(build_index(args.model, args.input, args.out, window=args.window, stride=args.stride,
+                                 narrator=args.narrator, batch_size=args.batch_size, progress=not args.quiet,
+                                 share=share))
 
 
 def _add(args) -> None:
+    from ..data.workshare import Share
     from ..search.index import add_to_index
-    _print_build(add_to_index(args.index, args.input, batch_size=args.batch_size, progress=not args.quiet))
+    with Share.from_env() as share:
+        _print_build(add_to_index(args.index, args.input, batch_size=args.batch_size, progress=not args.quiet,
+                                  share=share))
 
 
 def _read(path: str | None, what: str) -> bytes | None:

@@ -12,12 +12,23 @@ A feature set is a plain dict:
 Multi-clip: `num_clips` windows spread uniformly over each video (`uniform_windows`); multi-crop:
 `num_crops` = 3 takes left/centre/right (or top/centre/bottom) squares of the frames resized to
 the short side. Views are averaged (embeddings re-normalised after the mean).
+
+Shards are the unit of work: every shard is embedded on its own (a batch never spans two shards)
+into a part, and the parts are concatenated in the shard list's order. `extract_to_file` spreads
+the shards over the processes of `torchrun` (workshare.Share: shard i to rank i % world), each
+part written atomically into a hidden folder beside the output; rank 0 concatenates them after
+every process is done, so N processes write the same file as one (same keys in the same order,
+the same tensors: each sample is embedded in the same batch, of the same shape, either way). A
+killed run keeps its finished parts: the next run with the same model and options redoes only
+the shards that have none.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,10 +36,11 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 
+from .. import fsio
 from ..data.decode import DecodeError, decode_window, probe
 from ..data.loader import SampleSpec, frames_to_tensor, list_shards
 from ..data.rawsample import metadata, video_bytes
-from ..data.shardio import MemberLimits, skip_unreadable_shard, tar_stage
+from ..data.shardio import MemberLimits, skip_unreadable_shard, tar_samples
 from ..data.sampling import uniform_windows
 from ..data.text import build_tokenizer, tokenizer_for
 from ..errors import MmvsslError
@@ -175,63 +187,240 @@ def _mean_views(out: dict, batch: int, views: int) -> dict:
     return merged
 
 
+def _shard_batches(shards, decode: DecodeViews, batch_size: int, limits: MemberLimits | None):
+    """Pipeline stage: shards ({"url", "index"}) -> batches of one shard's samples, the shard's
+    last one marked "done" (maybe with no samples: an empty or unreadable shard still closes).
+    A batch never spans two shards, so how the shards are split over processes and DataLoader
+    workers changes no batch: every sample is embedded in the same batch, of the same shape,
+    however many processes run (a matmul's floats may depend on its shapes)."""
+    for shard in shards:
+        batch, failed = [], 0
+        for sample in decode(tar_samples([shard], skip_unreadable_shard, limits)):
+            if "failed" in sample:
+                failed += 1
+                continue
+            batch.append(sample)
+            if len(batch) == batch_size:
+                yield {"index": shard["index"], "samples": batch, "failed": failed, "done": False}
+                batch, failed = [], 0
+        yield {"index": shard["index"], "samples": batch, "failed": failed, "done": True}
+
+
 @torch.no_grad()
-def extract_features(model, shards: str, options: ExtractOptions | None = None, spec: SampleSpec | None = None,
-                     model_path: str | None = None, limits: MemberLimits | None = None) -> dict:
-    """The feature set of every sample of `shards` (module docstring). Members over `limits` are
-    refused from their tar header (shardio.tar_stage), reported on one line and their samples
-    counted in `failed`; the rest of the shard is still read."""
-    options = options or ExtractOptions()
-    spec = spec or eval_spec(model)
+def _embed_samples(model, spaces: dict, samples: list[dict]) -> dict[str, torch.Tensor]:
+    B = len(samples)
+    out = {}
+    if "video" in model.encoders:
+        video = torch.cat([s["video"] for s in samples])  # (B * V, 3, T, H, W)
+        out.update(_mean_views(embed_modality(model, "video", video, spaces["video"]), B, video.shape[0] // B))
+    if "audio" in model.encoders:
+        audio = torch.cat([s["audio"] for s in samples])  # (B * C, S)
+        out.update(_mean_views(embed_modality(model, "audio", audio, spaces["audio"]), B, audio.shape[0] // B))
+    tokens = torch.cat([s["tokens"] for s in samples])
+    if "text" in model.encoders and len(tokens):
+        out.update(embed_modality(model, "text", tokens, spaces["text"]))  # (M, D), one row per caption
+    return out
+
+
+LIST_FIELDS = ("keys", "captions", "labels", "sources", "metas", "text_captions")
+
+
+class _PartBuilder:
+    """One shard's features, batch by batch (text_owner counts from the shard's first sample)."""
+
+    def __init__(self):
+        self.lists = {name: [] for name in LIST_FIELDS}
+        self.failed, self.owner, self.has_audio, self.has_text = 0, [], [], []
+        self.tensors: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, samples: list[dict], out: dict[str, torch.Tensor], failed: int) -> None:
+        self.failed += failed
+        for name, x in out.items():
+            self.tensors.setdefault(name, []).append(x)
+        for s in samples:
+            n = len(self.lists["keys"])
+            self.lists["keys"].append(s["key"])
+            self.lists["captions"].append(s["captions"][0] if s["captions"] else "")
+            self.lists["labels"].append(s["meta"].get("label"))
+            self.lists["sources"].append(s["source"])
+            self.lists["metas"].append({k: v for k, v in s["meta"].items() if isinstance(v, (str, int, float, bool))})
+            self.lists["text_captions"] += s["captions"]
+            self.owner += [n] * len(s["captions"])
+            self.has_audio.append(s["has_audio"])
+            self.has_text.append(bool(s["captions"]))
+
+    def finish(self) -> dict:
+        """The part: the list fields, `failed`, and tensors (embeddings, text_owner, has_audio, has_text)."""
+        return {**self.lists, "failed": self.failed, **{name: torch.cat(v) for name, v in self.tensors.items()},
+                "text_owner": torch.tensor(self.owner, dtype=torch.long),
+                "has_audio": torch.tensor(self.has_audio, dtype=torch.bool),
+                "has_text": torch.tensor(self.has_text, dtype=torch.bool)}
+
+
+@torch.no_grad()
+def shard_parts(model, shards: list[tuple[int, str]], options: ExtractOptions, spec: SampleSpec,
+                limits: MemberLimits | None = None):
+    """(index, part) for every (index, url) of `shards`, each as its shard is finished (with
+    DataLoader workers, not necessarily in order); a part holds its shard's samples in tar order."""
     model.eval()
     spaces = model_spaces(model)
     decode = DecodeViews(spec, options, tokenizer_for(model, spec.context_length))  # an imported model's own tokenizer
-    pipeline = wds.DataPipeline(wds.SimpleShardList(list_shards(shards)), wds.split_by_worker,
-                                tar_stage(skip_unreadable_shard, limits or options.limits), decode,
-                                lambda src: _batches(src, options.batch_size))
+    limits = limits or options.limits
+    items = [{"url": url, "index": i} for i, url in shards]
+    pipeline = wds.DataPipeline(lambda: iter(items), wds.split_by_worker,
+                                lambda src: _shard_batches(src, decode, options.batch_size, limits))
     loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=options.num_workers)
-    feats: dict[str, list[torch.Tensor]] = {}
-    fs = {"keys": [], "captions": [], "labels": [], "sources": [], "metas": [], "text_captions": [],
-          "text_owner": [], "has_audio": [], "has_text": [], "failed": 0}
+    building: dict[int, _PartBuilder] = {}
     for item in loader:
-        fs["failed"] += item["failed"]
+        part = building.setdefault(item["index"], _PartBuilder())
         samples = item["samples"]
-        if not samples:
-            continue
-        B = len(samples)
-        out = {}
-        if "video" in model.encoders:
-            video = torch.cat([s["video"] for s in samples])  # (B * V, 3, T, H, W)
-            out.update(_mean_views(embed_modality(model, "video", video, spaces["video"]), B, video.shape[0] // B))
-        if "audio" in model.encoders:
-            audio = torch.cat([s["audio"] for s in samples])  # (B * C, S)
-            out.update(_mean_views(embed_modality(model, "audio", audio, spaces["audio"]), B, audio.shape[0] // B))
-        tokens = torch.cat([s["tokens"] for s in samples])
-        if "text" in model.encoders and len(tokens):
-            out.update(embed_modality(model, "text", tokens, spaces["text"]))  # (M, D), one row per caption
-        for name, x in out.items():
-            feats.setdefault(name, []).append(x)
-        for s in samples:
-            n = len(fs["keys"])
-            fs["keys"].append(s["key"])
-            fs["captions"].append(s["captions"][0] if s["captions"] else "")
-            fs["labels"].append(s["meta"].get("label"))
-            fs["sources"].append(s["source"])
-            fs["metas"].append({k: v for k, v in s["meta"].items() if isinstance(v, (str, int, float, bool))})
-            fs["text_captions"] += s["captions"]
-            fs["text_owner"] += [n] * len(s["captions"])
-            fs["has_audio"].append(s["has_audio"])
-            fs["has_text"].append(bool(s["captions"]))
+        part.add(samples, _embed_samples(model, spaces, samples) if samples else {}, item["failed"])
+        if item["done"]:
+            yield item["index"], building.pop(item["index"]).finish()
+
+
+def merge_parts(parts: list[dict]) -> dict:
+    """Parts (shard_parts) in order -> one feature set without `info` (text_owner made global)."""
+    fs: dict = {name: [] for name in LIST_FIELDS}
+    fs["failed"] = 0
+    tensors: dict[str, list[torch.Tensor]] = {"text_owner": [], "has_audio": [], "has_text": []}
+    for part in parts:
+        offset = len(fs["keys"])
+        for name in LIST_FIELDS:
+            fs[name] += part[name]
+        fs["failed"] += part["failed"]
+        for name, x in part.items():
+            if isinstance(x, torch.Tensor):
+                tensors.setdefault(name, []).append(x + offset if name == "text_owner" else x)
+    empty = {"text_owner": torch.long, "has_audio": torch.bool, "has_text": torch.bool}
+    fs.update({name: torch.cat(v) if v else torch.zeros(0, dtype=empty[name]) for name, v in tensors.items()})
+    return fs
+
+
+def feature_info(model, shards: str, spec: SampleSpec, options: ExtractOptions, model_path: str | None) -> dict:
+    return {"format": FORMAT, "model": model_info(model, model_path), "data": str(shards),
+            "sampling": {"num_frames": spec.num_frames, "fps": spec.fps, "size": spec.size,
+                         "audio_rate": spec.audio_rate, "context_length": spec.context_length,
+                         **asdict(options), "aggregate": "mean"}}
+
+
+def _no_samples(shards: str, failed: int) -> MmvsslError:
+    return MmvsslError(f"no decodable samples in {shards} ({failed} failed to decode)")
+
+
+@torch.no_grad()
+def extract_features(model, shards: str, options: ExtractOptions | None = None, spec: SampleSpec | None = None,
+                     model_path: str | None = None, limits: MemberLimits | None = None) -> dict:
+    """The feature set of every sample of `shards` (module docstring), in this process. Members over
+    `limits` are refused from their tar header (shardio.tar_samples), reported on one line and their
+    samples counted in `failed`; the rest of the shard is still read."""
+    options = options or ExtractOptions()
+    spec = spec or eval_spec(model)
+    urls = list_shards(shards)
+    parts = dict(shard_parts(model, list(enumerate(urls)), options, spec, limits))
+    fs = merge_parts([parts[i] for i in range(len(urls))])
     if not fs["keys"]:
-        raise MmvsslError(f"no decodable samples in {shards} ({fs['failed']} failed to decode)")
-    fs.update({name: torch.cat(v) for name, v in feats.items()})
-    fs["text_owner"] = torch.tensor(fs["text_owner"], dtype=torch.long)
-    fs["has_audio"] = torch.tensor(fs["has_audio"], dtype=torch.bool)
-    fs["has_text"] = torch.tensor(fs["has_text"], dtype=torch.bool)
-    fs["info"] = {"format": FORMAT, "model": model_info(model, model_path), "data": str(shards),
-                  "sampling": {"num_frames": spec.num_frames, "fps": spec.fps, "size": spec.size,
-                               "audio_rate": spec.audio_rate, "context_length": spec.context_length,
-                               **asdict(options), "aggregate": "mean"}}
+        raise _no_samples(shards, fs["failed"])
+    fs["info"] = feature_info(model, shards, spec, options, model_path)
+    return fs
+
+
+# ---- `mmvssl extract` on many processes: one part per shard, rank 0 concatenates
+
+PART_FORMAT = "mmvssl-features-part/1"
+
+
+def parts_folder(out: Path) -> Path:
+    """Where the processes of one `extract --out FILE` put their parts: `.FILE.parts` beside it."""
+    return out.parent / f".{out.name}.parts"
+
+
+def _part_header(url: str, fingerprint: str, spec: SampleSpec, options: ExtractOptions) -> dict:
+    """What a part depends on; a part kept from a killed run is reused only if all of it matches.
+    A local shard's size and modification time stand for its content."""
+    stamp = None
+    if os.path.isfile(url):
+        st = os.stat(url)
+        stamp = [st.st_size, st.st_mtime_ns]
+    sampling = {"num_frames": spec.num_frames, "fps": spec.fps, "size": spec.size, "audio_rate": spec.audio_rate,
+                "context_length": spec.context_length, **asdict(options)}
+    sampling.pop("num_workers")  # changes no number
+    return json.loads(json.dumps({"format": PART_FORMAT, "url": url, "stamp": stamp, "model": fingerprint,
+                                  "sampling": sampling}))
+
+
+def _write_part(path: Path, header: dict, part: dict) -> None:
+    from safetensors.torch import save
+    tensors = {k: v.contiguous() for k, v in part.items() if isinstance(v, torch.Tensor)}
+    fields = {k: v for k, v in part.items() if not isinstance(v, torch.Tensor)}
+    fsio.atomic_write_bytes(path, save(tensors, metadata={"header": json.dumps(header), "fields": json.dumps(fields)}))
+
+
+def _read_part(path: Path, header: dict) -> dict | None:
+    """The part at `path` if it was written for `header`, else None (missing, or from another
+    shard, model or option). Our own file, written atomically; read without unpickling."""
+    from safetensors import SafetensorError, safe_open
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if json.loads(meta.get("header", "null")) != header:
+                return None
+            part = json.loads(meta["fields"])
+            part.update({name: f.get_tensor(name) for name in f.keys()})
+    except (OSError, KeyError, ValueError, SafetensorError):
+        return None
+    return part
+
+
+def extract_to_file(model, shards: str, out: str | Path, options: ExtractOptions | None = None,
+                    model_path: str | None = None, share=None) -> dict | None:
+    """`mmvssl extract`: the feature file of `shards` at `out`, written by the processes of `share`
+    (workshare.Share; one process without it). Each process embeds its shards (shard i to rank
+    i % world), each shard's part written atomically into parts_folder(out) as it is finished;
+    after all are done, rank 0 concatenates the parts in the shard list's order (what one process
+    reads), writes `out` and its sidecar atomically and removes the parts. Re-running after a kill
+    reuses every part whose header matches (_part_header) and redoes the others. The feature set
+    is returned on rank 0, None on the others. `out` must be on a file system every process sees."""
+    from ..data.workshare import Share
+    share = share or Share()
+    options = options or ExtractOptions()
+    out = Path(out)
+    check_feature_path(out)
+    spec = eval_spec(model)
+    urls = list_shards(shards)
+    folder = parts_folder(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    fingerprint = model_fingerprint(model)
+    headers = [_part_header(url, fingerprint, spec, options) for url in urls]
+    paths = [folder / f"part-{i:06d}.safetensors" for i in range(len(urls))]
+    keys, failed, todo = 0, 0, []
+    for i in share.mine(range(len(urls))):
+        part = _read_part(paths[i], headers[i])
+        if part is None:
+            todo.append((i, urls[i]))
+        else:
+            keys, failed = keys + len(part["keys"]), failed + part["failed"]
+    for i, part in shard_parts(model, todo, options, spec):
+        _write_part(paths[i], headers[i], part)
+        keys, failed = keys + len(part["keys"]), failed + part["failed"]
+    counts = share.gather_objects([keys, failed])  # every process done: all parts written
+    if sum(k for k, _ in counts) == 0:
+        raise _no_samples(shards, sum(f for _, f in counts))
+    if not share.is_main:
+        return None
+    parts = []
+    for i, path in enumerate(paths):
+        part = _read_part(path, headers[i])
+        if part is None:
+            raise MmvsslError(f"{path}: the part of shard {urls[i]} is missing after every process finished "
+                              f"(is {out.parent} on a file system all processes see?)")
+        parts.append(part)
+    fs = merge_parts(parts)
+    fs["info"] = feature_info(model, shards, spec, options, model_path)
+    save_features(fs, out)
+    shutil.rmtree(folder, ignore_errors=True)
     return fs
 
 
@@ -244,15 +433,20 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def save_features(features: dict, path: str | Path) -> Path:
-    from safetensors.torch import save_file
-    path = Path(path)
+def check_feature_path(path: Path) -> None:
     if path.suffix != ".safetensors":
         raise MmvsslError(f"feature file must end in .safetensors: {path}")
+
+
+def save_features(features: dict, path: str | Path) -> Path:
+    """The tensors, then the sidecar, each written atomically (fsio)."""
+    from safetensors.torch import save
+    path = Path(path)
+    check_feature_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in features.items() if isinstance(v, torch.Tensor)}
-    save_file(tensors, str(path), metadata={"format": FORMAT})
-    sidecar_path(path).write_text(json.dumps({k: features[k] for k in JSON_FIELDS}, indent=1))
+    fsio.atomic_write_bytes(path, save(tensors, metadata={"format": FORMAT}))
+    fsio.atomic_write_text(sidecar_path(path), json.dumps({k: features[k] for k in JSON_FIELDS}, indent=1))
     return path
 
 

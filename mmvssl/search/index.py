@@ -11,13 +11,28 @@ so a kill loses at most the uncommitted batch (redone on the next run) and never
 video. A video already in the index with the same content hash is skipped; a changed one is
 re-embedded; one that vanished from the input (or is now rejected) is dropped. The faiss files are
 rebuilt from the database at the end and the index is marked 'ready' only then.
+
+Many processes (`torchrun --nproc_per_node N -m mmvssl.cli index build|add ...`, workshare.Share):
+the input's units of work (a shard set's shards, a folder's videos) are split over the processes,
+unit i to rank i % world. A batch of windows never spans two videos, so each window is embedded
+in the same batch, of the same shape, whatever the split: the vectors equal one process's. Each
+process turns its units into outcomes (per video: rejected, unchanged, or embedded with its windows'
+vectors, thumbnails and narrations), one part file per unit written atomically into INDEX/.parts/.
+SQLite has one writer (store.writer_lock, held by rank 0 from the start), so only rank 0 writes
+the database: after every process is done it replays the parts in unit order, which is the order
+one process scans the videos, with the same decisions (duplicates, unchanged hashes), so rows,
+ids and vectors come out as one process writes them. A killed run keeps its finished parts; the
+next run reuses those written for the same unit, model and settings and redoes the others.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
+import shutil
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +46,7 @@ from ..data.rawsample import REFUSED, video_member
 from ..data.sampling import sliding_windows
 from ..data.shardio import skip_unreadable_shard
 from ..data.shards import BuildReport, read_entries
+from .. import fsio
 from ..errors import MmvsslError
 from ..fsio import inside
 from . import store
@@ -81,22 +97,29 @@ def is_video_folder(source: str) -> bool:
     return path.is_dir() and not list(path.glob("*.tar"))
 
 
-def scan(source: str, report: BuildReport) -> Iterator[Video]:
-    """The videos of a folder (sorted; symlinks that leave the folder are rejected) or a shard set."""
+def input_units(source: str) -> tuple[str, list[str]]:
+    """The input's kind and its units of work, in scan order: a folder's videos (paths relative to
+    it, sorted) or a shard set's shards."""
     if is_video_folder(source):
+        return "folder", [entry["video"] for _, entry in read_entries(Path(source).resolve(), None, BuildReport())]
+    return "shards", list_shards(source)
+
+
+def scan_unit(source: str, kind: str, unit: str) -> Iterator[Video]:
+    """The videos of one unit: a folder's video (a symlink that leaves the folder is rejected), or
+    every sample of a shard."""
+    if kind == "folder":
         root = Path(source).resolve()
-        for _, entry in read_entries(root, None, report):
-            rel = entry["video"]
-            if inside(root, rel) is None:  # the one containment rule (shards build, datasets cut)
-                yield Video(rel, None, error="symlink out of the collection")
-                continue
-            try:
-                yield Video(rel, (root / rel).read_bytes())
-            except OSError as e:
-                yield Video(rel, None, error=f"unreadable ({e.strerror or e})")
+        if inside(root, unit) is None:  # the one containment rule (shards build, datasets cut)
+            yield Video(unit, None, error="symlink out of the collection")
+            return
+        try:
+            yield Video(unit, (root / unit).read_bytes())
+        except OSError as e:
+            yield Video(unit, None, error=f"unreadable ({e.strerror or e})")
         return
     from ..data.shardio import absolute_url, tar_samples  # members over the size limit refused unread
-    for sample in tar_samples([{"url": url} for url in list_shards(source)], skip_unreadable_shard):
+    for sample in tar_samples([{"url": unit}], skip_unreadable_shard):
         ext = video_member(sample)
         key, url = sample["__key__"], absolute_url(sample["__url__"], resolve=True)
         if ext is None:  # none, or one over the size limit (refused unread)
@@ -104,6 +127,13 @@ def scan(source: str, report: BuildReport) -> Iterator[Video]:
             yield Video(key, None, error=refused.decode("utf-8", errors="replace") if refused else "no video member")
         else:
             yield Video(key, sample[ext], shard=url, member=f"{key}.{ext}")
+
+
+def scan(source: str) -> Iterator[Video]:
+    """The videos of a folder (sorted) or a shard set, as one process reads them."""
+    kind, units = input_units(source)
+    for unit in units:
+        yield from scan_unit(source, kind, unit)
 
 
 def jpeg(frame: np.ndarray) -> bytes:
@@ -135,6 +165,15 @@ class Indexer:
     def open(self, video: Video, sha: str, replaces: int | None) -> Pending:
         duration = float(probe(video.data).duration)
         return Pending(video, sha, duration, replaces, sliding_windows(duration, self.window, self.stride))
+
+    def embed_video(self, video: Video, sha: str, replaces: int | None) -> Pending:
+        """Every window of one video, embedded batch_size windows at a time. A batch never holds
+        windows of two videos, so a window's vectors do not depend on which videos a process was
+        given (module docstring)."""
+        item = self.open(video, sha, replaces)
+        for c in range(0, len(item.starts), self.batch_size):
+            self.embed([self.decode(item, w) for w in range(c, min(c + self.batch_size, len(item.starts)))])
+        return item
 
     def decode(self, item: Pending, w: int) -> Queued:
         """Window w of the item, decoded as the model sees it; its thumbnail goes into the item."""
@@ -219,61 +258,84 @@ def store_batch(db, root_id: int, items: list[Pending], window: float) -> None:
                                (window_id, space, store.to_blob(per_window[w])))
 
 
-def sync_root(db, indexer: Indexer, source: str, progress: bool = False) -> dict:
-    """Bring one input (folder or shard set) up to date in the index; returns its counts."""
-    kind = "folder" if is_video_folder(source) else "shards"
-    root_path = str(Path(source).resolve()) if kind == "folder" else source
-    db.execute("INSERT OR IGNORE INTO roots (path, kind) VALUES (?, ?)", (root_path, kind))
-    root_id = db.execute("SELECT id FROM roots WHERE path = ?", (root_path,)).fetchone()[0]
-    db.commit()
-    known = {src: (vid, sha) for vid, src, sha in
-             db.execute("SELECT id, source, sha256 FROM videos WHERE root_id = ?", (root_id,))}
-    report, seen = BuildReport(), set()
-    queue: list[Queued] = []   # decoded windows, embedded batch_size at a time (memory stays bounded)
-    done: list[Pending] = []   # videos whose windows are all decoded, committed together
-    counts = {"videos": 0, "windows": 0, "kept": 0, "dropped": 0}
+@dataclass
+class Outcome:
+    """What became of one input video: rejected (`error`; `unreadable` when its bytes could not be
+    had, `duplicate` when its key came earlier), unchanged (only `sha256`: the index has these
+    bytes), or embedded (`item`)."""
+    source: str
+    sha256: str | None = None
+    error: str | None = None
+    unreadable: bool = False
+    duplicate: bool = False
+    item: Pending | None = None
 
-    def commit():
-        indexer.embed(queue)
-        queue.clear()
-        with db:  # one transaction: every video of the batch, or (killed) none
-            store_batch(db, root_id, done, indexer.window)
-        counts["videos"] += len(done)
-        counts["windows"] += sum(len(p.starts) for p in done)
-        done.clear()
 
-    videos = scan(source, report)
-    if progress:
-        from tqdm import tqdm
-        videos = tqdm(videos, desc="index", unit="video", file=sys.stderr)
+def outcomes(indexer: Indexer, videos, known: dict) -> Iterator[Outcome]:
+    """Each video's outcome, embedding those whose bytes the index (`known`: source -> (id, sha256))
+    does not hold. A key seen earlier in `videos` is not embedded again: whatever became of the
+    earlier one, the replay (apply_outcomes) rejects the later one as a duplicate."""
+    seen = set()
     for video in videos:
         if video.data is None:
-            report.reject(video.source, video.error or "unreadable")
+            yield Outcome(video.source, error=video.error or "unreadable", unreadable=True)
             continue
-        if video.source in seen:  # a key twice in a shard set
-            report.reject(video.source, "duplicate of an earlier video with the same key")
+        if video.source in seen:
+            yield Outcome(video.source, duplicate=True)
             continue
         sha = hashlib.sha256(video.data).hexdigest()
         old_id, old_sha = known.get(video.source, (None, None))
         if old_sha == sha:
             seen.add(video.source)
-            counts["kept"] += 1
+            yield Outcome(video.source, sha)
             continue
-        item = None
         try:
-            item = indexer.open(video, sha, old_id)
-            for w in range(len(item.starts)):  # a long video is embedded batch by batch before it is committed
-                queue.append(indexer.decode(item, w))
-                if len(queue) >= indexer.batch_size:
-                    indexer.embed(queue)
-                    queue.clear()
-        except (DecodeError, ValueError, OSError) as e:  # its windows already embedded are never stored
-            queue[:] = [q for q in queue if q.item is not item]
-            report.reject(video.source, str(e) if isinstance(e, DecodeError) else f"failed: {type(e).__name__}: {e}")
+            item = indexer.embed_video(video, sha, old_id)
+        except (DecodeError, ValueError, OSError) as e:  # nothing of it is stored
+            yield Outcome(video.source, sha, error=str(e) if isinstance(e, DecodeError) else
+                          f"failed: {type(e).__name__}: {e}")
             continue
         seen.add(video.source)
-        done.append(item)
-        if sum(len(p.starts) for p in done) >= indexer.batch_size:
+        yield Outcome(video.source, sha, item=item)
+
+
+def apply_outcomes(db, root_id: int, outcomes_in_order, batch_size: int, window: float) -> dict:
+    """Write the outcomes, in the order one process scans the input, into the database: the
+    decisions of a one-process build (a key twice: the later rejected; bytes the index holds: kept)
+    taken against the database as it is now, embedded videos committed a batch at a time (one
+    transaction: every video of it, or, killed, none); then vanished videos dropped and this run's
+    rejections stored. Returns the counts."""
+    known = known_videos(db, root_id)
+    report, seen = BuildReport(), set()
+    done: list[Pending] = []  # embedded videos, committed together
+    counts = {"videos": 0, "windows": 0, "kept": 0, "dropped": 0}
+
+    def commit():
+        with db:
+            store_batch(db, root_id, done, window)
+        counts["videos"] += len(done)
+        counts["windows"] += sum(len(p.starts) for p in done)
+        done.clear()
+
+    for o in outcomes_in_order:
+        if o.unreadable:
+            report.reject(o.source, o.error)
+            continue
+        if o.duplicate or o.source in seen:  # a key twice in a shard set
+            report.reject(o.source, "duplicate of an earlier video with the same key")
+            continue
+        old_id, old_sha = known.get(o.source, (None, None))
+        if old_sha is not None and old_sha == o.sha256:  # (an embedded outcome too, on a resumed replay)
+            seen.add(o.source)
+            counts["kept"] += 1
+            continue
+        if o.error is not None or o.item is None:
+            report.reject(o.source, o.error or "changed since its part was written")
+            continue
+        seen.add(o.source)
+        o.item.replaces = old_id
+        done.append(o.item)
+        if sum(len(p.starts) for p in done) >= batch_size:
             commit()
     if done:
         commit()
@@ -287,6 +349,146 @@ def sync_root(db, indexer: Indexer, source: str, progress: bool = False) -> dict
                        [(root_id, r["source"], r["reason"]) for r in report.rejected])
     counts["rejected"] = report.rejected
     return counts
+
+
+def root_entry(db, source: str) -> int:
+    """The id of the input's row in `roots` (made when new)."""
+    kind = "folder" if is_video_folder(source) else "shards"
+    db.execute("INSERT OR IGNORE INTO roots (path, kind) VALUES (?, ?)", (root_path(source), kind))
+    root_id = db.execute("SELECT id FROM roots WHERE path = ?", (root_path(source),)).fetchone()[0]
+    db.commit()
+    return root_id
+
+
+def root_path(source: str) -> str:
+    return str(Path(source).resolve()) if is_video_folder(source) else source
+
+
+def known_videos(db, root_id: int) -> dict:
+    return {src: (vid, sha) for vid, src, sha in
+            db.execute("SELECT id, source, sha256 FROM videos WHERE root_id = ?", (root_id,))}
+
+
+def sync_root(db, indexer: Indexer, source: str, progress: bool = False) -> dict:
+    """Bring one input (folder or shard set) up to date in the index, in this one process: videos
+    embedded and committed as they come; returns its counts."""
+    root_id = root_entry(db, source)
+    videos = scan(source)
+    if progress:
+        from tqdm import tqdm
+        videos = tqdm(videos, desc="index", unit="video", file=sys.stderr)
+    return apply_outcomes(db, root_id, outcomes(indexer, videos, known_videos(db, root_id)), indexer.batch_size,
+                          indexer.window)
+
+
+# ---- many processes: per-unit part files, replayed by rank 0
+
+PART_FORMAT = "mmvssl-index-part/1"
+PARTS_NAME = ".parts"
+
+
+def _unit_stamp(source: str, kind: str, unit: str) -> list[int] | None:
+    """A local file's size and modification time, standing for its content (None: remote)."""
+    path = Path(source).resolve() / unit if kind == "folder" else Path(unit)
+    try:
+        st = path.stat()
+    except (OSError, ValueError):
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _write_part(path: Path, header: dict, outs: list[Outcome]) -> None:
+    """Outcomes of one unit into a safetensors file: vectors and thumbnails as arrays, the rest as
+    JSON in its metadata (no pickle); written atomically."""
+    from safetensors.numpy import save
+    records, arrays = [], {}
+    for k, o in enumerate(outs):
+        rec = {"source": o.source, "sha256": o.sha256, "error": o.error, "unreadable": o.unreadable,
+               "duplicate": o.duplicate}
+        if o.item is not None:
+            it = o.item
+            rec.update(shard=it.video.shard, member=it.video.member, duration=it.duration, starts=it.starts,
+                       narrations=it.narrations, spaces=sorted(it.vectors))
+            for w, thumb in enumerate(it.thumbs):
+                if thumb is not None:
+                    arrays[f"{k}/thumb/{w}"] = np.frombuffer(thumb, dtype=np.uint8)
+            for space, per_window in it.vectors.items():
+                dim = next(v for v in per_window if v is not None).shape[0]
+                arrays[f"{k}/{space}"] = np.stack([v if v is not None else np.zeros(dim, np.float32)
+                                                   for v in per_window])  # (W, D)
+                arrays[f"{k}/{space}/has"] = np.array([v is not None for v in per_window], dtype=np.uint8)
+        records.append(rec)
+    fsio.atomic_write_bytes(path, save(arrays, metadata={"header": json.dumps(header),
+                                                         "outcomes": json.dumps(records)}))
+
+
+def _read_part(path: Path, header: dict) -> list[Outcome] | None:
+    """The outcomes in `path` if it was written for `header`, else None."""
+    from safetensors import SafetensorError, safe_open
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+            if json.loads(meta.get("header", "null")) != header:
+                return None
+            names = set(f.keys())
+            outs = []
+            for k, rec in enumerate(json.loads(meta["outcomes"])):
+                o = Outcome(rec["source"], rec["sha256"], rec["error"], rec["unreadable"], rec["duplicate"])
+                if "starts" in rec:
+                    n = len(rec["starts"])
+                    thumbs = [f.get_tensor(f"{k}/thumb/{w}").tobytes() if f"{k}/thumb/{w}" in names else None
+                              for w in range(n)]
+                    vectors = {}
+                    for space in rec["spaces"]:
+                        vecs, has = f.get_tensor(f"{k}/{space}"), f.get_tensor(f"{k}/{space}/has")
+                        vectors[space] = [vecs[w] if has[w] else None for w in range(n)]
+                    narrations = [tuple(x) if x is not None else None for x in rec["narrations"]]
+                    o.item = Pending(Video(rec["source"], None, rec["shard"], rec["member"]), rec["sha256"],
+                                     rec["duration"], None, rec["starts"], thumbs, vectors, narrations)
+                outs.append(o)
+    except (OSError, KeyError, ValueError, TypeError, SafetensorError):
+        return None
+    return outs
+
+
+def _part_still_true(outs: list[Outcome], known: dict) -> bool:
+    """An unchanged outcome stays true only while the index still holds those bytes."""
+    return all(o.item is not None or o.error is not None or o.duplicate or o.unreadable
+               or known.get(o.source, (None, None))[1] == o.sha256 for o in outs)
+
+
+def embed_units(indexer: Indexer, share, folder: Path, source: str, known: dict, header: dict,
+                progress: bool = False) -> tuple[list[Path], list[dict]]:
+    """This process's units (unit i to rank i % world) embedded into part files; returns every
+    unit's part path and header, in unit order, for the replay."""
+    kind, units = input_units(source)
+    parts = folder / PARTS_NAME
+    parts.mkdir(parents=True, exist_ok=True)
+    paths = [parts / f"part-{i:06d}.safetensors" for i in range(len(units))]
+    headers = [{**header, "unit": unit, "stamp": _unit_stamp(source, kind, unit)} for unit in units]
+    mine = share.mine(range(len(units)))
+    if progress:
+        from tqdm import tqdm
+        mine = tqdm(mine, desc=f"index (process {share.rank} of {share.world})", unit=kind[:-1] if kind == "shards"
+                    else "video", file=sys.stderr)
+    for i in mine:
+        old = _read_part(paths[i], headers[i])
+        if old is not None and _part_still_true(old, known):
+            continue
+        _write_part(paths[i], headers[i], list(outcomes(indexer, scan_unit(source, kind, units[i]), known)))
+    return paths, headers
+
+
+def replayed_parts(paths: list[Path], headers: list[dict]) -> Iterator[Outcome]:
+    """Every unit's outcomes, in unit order (rank 0, after every process finished)."""
+    for path, header in zip(paths, headers):
+        outs = _read_part(path, header)
+        if outs is None:
+            raise MmvsslError(f"{path}: the part of {header['unit']} is missing after every process finished "
+                              f"(is the index folder on a file system all processes see?)")
+        yield from outs
 
 
 def finalize(db, folder: Path, approx_threshold: int = store.APPROX_THRESHOLD) -> dict:
@@ -305,20 +507,64 @@ def finalize(db, folder: Path, approx_threshold: int = store.APPROX_THRESHOLD) -
     return report
 
 
-def _run(db, folder: Path, model, model_path: str, source: str, settings: dict, batch_size: int,
-         progress: bool, approx_threshold: int) -> dict:
+def _write_index(share, folder: Path, source: str, batch_size: int, progress: bool, approx_threshold: int,
+                 prepare, model=None) -> dict | None:
+    """Bring the index `folder` up to date with `source`, by the processes of `share`. Rank 0 holds
+    the writer lock throughout and alone writes the database: `prepare(db)` checks the index against
+    the model and settings and returns (model, model path, settings); a refusal there stops every
+    process with the same line. One process embeds and commits as it scans (sync_root); several
+    embed their units into parts that rank 0 then replays (module docstring). Returns the counts on
+    rank 0, None on the others."""
     from ..evaluation.features import model_fingerprint
-    with db:
-        store.set_info(db, "model", {"name": model.name, "path": model_path, "fingerprint": model_fingerprint(model)})
-        store.set_info(db, "settings", settings)
-        store.set_info(db, "state", "building")
-    indexer = Indexer(model, settings["window"], settings["stride"], settings["narrator"], batch_size)
-    counts = sync_root(db, indexer, source, progress)
-    report = finalize(db, folder, approx_threshold)
-    total = db.execute("SELECT COUNT(*) FROM windows").fetchone()[0]
-    return {"embedded_videos": counts["videos"], "embedded_windows": counts["windows"], "kept": counts["kept"],
-            "dropped": counts["dropped"], "rejected": len(counts["rejected"]), "videos": report["num_accepted"],
-            "windows": total, "index": str(folder)}
+    with ExitStack() as stack:
+        db, said, failure = None, {"error": None}, None
+        if share.is_main:
+            try:
+                stack.enter_context(store.writer_lock(folder))
+                db = store.connect(folder, create=True)
+                stack.callback(db.close)
+                model, model_path, settings = prepare(db)
+                with db:
+                    store.set_info(db, "model", {"name": model.name, "path": model_path,
+                                                 "fingerprint": model_fingerprint(model)})
+                    store.set_info(db, "settings", settings)
+                    store.set_info(db, "state", "building")
+                said = {"error": None, "model_path": model_path, "settings": settings,
+                        "root_id": root_entry(db, source)}
+            except MmvsslError as e:
+                if share.world == 1:
+                    raise
+                said, failure = {"error": str(e)}, e
+        said = share.gather_objects(said)[0]  # rank 0's word, on every process
+        if said["error"] is not None:
+            raise failure or MmvsslError(said["error"])
+        settings, root_id = said["settings"], said["root_id"]
+        if model is None:
+            from ..models.presets import load_model
+            model = load_model(said["model_path"])
+        indexer = Indexer(model, settings["window"], settings["stride"], settings["narrator"], batch_size)
+        if share.world == 1:
+            counts = sync_root(db, indexer, source, progress)
+        else:
+            if share.is_main:
+                known = known_videos(db, root_id)
+            else:
+                reader = store.connect(folder, readonly=True)
+                known = known_videos(reader, root_id)
+                reader.close()
+            header = {"format": PART_FORMAT, "root": root_path(source), "model": model_fingerprint(model),
+                      "settings": settings, "batch_size": batch_size}
+            paths, headers = embed_units(indexer, share, folder, source, known, header, progress and share.is_main)
+            share.gather_objects(None)  # every process done: every part written
+            if not share.is_main:
+                return None
+            counts = apply_outcomes(db, root_id, replayed_parts(paths, headers), batch_size, settings["window"])
+        report = finalize(db, folder, approx_threshold)
+        shutil.rmtree(folder / PARTS_NAME, ignore_errors=True)
+        total = db.execute("SELECT COUNT(*) FROM windows").fetchone()[0]
+        return {"embedded_videos": counts["videos"], "embedded_windows": counts["windows"], "kept": counts["kept"],
+                "dropped": counts["dropped"], "rejected": len(counts["rejected"]), "videos": report["num_accepted"],
+                "windows": total, "index": str(folder)}
 
 
 def check_input(source: str) -> None:
@@ -328,26 +574,22 @@ def check_input(source: str) -> None:
 
 def build_index(model_dir: str, source: str, out: str, window: float | None = None, stride: float | None = None,
                 narrator: str | None = None, batch_size: int = 16, progress: bool = False,
-                approx_threshold: int = store.APPROX_THRESHOLD) -> dict:
+                approx_threshold: int = store.APPROX_THRESHOLD, share=None) -> dict | None:
     """Create (or resume, or bring up to date) the index `out` of `source` embedded by `model_dir`; one
-    writer at a time (store.writer_lock: another `index build` / `index add` on it is refused)."""
+    writer at a time (store.writer_lock: another `index build` / `index add` on it is refused). With
+    `share` (workshare.Share), its processes share the embedding (module docstring); the counts come
+    back on rank 0, None on the others."""
+    from ..data.workshare import Share
+    from ..evaluation.features import eval_spec, model_fingerprint
     from ..models.presets import load_model
     check_input(source)
     model = load_model(model_dir)
     folder = Path(out)
-    with store.writer_lock(folder):
-        return _build_locked(folder, model, model_dir, source, window, stride, narrator, batch_size, progress,
-                             approx_threshold)
 
-
-def _build_locked(folder: Path, model, model_dir: str, source: str, window, stride, narrator, batch_size: int,
-                  progress: bool, approx_threshold: int) -> dict:
-    from ..evaluation.features import eval_spec, model_fingerprint
-    db = store.connect(folder, create=True)
-    try:
+    def prepare(db):
         store.check_model(db, folder, model_fingerprint(model), model.name, model_dir)
-        window = float(window or eval_spec(model).window)
-        settings = {"window": window, "stride": float(stride or window),
+        w = float(window or eval_spec(model).window)
+        settings = {"window": w, "stride": float(stride or w),
                     "narrator": str(Path(narrator).resolve()) if narrator else None}
         if settings["window"] <= 0 or settings["stride"] <= 0:
             raise MmvsslError(f"--window and --stride must be > 0 seconds, got {window} and {stride}")
@@ -358,33 +600,28 @@ def _build_locked(folder: Path, model, model_dir: str, source: str, window, stri
             diff = ", ".join(f"{k} {old.get(k)} (asked {v})" for k, v in settings.items() if old.get(k) != v)
             raise MmvsslError(f"index {folder} was built with other settings: {diff}; use `mmvssl index add` "
                               f"to add videos with its settings, or build into a new folder")
-        return _run(db, folder, model, str(Path(model_dir).resolve()), source, settings, batch_size, progress,
-                    approx_threshold)
-    finally:
-        db.close()
+        return model, str(Path(model_dir).resolve()), settings
+
+    return _write_index(share or Share(), folder, source, batch_size, progress, approx_threshold, prepare, model)
 
 
 def add_to_index(index_dir: str, source: str, batch_size: int = 16, progress: bool = False,
-                 approx_threshold: int = store.APPROX_THRESHOLD) -> dict:
+                 approx_threshold: int = store.APPROX_THRESHOLD, share=None) -> dict | None:
     """Take the videos of `source` into an existing index, with the model and settings it records; one
-    writer at a time (store.writer_lock)."""
+    writer at a time (store.writer_lock); several processes with `share`, as build_index."""
+    from ..data.workshare import Share
+    from ..evaluation.features import model_fingerprint
+    from ..models.presets import load_model
     check_input(source)
     folder = Path(index_dir)
     store.connect(folder, readonly=True).close()  # an index, before anything is written into its folder
-    with store.writer_lock(folder):
-        return _add_locked(folder, source, batch_size, progress, approx_threshold)
 
-
-def _add_locked(folder: Path, source: str, batch_size: int, progress: bool, approx_threshold: int) -> dict:
-    from ..evaluation.features import model_fingerprint
-    from ..models.presets import load_model
-    db = store.connect(folder)
-    try:
+    def prepare(db):
         info, settings = store.get_info(db, "model"), store.get_info(db, "settings")
         if not info or not settings:
             raise MmvsslError(f"index {folder} has no model recorded; build it with `mmvssl index build`")
         model = load_model(info["path"])
         store.check_model(db, folder, model_fingerprint(model), model.name, info["path"])
-        return _run(db, folder, model, info["path"], source, settings, batch_size, progress, approx_threshold)
-    finally:
-        db.close()
+        return model, info["path"], settings
+
+    return _write_index(share or Share(), folder, source, batch_size, progress, approx_threshold, prepare)
