@@ -170,3 +170,83 @@ def test_two_processes_write_what_one_process_writes(three_shards, models, tmp_p
     # rank 0 alone prints each summary, over all processes
     assert result.stdout.count("narrated 12 windows of 12 videos") == 1
     assert result.stdout.count("3 shards (0 finished before), 12 samples") == 2  # add-features, add-flow
+
+
+def test_rewritten_bytes_do_not_depend_on_the_run():
+    """The tar headers carry TAR_MTIME, not the clock; a safetensors member's header has its keys
+    sorted (safetensors writes `__metadata__` from a hash map whose order varies between runs)."""
+    import struct
+    from safetensors.torch import save
+    from mmvssl.data.rewrite import stable_safetensors
+    metadata = {f"key{i}": str(i) for i in range(12)}
+    tensors = {"b": torch.arange(6, dtype=torch.uint8), "a": torch.ones(2, dtype=torch.float16)}
+    made = [save(tensors, metadata=metadata) for _ in range(8)]
+    stable = {stable_safetensors(m) for m in made}
+    assert len(stable) == 1
+    data = stable.pop()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    assert list(header["__metadata__"]) == sorted(metadata) and list(header) == sorted(header)
+    from safetensors.torch import load
+    assert all(torch.equal(load(data)[k], tensors[k]) for k in tensors)
+    # the rewriter's own shards carry TAR_MTIME: checked on add-flow's output below
+
+
+def test_a_killed_process_s_shards_are_redone_and_no_others(three_shards, tmp_path, monkeypatch, capsys):
+    """Rank 0 of 2 finishes its shards (0 and 2 of 3) and the run is killed before the merge; rank 1
+    left half a shard. The documented one-node command then redoes shard 1 only: shards 0 and 2 are
+    not rewritten (same mtime), and the folder equals one process's, report and sizes.json included."""
+    import tarfile
+    from mmvssl.cli import main
+    from mmvssl.data.rewrite import TAR_MTIME, ShardRewriter
+    from mmvssl.data.workshare import Share
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    for name in TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert main(["shards", "add-flow", "--shards", str(three_shards), "--out", str(ref)]) == 0
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(Share, "barrier", lambda self: None)  # rank 1 is not there
+
+    def killed(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ShardRewriter, "finish", killed)
+    assert main(["shards", "add-flow", "--shards", str(three_shards), "--out", str(out)]) == 130
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-000002.tar"]
+    assert sorted(p.name for p in (out / ".flow_report.json.parts").iterdir()) == [
+        "shard-000000.tar.json", "shard-000002.tar.json"] and not (out / "flow_report.json").exists()
+    (out / "shard-000001.tar.partial").write_bytes(b"half a shard")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    other = main(["shards", "add-flow", "--shards", str(three_shards), "--out", str(out), "--fps", "4"])
+    assert other == 2 and "(a record of shard-000000.tar)" in capsys.readouterr().err  # other settings: refused
+    kept = {n: (out / n).stat().st_mtime_ns for n in ("shard-000000.tar", "shard-000002.tar")}
+    monkeypatch.undo()
+    result = _torchrun(["-m", "mmvssl.cli", "shards", "add-flow", "--shards", str(three_shards), "--out", str(out)])
+    assert result.stdout.count("3 shards (2 finished before), 12 samples") == 1
+    assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept
+    assert _files(out) == _files(ref)  # no records, no partial; shard 1 and the report as one process's
+    with tarfile.open(out / "shard-000001.tar") as tar:
+        assert {m.mtime for m in tar} == {TAR_MTIME}
+
+
+def test_narrate_reads_back_and_merges_the_lines_of_a_killed_run(three_shards, models, tmp_path, monkeypatch):
+    """A killed 2-process narrate left its rank files (one with a line cut short); a 1-process re-run
+    counts their windows as done, narrates the rest, and merges: --out holds each window once,
+    the lines of an uninterrupted run after sorting."""
+    from mmvssl.cli import main
+    for name in TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+    args = ["--input", str(three_shards), "--num-candidates", "2", "--max-length", "5"]
+    torch.set_num_threads(1)  # both runs on the same kernels
+    try:
+        assert main(["narrate", models["narrator"], "--out", str(tmp_path / "ref.jsonl"), *args]) == 0
+        lines = (tmp_path / "ref.jsonl").read_text().splitlines()
+        parts = tmp_path / ".n.jsonl.parts"
+        parts.mkdir()
+        (parts / "rank-00000.jsonl").write_text("\n".join(lines[:3]) + "\n")
+        (parts / "rank-00001.jsonl").write_text(lines[5] + "\n" + lines[6][:20])  # killed mid-line
+        assert main(["narrate", models["narrator"], "--out", str(tmp_path / "n.jsonl"), *args]) == 0
+    finally:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()))
+    assert sorted((tmp_path / "n.jsonl").read_text().splitlines()) == sorted(lines)
+    assert not parts.exists()

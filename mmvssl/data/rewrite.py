@@ -200,9 +200,9 @@ class ShardRewriter:
         if overwrite and main:
             self._remove_records()
         elif (any(n.endswith(".tar") for n in self.staging.names) if self.staging
-              else any(self.out.glob("*.tar"))) and not overwrite:
-            raise MmvsslError(f"{self.where} holds shards without a {self.report_name}; pass --overwrite or choose "
-                              f"another folder")
+              else any(self.out.glob("*.tar"))) and not overwrite and not self._read_records():
+            raise MmvsslError(f"{self.where} holds shards without a {self.report_name} (nor records of this command's "
+                              f"processes); pass --overwrite or choose another folder")
         return {**self.header, "shards": {}}
 
     def _read_records(self) -> dict:
@@ -217,11 +217,17 @@ class ShardRewriter:
             if not file_name.endswith(".json") or file_name.startswith("."):
                 continue  # a temporary file of an interrupted write
             try:
-                entry = json.loads(read())
-            except (OSError, ValueError):
+                record = json.loads(read())
+                header, entry = record["header"], record["shard"]
+            except (OSError, ValueError, KeyError, TypeError):
                 continue  # unreadable: its shard is redone
-            if isinstance(entry, dict) and isinstance(entry.get("samples"), int):
-                entries[file_name[:-len(".json")]] = entry
+            if not (isinstance(header, dict) and isinstance(entry, dict) and isinstance(entry.get("samples"), int)):
+                continue
+            why = self.mismatch({k: header.get(k) for k in self.header}, self.header)
+            if why:
+                raise MmvsslError(f"{self.where} {why} (a record of {file_name[:-len('.json')]}): pass --overwrite "
+                                  f"to replace it, or choose another folder")
+            entries[file_name[:-len(".json")]] = entry
         return entries
 
     def _remove_records(self) -> None:
@@ -256,7 +262,7 @@ class ShardRewriter:
             return
         record = self.out / self.records / f"{name}.json"
         record.parent.mkdir(exist_ok=True)
-        atomic_write_json(record, result)
+        atomic_write_json(record, {"header": self.header, "shard": result})  # the header: what made it
         if self.staging:  # the shard first, then its record
             self.staging.publish([name])
             remote.upload(record, f"{self.where}/{self.records}/{name}.json")
