@@ -57,14 +57,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*argv) -> subprocess.CompletedProcess:
-    """The real command line under torchrun, 2 processes on CPU (gloo), one thread each."""
+def torchrun(*argv, script: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """The real command line under torchrun, 2 processes on CPU (gloo), one thread each (`script`:
+    a file that patches mmvssl, then runs the command line)."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), "-m", "mmvssl.cli", *map(str, argv)]
+               "127.0.0.1", "--master_port", str(free_port()), *([script] if script else ["-m", "mmvssl.cli"]),
+               *map(str, argv)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
     return result
 
 
@@ -149,17 +152,64 @@ def dump_index(folder: Path) -> dict:
     return rows
 
 
-@pytest.mark.parametrize("kind", ["shards", "clips"])
-def test_index_build_on_two_processes_writes_the_one_process_index(model, inputs, tmp_path, kind):
-    common = ["--window", "0.5", "--batch-size", "3", "--quiet"]  # 2 to 4 windows per video
-    one_process("index", "build", model, "--input", inputs[kind], "--out", tmp_path / "one", *common)
-    result = torchrun("index", "build", model, "--input", inputs[kind], "--out", tmp_path / "two", *common)
-    assert result.stdout.count("indexed 5 videos") == 1, result.stdout
-    one, two = dump_index(tmp_path / "one"), dump_index(tmp_path / "two")
+INDEX_OPTIONS = ["--window", "0.5", "--batch-size", "3", "--quiet"]  # 2 to 4 windows per video
+
+# run under torchrun: rank 0 dies (SIGKILL) right after writing its first part; every process logs
+# the units it embeds into LOG.<rank>
+PATCHED_CLI = """
+import os, signal, sys
+import mmvssl.search.index as I
+from mmvssl.cli import main
+log, kill = os.environ["LOG"] + "." + os.environ["RANK"], os.environ.get("KILL") == os.environ["RANK"]
+scan_unit, write_part = I.scan_unit, I._write_part
+def logged(source, kind, unit):
+    with open(log, "a") as f:
+        f.write(unit + "\\n")
+    return scan_unit(source, kind, unit)
+def killing(*a, **k):
+    write_part(*a, **k)
+    if kill:
+        os.kill(os.getpid(), signal.SIGKILL)
+I.scan_unit, I._write_part = logged, killing
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def assert_same_index(folder: Path, reference: Path, rejected: int) -> None:
+    one, two = dump_index(reference), dump_index(folder)
     assert len(one["videos"]) == 5 and len(one["windows"]) >= 10 and one["vectors"]
-    assert len(one["rejected"]) == (1 if kind == "clips" else 0)
+    assert len(one["rejected"]) == rejected
     for table in one:
         assert two[table] == one[table], table  # info holds each faiss file's sha256 too
-    assert json.loads((tmp_path / "two" / "build_report.json").read_text()) == \
-        json.loads((tmp_path / "one" / "build_report.json").read_text())
-    assert not (tmp_path / "two" / ".parts").exists()
+    assert json.loads((folder / "build_report.json").read_text()) == \
+        json.loads((reference / "build_report.json").read_text())
+    assert not (folder / ".parts").exists()
+
+
+def test_index_build_of_a_folder_on_two_processes_writes_the_one_process_index(model, inputs, tmp_path):
+    one_process("index", "build", model, "--input", inputs["clips"], "--out", tmp_path / "one", *INDEX_OPTIONS)
+    result = torchrun("index", "build", model, "--input", inputs["clips"], "--out", tmp_path / "two", *INDEX_OPTIONS)
+    assert result.stdout.count("indexed 5 videos") == 1, result.stdout  # rank 0 reports, once
+    assert_same_index(tmp_path / "two", tmp_path / "one", rejected=1)  # the file that is not a video
+
+
+def test_a_killed_index_build_of_shards_resumes_to_the_one_process_index(model, inputs, tmp_path, monkeypatch):
+    one_process("index", "build", model, "--input", inputs["shards"], "--out", tmp_path / "one", *INDEX_OPTIONS)
+    script = tmp_path / "patched_cli.py"
+    script.write_text(PATCHED_CLI)
+    shards = sorted(str(p) for p in inputs["shards"].glob("*.tar"))  # rank 0: shards 0 and 2, rank 1: shard 1
+    monkeypatch.setenv("LOG", str(tmp_path / "first"))
+    monkeypatch.setenv("KILL", "0")
+    killed = torchrun("index", "build", model, "--input", inputs["shards"], "--out", tmp_path / "two", *INDEX_OPTIONS,
+                      script=script, check=False)
+    assert killed.returncode != 0
+    kept = sorted(p.name for p in (tmp_path / "two" / ".parts").glob("part-*.safetensors"))
+    assert "part-000000.safetensors" in kept and "part-000002.safetensors" not in kept
+    monkeypatch.setenv("LOG", str(tmp_path / "second"))
+    monkeypatch.setenv("KILL", "none")
+    torchrun("index", "build", model, "--input", inputs["shards"], "--out", tmp_path / "two", *INDEX_OPTIONS,
+             script=script)
+    redone = sorted(line for rank in (0, 1) if (tmp_path / f"second.{rank}").exists()
+                    for line in (tmp_path / f"second.{rank}").read_text().split())
+    assert redone == [u for i, u in enumerate(shards) if f"part-{i:06d}.safetensors" not in kept]
+    assert_same_index(tmp_path / "two", tmp_path / "one", rejected=0)
