@@ -102,6 +102,34 @@ def test_generation_with_the_cache_equals_generation_without(strategy):
         assert a[0]["score"] == pytest.approx(b[0]["score"], abs=1e-4)
 
 
+def test_cached_cross_attention_keys_and_values_give_the_recomputed_logits():
+    """Narrator.visual_kv (each gated layer's keys and values of a clip, projected once; the clip's
+    candidates ask them as extra queries) against nn.MultiheadAttention over the context repeated
+    per candidate, as generation without the cache (and LaViLa) computes it."""
+    torch.manual_seed(0)
+    model = Narrator(tiny_config()).eval()
+    open_gates(model)
+    n = 3  # candidates per clip, consecutive rows; every row its own tokens
+    ids = torch.randint(4, 120, (2 * n, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        visual = model.encode_visual(VIDEO)  # (2, Q, D)
+        kv = model.visual_kv(visual)
+        cached, _ = model.lm_forward(ids, kv)
+        recomputed, _ = model.lm_forward(ids, visual.repeat_interleave(n, dim=0))
+        swapped, _ = model.lm_forward(ids, visual.flip(0).repeat_interleave(n, dim=0))  # each row, the other clip
+    assert len(kv) == len(model.gated_blocks) and kv[0][0].shape == (2, 4, 8, 16)  # (clips, heads, Q, D / heads)
+    # The same float32 operations in other shapes: each reduction's rounding is at most its length
+    # times eps relative to the magnitudes summed; the longest is the feed-forward's 4 * D, and the
+    # paths' differences can add up over the layers: tolerance eps * 4D * layers * the logits' size.
+    width, layers = model.lm.config.n_embd, model.lm.config.n_layer
+    tolerance = torch.finfo(torch.float32).eps * 4 * width * layers * recomputed.abs().max().item()
+    assert (cached - recomputed).abs().max().item() <= tolerance
+    # the clip a row attends to shows by far more than that: a row grouped with the wrong clip fails
+    assert (swapped - recomputed).abs().max().item() > 1000 * tolerance
+    with pytest.raises(ValueError, match="5 text rows for 2 clips"):
+        model.lm_forward(ids[:5], kv)
+
+
 def test_sampling_gives_scored_candidates_best_first_and_scores_are_mean_logprobs():
     torch.manual_seed(0)
     model = Narrator(tiny_config()).eval()

@@ -2,7 +2,9 @@
 
 LaViLa re-runs the whole prefix at every token; here each step feeds only the newest token and
 GPT-2 keeps the keys and values of the prefix (`use_cache=False` re-runs the prefix, for tests
-and the benchmark). The visual context is computed once per clip and shared by its candidates.
+and the benchmark). The visual context is computed once per clip, and with the cache so are the
+keys and values each gated cross-attention layer projects from it (Narrator.visual_kv): a clip's
+candidates ask them as extra queries, never copied per candidate (eval/bench/narrate.py measures both).
 Sampling defaults are LaViLa's pseudo-narration settings (facebookresearch/LaViLa
 main_infer_narrator.py: multinomial sampling, top_p 0.95, temperature 0.7, 10 return sequences,
 77 tokens). With `seeds` (one per clip), each clip draws from its own generator, so its draws
@@ -59,7 +61,7 @@ def _forbid_special(logits: torch.Tensor, model: Narrator) -> torch.Tensor:
     return logits
 
 
-def _step(model: Narrator, ids: torch.Tensor, visual: torch.Tensor, cache, use_cache: bool):
+def _step(model: Narrator, ids: torch.Tensor, visual, cache, use_cache: bool):
     inp = ids[:, -1:] if (use_cache and cache is not None) else ids
     logits, cache = model.lm_forward(inp, visual, cache=cache if use_cache else None, use_cache=use_cache)
     return _forbid_special(logits[:, -1].float(), model), cache
@@ -78,7 +80,11 @@ def generate(model: Narrator, video: torch.Tensor, cfg: GenerationConfig = Gener
         return _beam_search(model, video, cfg)
     B = video.shape[0]
     n = 1 if cfg.strategy == "greedy" else cfg.num_candidates
-    visual = model.encode_visual(video).repeat_interleave(n, dim=0)  # (B*n, Q, D)
+    visual = model.encode_visual(video)  # (B, Q, D)
+    if cfg.use_cache:  # each gated layer's keys and values of each clip, once: its n candidates share them
+        visual = model.visual_kv(visual)
+    else:  # LaViLa's way: the context repeated per candidate, projected again at every token
+        visual = visual.repeat_interleave(n, dim=0)  # (B*n, Q, D)
     ids = torch.full((B * n, 1), model.bos_id, dtype=torch.long, device=video.device)
     logp_sum = torch.zeros(B * n, device=video.device)
     length = torch.zeros(B * n, device=video.device)
@@ -117,7 +123,8 @@ def _beam_search(model: Narrator, video: torch.Tensor, cfg: GenerationConfig) ->
     k = cfg.num_beams
     results = []
     for b in range(video.shape[0]):
-        visual = model.encode_visual(video[b:b + 1]).expand(k, -1, -1)  # (k, Q, D)
+        visual = model.encode_visual(video[b:b + 1])  # (1, Q, D): the k beams share it
+        visual = model.visual_kv(visual) if cfg.use_cache else visual.expand(k, -1, -1)
         ids = torch.full((k, 1), model.bos_id, dtype=torch.long, device=video.device)
         total = torch.full((k,), float("-inf"), device=video.device)
         total[0] = 0.0  # all beams start identical: expand only the first

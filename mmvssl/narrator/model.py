@@ -60,10 +60,47 @@ class GatedCrossAttention(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(width, int(width * mlp_ratio)), nn.GELU(), nn.Linear(int(width * mlp_ratio), width))
         self.ffn_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-        attended, _ = self.attn(self.ln_attn(x), visual, visual, need_weights=False)
+    def forward(self, x: torch.Tensor, visual: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x (B, L, D); visual: the context (B', Q, D), or its keys and values from visual_kv (cached
+        once per clip for generation). B is a multiple of B': consecutive rows share a clip."""
+        clips = visual[0].shape[0] if isinstance(visual, tuple) else visual.shape[0]
+        if x.shape[0] % clips:
+            raise ValueError(f"gated cross-attention: {x.shape[0]} text rows for {clips} clips' visual context "
+                             f"(each clip's rows must be a whole number)")
+        if isinstance(visual, tuple):
+            attended = self._attend_cached(self.ln_attn(x), *visual)
+        else:
+            if visual.shape[0] != x.shape[0]:  # beams / candidates share a clip's context
+                visual = visual.repeat_interleave(x.shape[0] // visual.shape[0], dim=0)
+            attended, _ = self.attn(self.ln_attn(x), visual, visual, need_weights=False)
         x = x + torch.tanh(self.attn_gate) * attended
         return x + torch.tanh(self.ffn_gate) * self.ffn(self.ln_ffn(x))
+
+    def visual_kv(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B', Q, D) visual context -> its projected keys and values, (B', heads, Q, D / heads) each.
+        They never change while a clip's text grows, so generation computes them once per clip
+        instead of once per token and layer (nn.MultiheadAttention has no such cache: hence here)."""
+        D, h = self.attn.embed_dim, self.attn.num_heads
+        w_k, w_v = self.attn.in_proj_weight[D:].chunk(2)
+        b_k, b_v = self.attn.in_proj_bias[D:].chunk(2)
+        B, Q, _ = visual.shape
+        k = F.linear(visual, w_k, b_k).view(B, Q, h, D // h).transpose(1, 2)  # (B', h, Q, hd)
+        v = F.linear(visual, w_v, b_v).view(B, Q, h, D // h).transpose(1, 2)
+        return k, v
+
+    def _attend_cached(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """nn.MultiheadAttention's arithmetic (query projection, SDPA, output projection) on x (B, L, D)
+        against keys and values (B', h, Q, hd). The B / B' rows of a clip (its candidates) ask the
+        same keys: with no mask across the visual tokens, they are simply more queries of that clip,
+        so the keys and values are used as they are, never copied per candidate."""
+        D, h = self.attn.embed_dim, self.attn.num_heads
+        B, L, _ = x.shape
+        clips = k.shape[0]
+        q = F.linear(x, self.attn.in_proj_weight[:D], self.attn.in_proj_bias[:D])  # (B, L, D)
+        q = q.reshape(clips, (B // clips) * L, h, D // h).transpose(1, 2)  # (B', h, n * L, hd)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B', h, n * L, hd)
+        out = out.transpose(1, 2).reshape(B, L, D)
+        return self.attn.out_proj(out)
 
 
 class GatedBlock(nn.Module):
@@ -73,14 +110,11 @@ class GatedBlock(nn.Module):
         super().__init__()
         self.block = block
         self.gated = gated
-        self.visual: torch.Tensor | None = None
+        self.visual: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None  # context, or its K/V
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.visual is not None:
-            visual = self.visual
-            if visual.shape[0] != hidden_states.shape[0]:  # beams / candidates share a clip's context
-                visual = visual.repeat_interleave(hidden_states.shape[0] // visual.shape[0], dim=0)
-            hidden_states = self.gated(hidden_states, visual)
+            hidden_states = self.gated(hidden_states, self.visual)
         return self.block(hidden_states, *args, **kwargs)
 
 
@@ -144,11 +178,22 @@ class Narrator(nn.Module):
         out = self.visual(video)
         return self.pooler(torch.cat([out["pooled"][:, None], out["tokens"]], dim=1))
 
-    def lm_forward(self, input_ids: torch.Tensor, visual: torch.Tensor | None, attention_mask=None, cache=None,
-                   use_cache: bool = False):
-        """GPT-2 over input_ids with the visual context in its gated layers; returns (logits, cache)."""
-        for block in self.gated_blocks:
-            block.visual = visual
+    def visual_kv(self, visual: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The keys and values every gated layer projects from a (B, Q, D) visual context: computed
+        once per clip, then given to lm_forward in place of the context at every generated token."""
+        return [block.gated.visual_kv(visual) for block in self.gated_blocks]
+
+    def lm_forward(self, input_ids: torch.Tensor, visual: torch.Tensor | list | None, attention_mask=None,
+                   cache=None, use_cache: bool = False):
+        """GPT-2 over input_ids with the visual context in its gated layers; returns (logits, cache).
+        visual: the (B', Q, D) context or visual_kv's list; B' may divide the batch (a clip's
+        candidates are consecutive rows)."""
+        blocks = self.gated_blocks
+        per_block = visual if isinstance(visual, list) else [visual] * len(blocks)
+        if len(per_block) != len(blocks):
+            raise ValueError(f"lm_forward: {len(per_block)} visual key/value pairs for {len(blocks)} gated layers")
+        for block, context in zip(blocks, per_block):
+            block.visual = context
         try:
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
                           **{self._cache_arg: cache})
