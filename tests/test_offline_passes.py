@@ -250,3 +250,30 @@ def test_narrate_reads_back_and_merges_the_lines_of_a_killed_run(three_shards, m
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()))
     assert sorted((tmp_path / "n.jsonl").read_text().splitlines()) == sorted(lines)
     assert not parts.exists()
+
+
+def test_the_several_nodes_command_on_two_local_nodes(three_shards, tmp_path, monkeypatch):
+    """The documented several-nodes form, as two torchrun agents (two 'nodes' of one process each)
+    meeting at 127.0.0.1: the same folder as one process writes."""
+    from mmvssl.cli import main
+    for name in TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main(["shards", "add-flow", "--shards", str(three_shards), "--out", str(ref)]) == 0
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    port = str(_free_port())
+    nodes = [subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+                               "--master_addr", "127.0.0.1", "--master_port", port, "-m", "mmvssl.cli", "shards",
+                               "add-flow", "--shards", str(three_shards), "--out", str(out)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=400) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
+    assert "3 shards (0 finished before), 12 samples" in outputs[0][0] and not outputs[1][0]  # node 0 tells it
+    assert _files(out) == _files(ref)
