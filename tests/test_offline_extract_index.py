@@ -191,6 +191,11 @@ def test_index_build_of_a_folder_on_two_processes_writes_the_one_process_index(m
     result = torchrun("index", "build", model, "--input", inputs["clips"], "--out", tmp_path / "two", *INDEX_OPTIONS)
     assert result.stdout.count("indexed 5 videos") == 1, result.stdout  # rank 0 reports, once
     assert_same_index(tmp_path / "two", tmp_path / "one", rejected=1)  # the file that is not a video
+    # rank 0 alone opens the database; its refusal reaches the other process, and both stop on one line
+    refused = torchrun("index", "build", model, "--input", inputs["clips"], "--out", tmp_path / "two", "--window",
+                       "0.25", "--quiet", check=False)
+    assert refused.returncode != 0
+    assert refused.stderr.count("mmvssl: error: index") == 2 and "was built with other settings" in refused.stderr
 
 
 def test_a_killed_index_build_of_shards_resumes_to_the_one_process_index(model, inputs, tmp_path, monkeypatch):
