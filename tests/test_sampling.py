@@ -54,17 +54,20 @@ def test_carl_crops_differ_in_length_stay_in_the_video_and_start_near_each_other
     assert min(lengths) < -0.5 and max(lengths) > 0.5
 
 
-def test_overlapping_pair_spreads_the_temporal_iou_over_zero_one():
+def test_overlapping_pair_draws_cstps_overlap_classes_uniformly_at_one_rate():
+    """KT27-A/CSTP datasets.py: one rate for both clips (uniform among those that fit), the second clip
+    covering a share 1.0, 0.8, ..., 0.2 of the first, the class uniform (a long video: few redraws)."""
     rng = random.Random(5)
-    ious = []
+    shares, rates = [], []
     for _ in range(4000):
-        (a, n), (b, _) = view_windows("overlap", 30.0, 2.0, rng, True)
-        inter = max(0.0, n - abs(a - b))
-        ious.append(inter / (2 * n - inter))
-    ious = np.array(ious)
-    assert ious.min() > 0 and ious.max() <= 1 + 1e-9
-    counts, _ = np.histogram(ious, bins=4, range=(0, 1))
-    assert np.allclose(counts / len(ious), 0.25, atol=0.03)  # u ~ U(0, 1] inverted exactly
+        (a, n), (b, m) = view_windows("overlap", 30.0, 2.0, rng, True)  # long_scale 2: rates 1 and 2
+        assert n == m and 0 <= min(a, b) and max(a, b) + n <= 30.0 + 1e-9
+        shares.append(1 - abs(a - b) / n)
+        rates.append(n / 2.0)
+    classes = np.abs(np.array(shares)[:, None] - np.array([1.0, 0.8, 0.6, 0.4, 0.2])).argmin(1)
+    assert np.allclose(np.array(shares), 1.0 - 0.2 * classes, atol=1e-9)
+    assert np.allclose(np.bincount(classes, minlength=5) / len(shares), 0.2, atol=0.03)
+    assert set(rates) == {1.0, 2.0} and abs(np.mean(rates) - 1.5) < 0.03
 
 
 def test_curriculum_pair_keeps_its_distance_within_the_share_of_the_video():

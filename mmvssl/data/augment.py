@@ -26,6 +26,14 @@ class AugmentOptions:
     jitter_p: float = 0.8
     grayscale: float = 0.2
     blur: float = 0.0  # probability of a Gaussian blur (kernel ~10% of the size)
+    # per view of a sample (the loader's order; views past the list take its last entry), replacing `blur`:
+    # CVRL's (1.0, 0.1); and the probability of solarising (pixels >= 128 inverted), CVRL's (0.0, 0.2)
+    # (tensorflow/models official/projects/video_ssl/dataloaders/video_ssl_input.py `_process_image`)
+    blur_per_view: tuple[float, ...] = ()
+    solarize_per_view: tuple[float, ...] = ()
+    # CSTP: each odd view is cropped the size of the view before it, overlapping it by one of these shares
+    # of its area, drawn uniformly (KT27-A/CSTP preprocess_data.py ClipRandomSizedCropOverlap); () off
+    crop_overlap: tuple[float, ...] = ()
     audio: bool = False
     gain_db: tuple[float, float] = (-6.0, 6.0)
     noise_snr_db: tuple[float, float] = (20.0, 40.0)  # white noise at this signal-to-noise ratio
@@ -37,17 +45,45 @@ class AugmentOptions:
         return 1.15
 
 
-def build_video_transform(options: AugmentOptions, size: int):
+def per_view(values: tuple[float, ...], view: int, default: float) -> float:
+    """values[view] (the last entry past the end), or `default` when there are none."""
+    return float(values[min(view, len(values) - 1)]) if values else default
+
+
+def build_video_transform(options: AugmentOptions, size: int, view: int = 0):
+    """The transforms of view `view` of a sample (they differ only where blur_per_view /
+    solarize_per_view say); solarisation last, after the blur, as CVRL's `_process_image`."""
     from torchvision.transforms import v2
 
     kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+    solarize = per_view(options.solarize_per_view, view, 0.0)
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=options.crop_scale, ratio=options.crop_ratio, antialias=True),
         v2.RandomHorizontalFlip(options.flip),
         v2.RandomApply([v2.ColorJitter(*options.jitter)], p=options.jitter_p),
         v2.RandomApply([video_grayscale()], p=options.grayscale),
-        v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=options.blur),
+        v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=per_view(options.blur_per_view, view,
+                                                                                options.blur)),
+        *([v2.RandomSolarize(threshold=128, p=solarize)] if solarize > 0 else []),  # uint8: x / 255 >= 0.5
     ])
+
+
+def overlapping_crop(first: dict, H: int, W: int, shares: tuple[float, ...], rng: random.Random) -> dict:
+    """CSTP's second crop (KT27-A/CSTP data_process/preprocess_data.py ClipRandomSizedCropOverlap, flag 1):
+    the first crop's size, moved towards one of its corners so that the two share an s_w x s_h region
+    with s_w uniform in [share x w, w] and s_h = share x w x h / s_w (share drawn uniformly from
+    `shares`): drawn again until it lies in the H x W frame. Written here because no library draws
+    a crop against another; pixel boxes as RandomResizedCrop's params ({top, left, height, width})."""
+    top, left, h, w = first["top"], first["left"], first["height"], first["width"]
+    for _ in range(100):  # a share of 1 (the same box) always fits
+        share = rng.choice(shares)
+        overlap_w = rng.randint(max(1, int(share * w)), w)
+        overlap_h = int(share * w * h / overlap_w)
+        x = left + rng.choice((-1, 1)) * (w - overlap_w)
+        y = top + rng.choice((-1, 1)) * (h - overlap_h)
+        if 0 <= x <= W - w and 0 <= y <= H - h:
+            return {"top": y, "left": x, "height": h, "width": w}
+    return dict(first)
 
 
 def video_grayscale():
@@ -66,7 +102,17 @@ class Augmenter:
 
     def __init__(self, options: AugmentOptions, size: int):
         self.options, self.size = options, size
-        self.video_transform = build_video_transform(options, size) if options.video else None
+        views = max(len(options.blur_per_view), len(options.solarize_per_view), 1)
+        self.view_transforms = [build_video_transform(options, size, v) for v in range(views)] if options.video else []
+        self.video_transform = self.view_transforms[0] if options.video else None  # the first view's
+        self._sample, self._view, self._previous = None, 0, None  # the sample's generator, view index, last crop
+
+    def view_index(self, rng: random.Random) -> int:
+        """Which view of its sample this call augments: the loader augments a sample's views in order with
+        the sample's own generator, so a call with the previous call's generator is that sample's next view."""
+        self._view = self._view + 1 if rng is self._sample else 0
+        self._sample = rng
+        return self._view
 
     def video(self, frames: torch.Tensor, rng: random.Random) -> torch.Tensor:
         """(T, H, W, 3) uint8 -> (T, size, size, 3) uint8, one parameter draw for all T frames."""
@@ -77,10 +123,14 @@ class Augmenter:
         height ([0, 0, 1, 1] without augmentation)."""
         return self.video_crop_flip(frames, rng)[:2]
 
-    def video_crop_flip(self, frames: torch.Tensor, rng: random.Random) -> tuple[torch.Tensor, list[float], bool]:
+    def video_crop_flip(self, frames: torch.Tensor, rng: random.Random,
+                        view: int | None = None) -> tuple[torch.Tensor, list[float], bool]:
         """`video_and_crop`, and whether the clip was flipped horizontally (what cached optical flow
         needs to follow the pixels). The transforms of build_video_transform run one by one with their
-        own draws in Compose's order, so the frames are exactly `video_transform`'s."""
+        own draws in Compose's order, so the frames are exactly `view_transforms[view]`'s. `view`: the
+        view's index in its sample (default: view_index(rng)); with crop_overlap, an odd view's crop
+        overlaps the previous view's (overlapping_crop) instead of being drawn on its own."""
+        view = self.view_index(rng) if view is None else view
         if self.video_transform is None:
             return frames, [0.0, 0.0, 1.0, 1.0], False
         from torchvision import tv_tensors
@@ -88,10 +138,15 @@ class Augmenter:
 
         clip = tv_tensors.Video(frames.permute(0, 3, 1, 2))  # (T, C, H, W)
         H, W = clip.shape[-2:]
-        crop, flip, *rest = self.video_transform.transforms
+        crop, flip, *rest = self.view_transforms[min(view, len(self.view_transforms) - 1)].transforms
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(rng.getrandbits(62))
-            params = crop.make_params([clip])  # what RandomResizedCrop.forward draws
+            previous = self._previous
+            if self.options.crop_overlap and view % 2 and previous is not None and previous[1:] == (H, W):
+                params = overlapping_crop(previous[0], H, W, self.options.crop_overlap, rng)
+            else:
+                params = crop.make_params([clip])  # what RandomResizedCrop.forward draws
+            self._previous = (params, H, W)
             out = crop.transform(clip, params)
             flipped = bool(torch.rand(1) < flip.p)  # RandomHorizontalFlip.forward's one draw
             if flipped:

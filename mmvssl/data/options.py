@@ -21,6 +21,10 @@ class AugmentConfig:
     jitter_p: float = 0.8
     grayscale: float = 0.2
     blur: float = 0.0
+    # per view of a sample, replacing blur (CVRL: [1.0, 0.1]); solarisation per view (CVRL: [0.0, 0.2])
+    blur_per_view: list[float] = field(default_factory=list)
+    solarize_per_view: list[float] = field(default_factory=list)
+    crop_overlap: list[float] = field(default_factory=list)  # CSTP: the second view's crop overlaps the first's
     audio: bool = False  # random gain and white noise
     gain_db: list[float] = field(default_factory=lambda: [-6.0, 6.0])
     noise_snr_db: list[float] = field(default_factory=lambda: [20.0, 40.0])
@@ -71,10 +75,15 @@ class DataConfig:
 def augment_options(cfg):
     """AugmentConfig (or a DictConfig of it) -> mmvssl.data.augment.AugmentOptions."""
     from .augment import AugmentOptions
+    for key, low in (("blur_per_view", 0.0), ("solarize_per_view", 0.0), ("crop_overlap", 1e-9)):
+        if any(not low <= float(p) <= 1.0 for p in cfg[key]):
+            raise ConfigError(f"data.augment.{key}: every entry must lie in {'(0' if low else '[0'}, 1], got {list(cfg[key])}")
     return AugmentOptions(video=bool(cfg.video), crop_scale=tuple(cfg.crop_area), crop_ratio=tuple(cfg.crop_aspect),
                           local_crop_scale=tuple(cfg.local_crop_area),
                           flip=float(cfg.flip), jitter=tuple(cfg.jitter), jitter_p=float(cfg.jitter_p),
-                          grayscale=float(cfg.grayscale), blur=float(cfg.blur), audio=bool(cfg.audio),
+                          grayscale=float(cfg.grayscale), blur=float(cfg.blur),
+                          blur_per_view=tuple(cfg.blur_per_view), solarize_per_view=tuple(cfg.solarize_per_view),
+                          crop_overlap=tuple(cfg.crop_overlap), audio=bool(cfg.audio),
                           gain_db=tuple(cfg.gain_db), noise_snr_db=tuple(cfg.noise_snr_db), noise_p=float(cfg.noise_p))
 
 

@@ -183,16 +183,42 @@ def carl_windows(duration: float, window: float, max_scale: float, rng: random.R
     return [(first, lengths[0]), (second, lengths[1])]
 
 
-def overlapping_pair(duration: float, window: float, rng: random.Random) -> list[float]:
-    """CSTP: two clips of `window` whose temporal IoU is drawn uniformly in (0, 1] (the gap between
-    their starts is window (1 - u) / (1 + u)), shrunk to what the video holds, placed uniformly."""
-    room = max(0.0, duration - window)
-    u = 1.0 - rng.random()  # (0, 1]
-    gap = min(room, window * (1.0 - u) / (1.0 + u))
-    first = rng.uniform(0.0, room - gap)
-    starts = [first, first + gap]
-    rng.shuffle(starts)
-    return starts
+# CSTP (KT27-A/CSTP @ cd68686, data_process/datasets.py: PACE, OVERLAP_TEM_RATE; data_process/preprocess_data.py:
+# OVERLAP_SPA_RATE): the share of a clip the other clip covers, in time and in space alike, one class each
+CSTP_OVERLAP_SHARES = (1.0, 0.8, 0.6, 0.4, 0.2)
+CSTP_MAX_TRIES = 100  # upstream draws again until the second clip lies in the video (a share of 1 always does)
+
+
+def cstp_rates(max_rate: float) -> list[int]:
+    """CSTP's playback rates (frame strides): the powers of two up to `max_rate` (data.long_scale);
+    upstream's PACE 1, 2, 4, 8 at 8."""
+    rates = [1]
+    while rates[-1] * 2 <= max_rate + 1e-9:
+        rates.append(rates[-1] * 2)
+    return rates
+
+
+def overlapping_pair(duration: float, window: float, rng: random.Random,
+                     max_rate: float = 1.0) -> list[tuple[float, float]]:
+    """CSTP's two clips, drawn as KT27-A/CSTP data_process/datasets.py UcfRepreBYOLSpPre.repre_train_clip
+    draws them: one playback rate r for both, uniform among cstp_rates(max_rate) whose span r x `window`
+    fits the video (upstream: pb_label up to log2(frames / (T - 1))); the first clip's start uniform; a
+    class k uniform in 0..4 and a side, the second clip shifted (1 - CSTP_OVERLAP_SHARES[k]) of the span
+    before or after the first, both drawn again until it lies in the video. A video shorter than the
+    span gives two equal clips from 0 (upstream: class 0). Returns (start, length) per clip: each is
+    decoded as data.num_frames frames, so r is the playback rate (mmvssl.methods.cstp reads r and k back
+    from the windows)."""
+    rates = cstp_rates(max_rate)
+    span = rng.choice([r for r in rates if r * window <= duration + 1e-9] or rates[:1]) * window
+    room = max(0.0, duration - span)
+    first = rng.uniform(0.0, room)
+    second = first
+    for _ in range(CSTP_MAX_TRIES if room > 0 else 0):
+        shift = (1.0 - rng.choice(CSTP_OVERLAP_SHARES)) * span * rng.choice((-1.0, 1.0))
+        if 0.0 <= first + shift <= room:
+            second = first + shift
+            break
+    return [(first, span), (second, span)]
 
 
 def curriculum_pair(duration: float, window: float, span_share: float, rng: random.Random) -> list[float]:
@@ -213,7 +239,8 @@ def view_windows(sampler: str, duration: float, window: float, rng: random.Rando
     """(start, length) of every view a sampler asks for; the first view's audio is kept.
 
     random/center: one clip; uniform: `num_clips` evenly spread; same: `num_clips` copies of one
-    window; cvrl: two clips at CVRL's gap; overlap: two overlapping clips (CSTP); concur: two clips
+    window; cvrl: two clips at CVRL's gap; overlap: two clips of CSTP's overlap classes at one playback
+    rate up to long_scale (CSTP); concur: two clips
     `span_share` of the video apart at most (ConCur); carl: two crops of different length (CARL);
     teg: [short, long] (long = long_scale x window, the short inside it on its frame grid at `fps`);
     svt: globals then locals of one clip of long_scale x window."""
@@ -229,7 +256,7 @@ def view_windows(sampler: str, duration: float, window: float, rng: random.Rando
     if sampler == "cvrl":
         return [(s, window) for s in cvrl_pair(duration, window, rng)]
     if sampler == "overlap":
-        return [(s, window) for s in overlapping_pair(duration, window, rng)]
+        return overlapping_pair(duration, window, rng, long_scale)
     if sampler == "concur":
         return [(s, window) for s in curriculum_pair(duration, window, span_share, rng)]
     if sampler == "carl":

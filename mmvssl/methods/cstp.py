@@ -1,90 +1,99 @@
 """`cstp`: CSTP (Zhang et al. 2022, "Contrastive Spatio-Temporal Pretext Learning for
-Self-supervised Video Representation"): BYOL between two clips of a video, jointly with three
-pretext tasks: the clips' spatio-temporal overlap rate (STOR), their playback rate and a rotation.
+Self-supervised Video Representation"): BYOL between two clips of a video, jointly with four
+pretext classifications: the clips' temporal overlap, their spatial overlap, their playback rate and
+each clip's rotation. It follows the official code, KT27-A/CSTP @ cd68686 (file and line below).
 
-- Views (`data.sampler: overlap`, mmvssl.data.sampling.overlapping_pair): two clips of one video whose
-  temporal IoU is drawn uniformly in (0, 1], each decoded as `data.num_frames` frames over its window
-  and cropped apart (batch["view_crops"]).
-- BYOL views (in `prepare`, on the device): each clip at the slowest rate, `keep = T // max(strides)`
-  frames at stride max(strides) over its whole window; they carry no rotation and no rate change:
-  BYOL (Grill et al. 2020) pulls them together, and the heads that predict rate and rotation never
-  read them. online = the model (encoder + projection head, `video_<space>`) + the method's predictor
-  (Linear-BN-ReLU-Linear); target = an exponential moving average of the model, no gradient,
-  momentum on a cosine from `momentum_start` to `momentum_end` over `train.max_steps`. Loss:
-  2 - 2 cos(predictor(online_v), target_w) for (v, w) = (1, 2) and (2, 1), averaged. No negatives.
-- Pretext copies (in `prepare`, the view group `video/pretext`, embedded by the model with a forward of
-  their own): of each clip, `keep` frames at a stride s drawn per copy from `strides` (s = 1: half the
-  playback speed of s = 2) from a random offset o in [0, T - s * keep]; the second copy is also
-  rotated by k x 90 degrees, k drawn per clip. A head on each copy's features predicts s
-  (cross-entropy over `strides`), a head on the second copy's features predicts k (4-way). Their
-  windows [start + o dt, start + (o + s keep) dt) (dt = window / T) and crops are appended to
-  batch["view_times"] / ["view_crops"] after the clips' (the group's order).
-- Overlap rate (STOR): the target is the temporal IoU of the two BYOL views' windows times the IoU
-  of their spatial crops ([x0, y0, x1, y1], a share of the decoded frame; a flip after the crop does
-  not change the region). A head on both BYOL views' features ([f1, f2, |f1 - f2|, f1 * f2])
-  regresses it through a sigmoid, mean squared error.
-- Features of the heads: the video transformer's tokens averaged over space and time
-  (`video_frames` averaged over t). loss = byol_weight * byol + overlap_weight * overlap +
-  rate_weight * rate + rotation_weight * rotation; a term is on when its weight is positive.
+- Clips (`data.sampler: overlap`, mmvssl.data.sampling.overlapping_pair, as data_process/datasets.py
+  `UcfRepreBYOLSpPre.repre_train_clip`): one playback rate r for both clips, uniform among
+  cstp_rates(data.long_scale) whose span fits the video (upstream PACE = [1, 2, 4, 8], datasets.py
+  line 17, `pb_label = random.randint(0, min(3, max_pb))`); each clip is data.num_frames frames over
+  r x num_frames / fps seconds. The second clip is shifted (1 - share) of the span before or after the
+  first, share = CSTP_OVERLAP_SHARES[k] = 1.0 ... 0.2 (OVERLAP_TEM_RATE, datasets.py line 18), k uniform.
+- Crops (`data.augment.crop_overlap`, mmvssl.data.augment.overlapping_crop, as
+  data_process/preprocess_data.py `ClipRandomSizedCropOverlap`): the first a random resized crop of
+  area 0.2-1, the second of the same size overlapping it by a share (OVERLAP_SPA_RATE,
+  preprocess_data.py line 18) of its area, drawn uniformly.
+- Rotation (in `prepare`, on the device): each clip rotated by k_v x 90 degrees, k_v uniform in 0..3
+  per clip (datasets.py ROTATE, line 19, `rot_label_1`, `rot_label_2`).
+- BYOL on these very clips, rotated and at their rate (main_byol.py line 60: `model(clip_1, clip_2)`):
+  online = the model (encoder + projection head, `video_<space>`) + the predictor (Linear-BN-ReLU-Linear,
+  models/pace/r21d_byol.py `Predictor`); target = an exponential moving average of the model with a
+  constant momentum 0.996 (r21d_byol.py `R21DBYOL(momentum=0.996)`, `_update_target_net`), no
+  gradient. Loss per clip pair: (2 - 2 cos(q_1, z'_2)) + (2 - 2 cos(q_2, z'_1)), the two directions
+  summed (r21d_byol.py `_cal_loss`: loss_one + loss_two), averaged over the batch.
+- Pretext labels, read back in `prepare` from where the loader put the views: the temporal class from
+  the share of the first clip's window the second covers, the spatial class from the share of the
+  first crop's area the second covers (each the nearest of the drawn shares: exact for the shares
+  the sampler and the augmentation draw), the rate class from the clips' length / (num_frames / fps).
+- Heads (r21d_byol.py `R21DBYOL.__init__`, `forward` for o_type "loss_com"): on the encoder's pooled
+  features f_v (the video transformer's tokens averaged over space and time, before the projection
+  head), each Linear-BN-ReLU-Linear with a hidden width equal to its input: the spatial and the
+  temporal head on [f_1, f_2] (5 classes each), the rate head and the rotation head on f_1 and f_2
+  alike, each clip its own cross-entropy.
+- loss = 0.1 byol + 1 spatial + 1 temporal + 1 (rate_1 + rate_2) + 1 (rotation_1 + rotation_2)
+  (main_byol.py lines 62-73, with the README's `--loss_weight 0.1 1 1 1 1`); a term is on when its
+  weight is positive.
 
-Reference: the official code is public, KT27-A/CSTP @ cd68686 (read for this docstring):
-main_byol.py `train_BYOL` (loss = 0.1 BYOL + spatial-overlap CE + temporal-overlap CE + playback CE
-on both clips + rotation CE on both clips), data_process/datasets.py `UcfRepreBYOLSpPre` and its
-constants (PACE 1/2/4/8, OVERLAP_TEM_RATE 1.0-0.2 in 5 classes, ROTATE 0/90/180/270 per clip),
-data_process/preprocess_data.py (OVERLAP_SPA_RATE 1.0-0.2 in 5 classes). This module does not follow
-it where docs/methods.md says so: upstream's BYOL views *are* the rotated, rate-changed clips (one
-rate for both, a rotation drawn per clip), where here they are untransformed and the transformations
-go to copies that only the pretext heads see (the issue's reading of the paper); overlap is one
-regressed product of temporal and spatial IoU (upstream: two 5-way classifications); the rate has
-`strides` (upstream 4 classes), rotation is predicted on one copy (upstream on both clips); the
-weights are this config's (upstream 0.1 for BYOL, 1 for each pretext term), and BYOL's two terms are
-averaged where upstream sums them (models/pace/r21d_byol.py `_cal_loss`), and the target's momentum
-follows a cosine where upstream keeps 0.996. Playback rate is made on the device by temporal subsampling of a
-decoded clip, so configs decode max(strides) x the model's frames. The model's
-projection output is L2-normalised before the predictor (the model normalises every embedding),
-where BYOL's projector output is not.
+Where this still differs (docs/methods.md "differs from the reference" lists each with its reason):
+the backbone is mmvssl's video transformer (upstream R(2+1)D-10 / S3D / R3D), its projection output is
+L2-normalised before the predictor; the target starts as a copy of the online network (upstream builds
+it as a second, independently initialised network); the rate and rotation heads have as many outputs
+as classes (upstream 5, with labels 0..3); rotation turns the square crop on the device (upstream turns
+the frame before cropping); upstream's appearance augmentation (rotation by +-10 degrees, jitter, channel
+split, blur, all at once with p 0.3 per clip) is approximated by independent transforms with those
+marginal probabilities (configs/methods/cstp.yaml).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from ..data.sampling import CSTP_OVERLAP_SHARES, cstp_rates
 from ..errors import ConfigError
-from ..modalities import group_key
-from .base import BuildContext, Method, cosine_schedule, ema_update, frozen_copy, mlp, require_output, unwrap
+from .base import BuildContext, Method, ema_update, frozen_copy, mlp, require_output, unwrap
 from .contrastive import build_student
-from .views import box_iou, temporal_iou, view_crops, view_windows
+from .views import view_crops, view_windows
 
 
 @dataclass
 class CSTPOptions:
-    byol_weight: float = 1.0
-    overlap_weight: float = 1.0
-    rate_weight: float = 1.0
-    rotation_weight: float = 1.0
-    strides: list[int] = field(default_factory=lambda: [1, 2])  # playback rates (temporal strides) to tell apart
-    momentum_start: float = 0.99  # target EMA momentum, cosine to momentum_end over train.max_steps (BYOL: 0.996)
-    momentum_end: float = 1.0
-    predictor_hidden: int = 512
-    head_hidden: int = 256  # the pretext heads: Linear-ReLU-Linear
+    byol_weight: float = 0.1  # upstream --loss_weight 0.1 1 1 1 1 (README), main_byol.py loss_total
+    spatial_weight: float = 1.0
+    temporal_weight: float = 1.0
+    rate_weight: float = 1.0  # on each clip
+    rotation_weight: float = 1.0  # on each clip
+    momentum: float = 0.996  # the target's EMA momentum, constant (r21d_byol.py R21DBYOL)
+    predictor_hidden: int = 512  # upstream 4096 beside a 512-wide encoder
     space: str = "ssl"
 
 
-def subsample_views(video: torch.Tensor, stride: torch.Tensor, offset: torch.Tensor, keep: int) -> torch.Tensor:
-    """video (B, V, C, T, H, W); stride, offset (B, V) -> (B, V, C, keep, H, W): frames
-    offset + stride * [0, keep) of each view."""
-    B, V, C, T, H, W = video.shape
-    index = offset[..., None] + stride[..., None] * torch.arange(keep, device=video.device)  # (B, V, keep)
-    return video.gather(3, index[:, :, None, :, None, None].expand(B, V, C, keep, H, W))
+def nearest_class(share: torch.Tensor, shares) -> torch.Tensor:
+    """share (...) -> (...) long: the index of the nearest of `shares` (bin edges at their midpoints)."""
+    table = torch.tensor(shares, device=share.device, dtype=share.dtype)
+    return (share[..., None] - table).abs().argmin(-1)
+
+
+def temporal_share(windows: torch.Tensor) -> torch.Tensor:
+    """windows (B, 2, 2) [start, end] -> (B,): the share of the first clip's window the second covers."""
+    inter = (torch.minimum(windows[:, 0, 1], windows[:, 1, 1]) - torch.maximum(windows[:, 0, 0], windows[:, 1, 0]))
+    return inter.clamp(min=0) / (windows[:, 0, 1] - windows[:, 0, 0]).clamp(min=1e-9)
+
+
+def spatial_share(crops: torch.Tensor) -> torch.Tensor:
+    """crops (B, 2, 4) [x0, y0, x1, y1] -> (B,): the share of the first crop's area the second covers."""
+    a, b = crops[:, 0], crops[:, 1]
+    w = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
+    h = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
+    return w * h / ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])).clamp(min=1e-9)
 
 
 def rotate_views(video: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """video (B, C, T, H, W) with H == W, k (B,) in 0..3 -> each clip rotated by k x 90 degrees."""
+    """video (B, V, C, T, H, W) with H == W, k (B, V) in 0..3 -> each view rotated by k x 90 degrees."""
     out = video.clone()
     for turns in range(1, 4):
         chosen = k == turns
@@ -95,92 +104,80 @@ def rotate_views(video: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def byol_loss(online: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """online (B, 2, D) predictions, target (B, 2, D), both normalised: the mean over clips of
-    (2 - 2 cos(online_1, target_2) + 2 - 2 cos(online_2, target_1)) / 2."""
-    return (2 - (online[:, 0] * target[:, 1]).sum(-1) - (online[:, 1] * target[:, 0]).sum(-1)).mean()
+    (2 - 2 cos(online_1, target_2)) + (2 - 2 cos(online_2, target_1)), the directions summed."""
+    return (4 - 2 * (online[:, 0] * target[:, 1]).sum(-1) - 2 * (online[:, 1] * target[:, 0]).sum(-1)).mean()
 
 
 class CSTP(Method):
     name = "cstp"
-    views_on_device = True  # `mmvssl views` runs prepare: the BYOL views and the pretext copies are made here
-    paper = "CSTP (Zhang et al. 2022): BYOL with overlap-rate, playback-rate and rotation prediction"
+    views_on_device = True  # `mmvssl views` runs prepare: the rotations are made here
+    paper = "CSTP (Zhang et al. 2022): BYOL with overlap, playback-rate and rotation classification"
     Options = CSTPOptions
 
-    def __init__(self, student: nn.Module, options: CSTPOptions, num_frames: int, max_steps: int):
+    def __init__(self, student: nn.Module, options: CSTPOptions, window: float, rates: list[int],
+                 crop_shares=CSTP_OVERLAP_SHARES):
         super().__init__()
-        strides = sorted(set(options.strides))
-        if not strides or strides[0] < 1 or num_frames // strides[-1] < 1:
-            raise ConfigError(f"method 'cstp': method.options.strides must be positive and at most data.num_frames "
-                              f"({num_frames}); got {options.strides}")
-        weights = (options.byol_weight, options.overlap_weight, options.rate_weight, options.rotation_weight)
+        weights = (options.byol_weight, options.spatial_weight, options.temporal_weight, options.rate_weight,
+                   options.rotation_weight)
         if max(weights) <= 0:
             raise ConfigError("method 'cstp': every loss weight is 0 (no loss)")
-        self.o, self.max_steps, self.num_frames = options, max_steps, num_frames
-        self.strides, self.keep = strides, num_frames // strides[-1]
+        if not 0.0 <= options.momentum <= 1.0:
+            raise ConfigError(f"method 'cstp': method.options.momentum must lie in [0, 1], got {options.momentum}")
+        self.o, self.window, self.rates, self.crop_shares = options, window, list(rates), tuple(crop_shares)
         self.key = f"video_{options.space}"
         dims = student.output_dims()
         width = dims["video_frames"]
         self.predictor = mlp(dims[self.key], options.predictor_hidden, dims[self.key], batch_norm=True)
-        self.overlap_head = mlp(4 * width, options.head_hidden, 1)
-        self.rate_head = mlp(width, options.head_hidden, len(strides))
-        self.rotation_head = mlp(width, options.head_hidden, 4)
+        self.spatial_head = mlp(2 * width, 2 * width, len(self.crop_shares), batch_norm=True)
+        self.temporal_head = mlp(2 * width, 2 * width, len(CSTP_OVERLAP_SHARES), batch_norm=True)
+        self.rate_head = mlp(width, width, len(self.rates), batch_norm=True)
+        self.rotation_head = mlp(width, width, 4, batch_norm=True)
         self.target = frozen_copy(student)
         self.target.frame_features = False  # the target gives only the BYOL embedding
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # for the momentum schedule, checkpointed
         self.modalities = {"video"}
 
     @classmethod
     def build(cls, cfg: DictConfig, ctx: BuildContext):
         options = cls.options(cfg)
-        if ctx.spec.sampler not in ("overlap", "cvrl"):
+        spec = ctx.spec
+        if spec.sampler != "overlap":
             raise ConfigError(f"method 'cstp' predicts the overlap of two clips of a video: data.sampler "
-                              f"'{ctx.spec.sampler}' does not give them (use overlap)")
+                              f"'{spec.sampler}' does not draw them as CSTP does (use overlap)")
+        if options.spatial_weight > 0 and not (spec.augment.video and spec.augment.crop_overlap):
+            raise ConfigError("method 'cstp' predicts the overlap of the clips' crops: set data.augment.video: true "
+                              "and data.augment.crop_overlap (CSTP: [1.0, 0.8, 0.6, 0.4, 0.2])")
         net = build_student(cfg, ctx.accelerator)
         require_output(net, f"video_{options.space}", cls.name)
-        net.frame_features = True  # forward also returns video_frames (B, V, t, width): the pretext features
-        return net, cls(net, options, ctx.spec.num_frames, cfg.train.max_steps)
+        net.frame_features = True  # forward also returns video_frames (B, V, t, width): the heads' features
+        return net, cls(net, options, spec.window, cstp_rates(spec.long_scale),
+                        spec.augment.crop_overlap or CSTP_OVERLAP_SHARES)
 
     def decayed_modules(self) -> list[nn.Module]:
-        return [self.predictor, self.overlap_head, self.rate_head, self.rotation_head]
-
-    def momentum(self, step: int) -> float:
-        return cosine_schedule(self.o.momentum_start, self.o.momentum_end, step, self.max_steps)
+        return [self.predictor, self.spatial_head, self.temporal_head, self.rate_head, self.rotation_head]
 
     @torch.no_grad()
     def prepare(self, batch: dict) -> dict:
-        """The BYOL views (each clip at the slowest rate) in `video`, the pretext copies (playback rate,
-        rotation) in `video/pretext`; their labels and the overlap target (B,) added to the batch."""
+        """Each clip rotated by its label; the labels (cstp_rotation (B, 2), cstp_rate, cstp_temporal,
+        cstp_spatial (B,)) read from the views' windows and crops and added to the batch."""
         video = batch["video"]  # (B, 2, C, T, H, W)
-        B, V, T, device = video.shape[0], video.shape[1], video.shape[3], video.device
-        if V != 2 or T != self.num_frames:
-            raise ConfigError(f"method 'cstp' expects 2 views of {self.num_frames} frames, got {tuple(video.shape)}")
-        windows = view_windows(batch, device)[:, :2]  # (B, 2, 2) the clips' windows
-        crops = view_crops(batch, device)[:, :2]  # (B, 2, 4), read before the video is replaced
-        slowest = torch.full((B, V), self.strides[-1], device=device)
-        byol = subsample_views(video, slowest, torch.zeros_like(slowest), self.keep)  # the whole window each
-        rate = torch.randint(len(self.strides), (B, V), device=device)  # label: index into strides
-        stride = torch.tensor(self.strides, device=device)[rate]  # (B, V)
-        offset = (torch.rand(B, V, device=device) * (T - stride * self.keep + 1)).long()  # in [0, T - s * keep]
-        copies = subsample_views(video, stride, offset, self.keep)
-        rotation = torch.randint(4, (B,), device=device)
-        copies = torch.stack([copies[:, 0], rotate_views(copies[:, 1], rotation)], dim=1)
-        dt = (windows[..., 1] - windows[..., 0]) / T
-        start = windows[..., 0] + offset * dt
-        covered = torch.stack([start, start + stride * self.keep * dt], dim=-1)  # (B, 2, 2) the copies' windows
-        overlap = temporal_iou(windows[:, 0], windows[:, 1]) * box_iou(crops[:, 0], crops[:, 1])  # (B,)
-        out = {**batch, "video": byol, group_key("video", "pretext"): copies, "cstp_rate": rate,
-               "cstp_stride": stride, "cstp_rotation": rotation, "cstp_overlap": overlap}
-        out["view_times"] = torch.cat([windows, covered], 1).to(batch["view_times"].dtype)  # clips, then copies
-        out["view_crops"] = torch.cat([crops, crops], 1)
-        return out
+        B, device = video.shape[0], video.device
+        if video.shape[1] != 2 or video.shape[-1] != video.shape[-2]:
+            raise ConfigError(f"method 'cstp' expects 2 views of square frames, got {tuple(video.shape)}")
+        windows = view_windows(batch, device)[:, :2]  # (B, 2, 2)
+        crops = view_crops(batch, device)[:, :2]  # (B, 2, 4)
+        rotation = torch.randint(4, (B, 2), device=device)
+        rates = torch.tensor(self.rates, device=device, dtype=torch.float32) * self.window
+        return {**batch, "video": rotate_views(video, rotation), "cstp_rotation": rotation,
+                "cstp_rate": nearest_class(windows[:, 0, 1] - windows[:, 0, 0], rates.tolist()),
+                "cstp_temporal": nearest_class(temporal_share(windows), CSTP_OVERLAP_SHARES),
+                "cstp_spatial": nearest_class(spatial_share(crops), self.crop_shares)}
 
     def embed(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         out = model({"video": batch["video"]})
-        pretext = model({"video": batch[group_key("video", "pretext")]})["video_frames"]  # (B, 2, t, width)
         with torch.no_grad():
             self.target.train(model.training)
             target = self.target({"video": batch["video"]})[self.key]  # (B, 2, D)
-        return {self.key: out[self.key], "video_frames": out["video_frames"], "pretext_frames": pretext,
-                "target": target}
+        return {self.key: out[self.key], "video_frames": out["video_frames"], "target": target}
 
     def forward(self, embeddings: dict, batch: dict):
         o, terms, loss = self.o, {}, 0.0
@@ -189,25 +186,24 @@ class CSTP(Method):
             online = F.normalize(self.predictor(online.flatten(0, 1)).view(online.shape), dim=-1)
             terms["byol"] = byol_loss(online, embeddings["target"].detach().float())
             loss = loss + o.byol_weight * terms["byol"]
-        features = embeddings["video_frames"].float().mean(dim=2)  # (B, 2, width): the BYOL views
-        pretext = embeddings["pretext_frames"].float().mean(dim=2)  # (B, 2, width): the transformed copies
-        if o.overlap_weight > 0:
-            f1, f2 = features[:, 0], features[:, 1]
-            predicted = torch.sigmoid(self.overlap_head(torch.cat([f1, f2, (f1 - f2).abs(), f1 * f2], -1)))[:, 0]
-            terms["overlap"] = F.mse_loss(predicted, batch["cstp_overlap"].float())
-            loss = loss + o.overlap_weight * terms["overlap"]
-        if o.rate_weight > 0:
-            terms["rate"] = F.cross_entropy(self.rate_head(pretext.flatten(0, 1)), batch["cstp_rate"].flatten())
-            loss = loss + o.rate_weight * terms["rate"]
-        if o.rotation_weight > 0:
-            terms["rotation"] = F.cross_entropy(self.rotation_head(pretext[:, 1]), batch["cstp_rotation"])
-            loss = loss + o.rotation_weight * terms["rotation"]
+        features = embeddings["video_frames"].float().mean(dim=2)  # (B, 2, width): pooled, before the projection
+        pair = features.flatten(1)  # (B, 2 width): [f_1, f_2]
+        for name, head, weight in (("spatial", self.spatial_head, o.spatial_weight),
+                                   ("temporal", self.temporal_head, o.temporal_weight)):
+            if weight > 0:
+                terms[name] = F.cross_entropy(head(pair), batch[f"cstp_{name}"])
+                loss = loss + weight * terms[name]
+        labels = {"rate": batch["cstp_rate"][:, None].expand(-1, 2), "rotation": batch["cstp_rotation"]}  # (B, 2)
+        for name, head, weight in (("rate", self.rate_head, o.rate_weight),
+                                   ("rotation", self.rotation_head, o.rotation_weight)):
+            if weight > 0:  # the head on each clip by itself (its BatchNorm too), one cross-entropy each, summed
+                terms[name] = sum(F.cross_entropy(head(features[:, v]), labels[name][:, v]) for v in range(2))
+                loss = loss + weight * terms[name]
         return loss, {k: v.detach() for k, v in terms.items()}
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, step: int) -> None:
-        self.step.fill_(step)
-        ema_update(self.target, unwrap(model), self.momentum(step - 1))  # the step just taken
+        ema_update(self.target, unwrap(model), self.o.momentum)
 
     def log_values(self) -> dict[str, float]:
-        return {"momentum": self.momentum(int(self.step))}
+        return {"momentum": self.o.momentum}
