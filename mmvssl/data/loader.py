@@ -27,6 +27,7 @@ from ..errors import MmvsslError
 from ..modalities import MODALITIES, VIEW_KEYS, group_key, is_group, presence_key
 from .augment import Augmenter, AugmentOptions
 from .decode import DecodeError, decode_window, probe
+from .elastic import ElasticEpoch, EpochRecord
 from .flow import pair_flow
 from .rawsample import is_failed_download, metadata, video_bytes
 from .labels import select_labelled
@@ -146,13 +147,19 @@ class DecodeSamples:
         rank, slot = self.position.slot()
         seen = failed = pending = 0
         bad_shards: dict[str, int] = {}
+        read: list[tuple[str, int]] = []  # epoch mode: (shard, position) of the raw samples since the last yield
         for index, raw in enumerate(src):
+            if "__shard_index__" in raw:  # data.mode=epoch training (elastic.ElasticEpoch)
+                read.append((raw.get("__url__", "?"), raw["__shard_index__"]))
             if is_failed_download(raw):
                 continue  # video2dataset wrote the metadata of a download that failed: nothing to decode
             seen += 1
             # one generator per sample, derived from its place in this worker's stream, so a
-            # resumed stream that skips samples draws the same windows as an uninterrupted one
-            rng = random.Random(f"{self.spec.seed}/{rank}/{slot}/{raw.get('__index__', index)}")
+            # resumed stream that skips samples draws the same windows as an uninterrupted one;
+            # in epoch mode from its place in its shard, so any number of processes draws the same
+            where = (f"{raw['__epoch__']}/{raw.get('__url__')}/{raw['__shard_index__']}" if "__shard_index__" in raw
+                     else f"{rank}/{slot}/{raw.get('__index__', index)}")
+            rng = random.Random(f"{self.spec.seed}/{where}")
             position = raw.get("__index__", index)  # the stream's batch this sample goes to (concur's step)
             batch_number = (position // self.position.batch_size) * self.position.num_workers + slot
             try:
@@ -168,6 +175,8 @@ class DecodeSamples:
                                       f"{self.max_error_rate:.0%}); worst shards: {worst}; last error: {e}")
                 continue
             sample["_failed"], pending = pending, 0  # failures since the previous yielded sample
+            if read:
+                sample["_read"], read = read, []
             yield sample
 
     def decode(self, raw: dict, rng: random.Random, batch_number: int = 0) -> dict:
@@ -265,6 +274,8 @@ def collate(samples: list[dict]) -> dict:
         "failed": torch.tensor(sum(s["_failed"] for s in samples)),  # samples skipped on the way
         "text_generated": torch.tensor([s["text_generated"] for s in samples], dtype=torch.bool),  # (B,)
     }
+    if "_read" in samples[0]:  # epoch mode: what this batch consumed, failures included (EpochRecord)
+        batch["read"] = [r for s in samples for r in s.get("_read", ())]
     if "video_next" in samples[0]:  # consecutive frames (SampleSpec.next_frames), normalised as `video`
         batch["video_next"] = normalize_video(torch.stack([s["video_next"] for s in samples]))
     for k in samples[0]:
@@ -316,9 +327,12 @@ class StreamPosition:
 def build_dataset(shards: str, spec: SampleSpec, batch_size: int, shuffle_buffer: int = 256,
                   max_error_rate: float = 0.1, start_batch: int = 0, num_workers: int = 0,
                   mode: str | None = None, epoch_length: int | None = None,
-                  member_limits: MemberLimits | None = None, tokenizer=None) -> wds.DataPipeline:
+                  member_limits: MemberLimits | None = None, tokenizer=None,
+                  record: EpochRecord | None = None) -> wds.DataPipeline:
     """mode: "resampled" (default when training) or "epoch" (default for evaluation). Members over
-    `member_limits` (data.max_member_mb) are refused from the tar header, the sample skipped and counted."""
+    `member_limits` (data.max_member_mb) are refused from the tar header, the sample skipped and counted.
+    Training in epoch mode reads the rest of the epoch `record` describes (mmvssl.data.elastic), split
+    over this run's processes and workers, whatever their number when the record was made."""
     sets = parse_sources(shards)
     mode = mode or ("resampled" if spec.train else "epoch")
     position = StreamPosition(start_batch, batch_size, num_workers)
@@ -347,7 +361,8 @@ def build_dataset(shards: str, spec: SampleSpec, batch_size: int, shuffle_buffer
             raise MmvsslError(f"data.labelled_share={spec.labelled_share} draws labelled samples at that share of a "
                               f"resampled stream; data.mode=epoch reads every sample once: use data.mode=resampled, "
                               f"or data.labelled_share=0 (each labelled and unlabelled sample once per epoch)")
-        stages = [EpochSamples(sets, seed=spec.seed, shuffle=spec.train, limits=member_limits)]
+        stages = [ElasticEpoch(sets, batch_size, seed=spec.seed, limits=member_limits, record=record) if spec.train
+                  else EpochSamples(sets, seed=spec.seed, shuffle=False, limits=member_limits)]
         if spec.train and shuffle_buffer > 1:
             stages.append(wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=spec.seed))
     else:
@@ -364,13 +379,14 @@ def build_loader(shards: str, spec: SampleSpec, batch_size: int, num_workers: in
                  shuffle_buffer: int = 256, max_error_rate: float = 0.1,
                  start_batch: int = 0, mode: str | None = None, epoch_length: int | None = None,
                  epoch: int = 0, member_limits: MemberLimits | None = None,
-                 tokenizer=None) -> torch.utils.data.DataLoader:
+                 tokenizer=None, record: EpochRecord | None = None) -> torch.utils.data.DataLoader:
     """Batches per the Batch contract. Training: an endless seeded stream; `start_batch=N` resumes
     it after N consumed batches; `epoch_length` makes it an epoch of that many batches. Evaluation
     (or mode="epoch"): every sample once, split over processes and workers; `epoch` reseeds the
-    shard order of a training epoch. `shards` may mix sets: "a=DIR@0.7;b=DIR@0.3"."""
+    shard order of a training epoch; `record` (training, epoch mode) is what of it was consumed
+    before a resume. `shards` may mix sets: "a=DIR@0.7;b=DIR@0.3"."""
     dataset = build_dataset(shards, spec, batch_size, shuffle_buffer, max_error_rate, start_batch, num_workers,
-                            mode, epoch_length, member_limits, tokenizer)
+                            mode, epoch_length, member_limits, tokenizer, record)
     if isinstance(dataset.pipeline[0], EpochSamples):
         dataset.pipeline[0].set_epoch(epoch)
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,

@@ -31,6 +31,7 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_s
 from omegaconf import DictConfig
 
 from ..config import save_config, to_dict
+from ..data.elastic import EpochRecord
 from ..data.loader import SampleSpec, build_loader
 from ..data.text import tokenizer_for
 from ..data.options import loader_options
@@ -87,6 +88,34 @@ def _global_mean(accelerator: Accelerator, loss: torch.Tensor, terms: dict) -> t
         return loss, terms
     values = accelerator.reduce(torch.stack([loss.float(), *(v.float() for v in terms.values())]), "mean")
     return values[0], dict(zip(terms, values[1:]))
+
+
+def _agree_on_batch(batch: dict | None, device: torch.device) -> tuple[dict | None, int]:
+    """data.mode=epoch on several processes: every process takes this step with a batch of the same
+    size, or none does (the end of the epoch for all). The epoch's split gives every process equal
+    batches (mmvssl/data/elastic.py); what it cannot foresee (a sample that fails to decode, a shard
+    cut short) is settled here by the smallest batch, one all-reduce a step, so no process waits for
+    a step the others never take (the webdataset + DDP hang) and the gathered negatives line up.
+    Returns the batch (cut to the agreed size, None at the epoch's end) and the samples left out
+    over all processes."""
+    size = 0 if batch is None else len(batch["key"])
+    sizes = torch.tensor([size, -size], dtype=torch.long, device=device)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MIN)
+    low, high = int(sizes[0]), -int(sizes[1])
+    if low == high:
+        return batch, 0
+    cut = torch.tensor([size - low], dtype=torch.long, device=device)
+    dist.all_reduce(cut)  # the samples every process leaves out, summed: the same count in each
+    if low == 0:
+        return None, int(cut)
+    return _first_samples(batch, size, low), int(cut)
+
+
+def _first_samples(batch: dict, size: int, n: int) -> dict:
+    """The first n samples of a batch of `size`: per-sample tensors and the key / meta lists
+    (the read positions stay whole: the samples cut are consumed, and counted as left out)."""
+    return {k: v[:n] if (isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == size)
+            or (k in ("key", "meta")) else v for k, v in batch.items()}
 
 
 def _rng_states() -> dict:
@@ -179,7 +208,8 @@ def pretrain(cfg: DictConfig) -> Path:
     modules = {name: m for name, m in (("method", method), ("ema", ema))
                if m is not None and len(m.state_dict())}
 
-    step = batches_consumed = failed_total = bad_total = 0
+    step = batches_consumed = failed_total = bad_total = left_out = 0
+    data_state = None
     resume_rng = None
     resume_from = resolve_resume(t.resume, ckpt_dir)
     if resume_from is not None:
@@ -195,6 +225,7 @@ def pretrain(cfg: DictConfig) -> Path:
             accelerator.scaler.load_state_dict(extra["scaler"])
         rng = extra.get("rng", [])
         resume_rng = rng[accelerator.process_index] if len(rng) == accelerator.num_processes else None
+        data_state = state.get("data")  # data.mode=epoch: the epoch and what of it was consumed
         if accelerator.is_main_process:
             keep_metrics_until(out / "metrics.jsonl", step)
         accelerator.print(f"resumed from {resume_from} at step {step}")
@@ -205,6 +236,13 @@ def pretrain(cfg: DictConfig) -> Path:
 
     def checkpoint() -> Path:
         rng = gather_object([_rng_states()]) if accelerator.num_processes > 1 else [_rng_states()]
+        data = None
+        if epoch_mode:  # what every process consumed of this epoch, as one process-count-independent record
+            merged = EpochRecord(record.epoch)
+            for state in (gather_object([record.state()]) if accelerator.num_processes > 1 else [record.state()]):
+                merged.merge(EpochRecord.from_state(state))
+            data = merged.state()
+        data_fields = {"left_out_samples": left_out, **({"data": data} if data is not None else {})}
         weights = accelerator.get_state_dict(model) if sharded else net  # gathering is collective under FSDP
         path = None
         if accelerator.is_main_process:
@@ -212,21 +250,33 @@ def pretrain(cfg: DictConfig) -> Path:
             if accelerator.scaler is not None:
                 states["scaler"] = accelerator.scaler.state_dict()
             path = save_checkpoint(ckpt_dir, step, weights, optimizer, scheduler,
-                                   {"failed_samples": failed_total, "batches_consumed": batches_consumed,
+                                   {**data_fields, "failed_samples": failed_total, "batches_consumed": batches_consumed,
                                     "bad_steps": bad_total}, keep_last=t.keep_last, modules=modules, states=states)
         accelerator.wait_for_everyone()
         return path or ckpt_dir / f"step_{step:08d}"
 
     # each process streams its own resampled shards; a resumed run skips the consumed batches.
-    # In epoch mode (data.mode=epoch) each pass over the data is one epoch and the next reseeds.
+    # In epoch mode (data.mode=epoch) each pass over the data is one epoch and the next reseeds; a
+    # resumed run reads the rest of its epoch, on any number of processes (mmvssl/data/elastic.py).
     options = loader_options(cfg.data)
-    epoch = 0
+    epoch_mode = options["mode"] == "epoch"
+    record = EpochRecord.from_state(data_state) if epoch_mode else EpochRecord()  # what this epoch consumed
+    epoch, planned_left_out, empty_epochs = record.epoch, 0, 0
 
     tokenizer = tokenizer_for(net, spec.context_length)  # the model's own (an imported model's), else CLIP's BPE
 
     def make_loader(start_batch: int):
-        return build_loader(cfg.data.shards, spec, cfg.data.batch_size, start_batch=start_batch, epoch=epoch,
-                            tokenizer=tokenizer, **options)
+        nonlocal planned_left_out
+        made = build_loader(cfg.data.shards, spec, cfg.data.batch_size, start_batch=0 if epoch_mode else start_batch,
+                            epoch=epoch, tokenizer=tokenizer, record=record if epoch_mode else None, **options)
+        if epoch_mode:
+            split = made.dataset.pipeline[0].split(accelerator.num_processes)
+            planned_left_out = split.dropped
+            if split.dropped:
+                accelerator.print(f"epoch {epoch}: {split.remaining} samples left over {split.processes} processes; "
+                                  f"{split.dropped} of them wait for the next epoch so every process takes "
+                                  f"{split.steps} steps of equal batches")
+        return made
     loader = make_loader(batches_consumed)
     params = list(net.parameters()) + [p for p in method.parameters() if p.requires_grad]
     log = RunLog(accelerator, out, t.max_steps, step, use_trackers=bool(trackers))
@@ -241,18 +291,35 @@ def pretrain(cfg: DictConfig) -> Path:
         _set_rng_states(resume_rng)
     try:
         with StopSignal() as stop:
-            while step < t.max_steps and not stop.received:
+            stopping = False  # agreed by every process (a signal may reach them at different steps)
+            taken = False  # a batch taken in this epoch
+            while step < t.max_steps and not stopping:
                 tic = time.perf_counter()
                 try:
                     batch = next(data_iter)
                 except StopIteration:  # the end of an epoch (epoch mode or data.epoch_length)
-                    epoch += 1
-                    data_iter = iter(make_loader(0))
-                    continue
+                    batch = None
                 except Exception:
                     if stop.received:  # Ctrl-C reached the loader's workers too: stop without this batch
                         break
                     raise
+                if epoch_mode and accelerator.num_processes > 1:
+                    batch, cut = _agree_on_batch(batch, accelerator.device)
+                    left_out += cut
+                if batch is None:  # the end of an epoch, for every process at once
+                    empty_epochs = 0 if taken else empty_epochs + 1
+                    if empty_epochs >= 2:
+                        raise MmvsslError(f"data.shards: two epochs in a row gave no batch ({cfg.data.shards}, "
+                                          f"data.batch_size={cfg.data.batch_size}, {accelerator.num_processes} "
+                                          f"process(es)); check that the shards hold readable samples")
+                    left_out += planned_left_out if epoch_mode else 0
+                    epoch, taken = epoch + 1, False
+                    record = EpochRecord(epoch)
+                    data_iter = iter(make_loader(0))
+                    continue
+                taken = True
+                if epoch_mode:
+                    record.add(batch["read"])
                 batches_consumed += 1
                 data_wait += time.perf_counter() - tic
                 failed_total += int(batch["failed"])
@@ -265,6 +332,7 @@ def pretrain(cfg: DictConfig) -> Path:
                 if accelerator.num_processes > 1:
                     flags = accelerator.reduce(flags, "sum")
                 bad_loss, bad_grad, stop_flag = (bool(f) for f in flags.tolist())
+                stopping = stop_flag
                 if stop_flag and not stop.received:
                     stop.received = "SIGTERM"  # another process was signalled
                 if bad_loss or bad_grad:
@@ -312,7 +380,7 @@ def pretrain(cfg: DictConfig) -> Path:
         log.close()  # the progress bar and metrics.jsonl, before the error is printed
         raise
 
-    if stop.received and step < t.max_steps:
+    if stop.received and step < t.max_steps:  # (every process: `stopping` was agreed, or a loader was interrupted)
         path = checkpoint()
         log.close()
         accelerator.print(f"{stop.received}: saved {path} at step {step}; continue with train.resume=latest")
