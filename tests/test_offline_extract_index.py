@@ -202,7 +202,7 @@ def test_a_killed_index_build_of_shards_resumes_to_the_one_process_index(model, 
     one_process("index", "build", model, "--input", inputs["shards"], "--out", tmp_path / "one", *INDEX_OPTIONS)
     script = tmp_path / "patched_cli.py"
     script.write_text(PATCHED_CLI)
-    shards = sorted(str(p) for p in inputs["shards"].glob("*.tar"))  # rank 0: shards 0 and 2, rank 1: shard 1
+    shards = sorted(str(p) for p in inputs["shards"].glob("*.tar"))  # first run: rank 0 takes shards 0 and 2
     monkeypatch.setenv("LOG", str(tmp_path / "first"))
     monkeypatch.setenv("KILL", "0")
     killed = torchrun("index", "build", model, "--input", inputs["shards"], "--out", tmp_path / "two", *INDEX_OPTIONS,

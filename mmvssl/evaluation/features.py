@@ -356,9 +356,10 @@ def _write_part(path: Path, header: dict, part: dict) -> None:
     fsio.atomic_write_bytes(path, save(tensors, metadata={"header": json.dumps(header), "fields": json.dumps(fields)}))
 
 
-def _read_part(path: Path, header: dict) -> dict | None:
+def _read_part(path: Path, header: dict, tensors: bool = True) -> dict | None:
     """The part at `path` if it was written for `header`, else None (missing, or from another
-    shard, model or option). Our own file, written atomically; read without unpickling."""
+    shard, model or option); without `tensors`, its list fields and `failed` only. Our own file,
+    written atomically; read without unpickling."""
     from safetensors import SafetensorError, safe_open
     if not path.is_file():
         return None
@@ -368,7 +369,8 @@ def _read_part(path: Path, header: dict) -> dict | None:
             if json.loads(meta.get("header", "null")) != header:
                 return None
             part = json.loads(meta["fields"])
-            part.update({name: f.get_tensor(name) for name in f.keys()})
+            if tensors:
+                part.update({name: f.get_tensor(name) for name in f.keys()})
     except (OSError, KeyError, ValueError, SafetensorError):
         return None
     return part
@@ -377,12 +379,13 @@ def _read_part(path: Path, header: dict) -> dict | None:
 def extract_to_file(model, shards: str, out: str | Path, options: ExtractOptions | None = None,
                     model_path: str | None = None, share=None) -> dict | None:
     """`mmvssl extract`: the feature file of `shards` at `out`, written by the processes of `share`
-    (workshare.Share; one process without it). Each process embeds its shards (shard i to rank
-    i % world), each shard's part written atomically into parts_folder(out) as it is finished;
-    after all are done, rank 0 concatenates the parts in the shard list's order (what one process
-    reads), writes `out` and its sidecar atomically and removes the parts. Re-running after a kill
-    reuses every part whose header matches (_part_header) and redoes the others. The feature set
-    is returned on rank 0, None on the others. `out` must be on a file system every process sees."""
+    (workshare.Share; one process without it). The shards without a finished part are dealt out
+    (the j-th to rank j % world), each shard's part written atomically into parts_folder(out) as it
+    is finished; after all are done, rank 0 concatenates the parts in the shard list's order (what
+    one process reads), writes `out` and its sidecar atomically and removes the parts. So a run
+    after a kill (with any number of processes) reuses every part whose header matches
+    (_part_header) and redoes only the others. The feature set is returned on rank 0, None on the
+    others. `out` must be on a file system every process sees."""
     from ..data.workshare import Share
     share = share or Share()
     options = options or ExtractOptions()
@@ -395,13 +398,11 @@ def extract_to_file(model, shards: str, out: str | Path, options: ExtractOptions
     fingerprint = model_fingerprint(model)
     headers = [_part_header(url, fingerprint, spec, options) for url in urls]
     paths = [folder / f"part-{i:06d}.safetensors" for i in range(len(urls))]
-    keys, failed, todo = 0, 0, []
-    for i in share.mine(range(len(urls))):
-        part = _read_part(paths[i], headers[i])
-        if part is None:
-            todo.append((i, urls[i]))
-        else:
-            keys, failed = keys + len(part["keys"]), failed + part["failed"]
+    kept = [_read_part(path, header, tensors=False) for path, header in zip(paths, headers)]
+    share.barrier()  # every process has seen the same finished parts before any writes one
+    counted = [part for part in kept if part] if share.is_main else []  # kept parts, counted once
+    keys, failed = sum(len(part["keys"]) for part in counted), sum(part["failed"] for part in counted)
+    todo = share.mine([(i, url) for i, url in enumerate(urls) if kept[i] is None])  # the rest, dealt out
     for i, part in shard_parts(model, todo, options, spec):
         _write_part(paths[i], headers[i], part)
         keys, failed = keys + len(part["keys"]), failed + part["failed"]

@@ -422,8 +422,9 @@ def _write_part(path: Path, header: dict, outs: list[Outcome]) -> None:
                                                          "outcomes": json.dumps(records)}))
 
 
-def _read_part(path: Path, header: dict) -> list[Outcome] | None:
-    """The outcomes in `path` if it was written for `header`, else None."""
+def _read_part(path: Path, header: dict, arrays: bool = True) -> list[Outcome] | None:
+    """The outcomes in `path` if it was written for `header`, else None; without `arrays`, the
+    embedded ones without their vectors and thumbnails. Our own file, read without unpickling."""
     from safetensors import SafetensorError, safe_open
     if not path.is_file():
         return None
@@ -432,16 +433,17 @@ def _read_part(path: Path, header: dict) -> list[Outcome] | None:
             meta = f.metadata() or {}
             if json.loads(meta.get("header", "null")) != header:
                 return None
+            records = json.loads(meta["outcomes"])
             names = set(f.keys())
             outs = []
-            for k, rec in enumerate(json.loads(meta["outcomes"])):
+            for k, rec in enumerate(records):
                 o = Outcome(rec["source"], rec["sha256"], rec["error"], rec["unreadable"], rec["duplicate"])
                 if "starts" in rec:
                     n = len(rec["starts"])
-                    thumbs = [f.get_tensor(f"{k}/thumb/{w}").tobytes() if f"{k}/thumb/{w}" in names else None
-                              for w in range(n)]
+                    thumbs = [f.get_tensor(f"{k}/thumb/{w}").tobytes() if arrays and f"{k}/thumb/{w}" in names
+                              else None for w in range(n)]
                     vectors = {}
-                    for space in rec["spaces"]:
+                    for space in rec["spaces"] if arrays else ():
                         vecs, has = f.get_tensor(f"{k}/{space}"), f.get_tensor(f"{k}/{space}/has")
                         vectors[space] = [vecs[w] if has[w] else None for w in range(n)]
                     narrations = [tuple(x) if x is not None else None for x in rec["narrations"]]
@@ -453,30 +455,32 @@ def _read_part(path: Path, header: dict) -> list[Outcome] | None:
     return outs
 
 
-def _part_still_true(outs: list[Outcome], known: dict) -> bool:
-    """An unchanged outcome stays true only while the index still holds those bytes."""
-    return all(o.item is not None or o.error is not None or o.duplicate or o.unreadable
-               or known.get(o.source, (None, None))[1] == o.sha256 for o in outs)
+def _finished(path: Path, header: dict, known: dict) -> bool:
+    """Whether a part from a killed run can be used: written for this header, and each video it
+    found unchanged still in the index with those bytes."""
+    outs = _read_part(path, header, arrays=False)
+    return outs is not None and all(o.item is not None or o.error is not None or o.duplicate or o.unreadable
+                                    or known.get(o.source, (None, None))[1] == o.sha256 for o in outs)
 
 
 def embed_units(indexer: Indexer, share, folder: Path, source: str, known: dict, header: dict,
                 progress: bool = False) -> tuple[list[Path], list[dict]]:
-    """This process's units (unit i to rank i % world) embedded into part files; returns every
-    unit's part path and header, in unit order, for the replay."""
+    """The units without a finished part (from a killed run) dealt out over the processes (the
+    j-th to rank j % world), this process's embedded into part files; returns every unit's part
+    path and header, in unit order, for the replay."""
     kind, units = input_units(source)
     parts = folder / PARTS_NAME
     parts.mkdir(parents=True, exist_ok=True)
     paths = [parts / f"part-{i:06d}.safetensors" for i in range(len(units))]
     headers = [{**header, "unit": unit, "stamp": _unit_stamp(source, kind, unit)} for unit in units]
-    mine = share.mine(range(len(units)))
+    finished = [_finished(path, h, known) for path, h in zip(paths, headers)]
+    share.barrier()  # every process has seen the same finished parts before any writes one
+    mine = share.mine([i for i in range(len(units)) if not finished[i]])
     if progress:
         from tqdm import tqdm
-        mine = tqdm(mine, desc=f"index (process {share.rank} of {share.world})", unit=kind[:-1] if kind == "shards"
-                    else "video", file=sys.stderr)
+        mine = tqdm(mine, desc=f"index (process {share.rank} of {share.world})",
+                    unit="shard" if kind == "shards" else "video", file=sys.stderr)
     for i in mine:
-        old = _read_part(paths[i], headers[i])
-        if old is not None and _part_still_true(old, known):
-            continue
         _write_part(paths[i], headers[i], list(outcomes(indexer, scan_unit(source, kind, units[i]), known)))
     return paths, headers
 
