@@ -53,7 +53,7 @@ class DataConfig:
     sampler: str = "random"  # random, uniform, same, cvrl, overlap, concur, carl, teg, svt (mmvssl.data.sampling;
     # multi-view: video is (B, V, C, T, H, W); `mmvssl views` shows where they lie)
     num_clips: int = 1  # uniform: clips spread over the video; same: views of one window (SimCLR)
-    long_scale: float = 2.0  # teg / svt: long (global) window = long_scale x num_frames / fps
+    long_scale: float = 2.0  # teg / svt: long (global) window = long_scale x num_frames / fps; overlap: the top rate
     num_global: int = 2  # svt
     num_local: int = 2  # svt
     # cached optical flow in the batch as `flow` (B, [V,] 2, T, H, W): shards from `shards add-flow`
@@ -77,7 +77,8 @@ def augment_options(cfg):
     from .augment import AugmentOptions
     for key, low in (("blur_per_view", 0.0), ("solarize_per_view", 0.0), ("crop_overlap", 1e-9)):
         if any(not low <= float(p) <= 1.0 for p in cfg[key]):
-            raise ConfigError(f"data.augment.{key}: every entry must lie in {'(0' if low else '[0'}, 1], got {list(cfg[key])}")
+            raise ConfigError(f"data.augment.{key}: every entry must lie in {'(0' if low else '[0'}, 1], "
+                              f"got {list(cfg[key])}")
     return AugmentOptions(video=bool(cfg.video), crop_scale=tuple(cfg.crop_area), crop_ratio=tuple(cfg.crop_aspect),
                           local_crop_scale=tuple(cfg.local_crop_area),
                           flip=float(cfg.flip), jitter=tuple(cfg.jitter), jitter_p=float(cfg.jitter_p),

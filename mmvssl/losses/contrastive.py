@@ -123,12 +123,16 @@ def ssl_clip_accuracy(a: torch.Tensor, b: torch.Tensor, temperature: float | tor
 
 
 def nt_xent_loss(a: torch.Tensor, b: torch.Tensor, temperature: float | torch.Tensor = 0.1,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
+                 mask: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
     """NT-Xent (SimCLR, CVRL) between two views a, b (B, D): each of the 2N views is an anchor
     whose positive is its pair and whose negatives are the other 2N - 2 views of both sides.
 
-    Returns the mean over valid anchors i of (CE(a_i) + CE(b_i)) / 2.
+    Returns the mean over valid anchors i of (CE(a_i) + CE(b_i)) / 2; with reduction="sum", of
+    CE(a_i) + CE(b_i): the two directions summed, as SimCLR's and CVRL's loss_a + loss_b.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"nt_xent_loss: reduction must be 'mean' or 'sum' (of the two directions), "
+                         f"got '{reduction}'")
     B = a.shape[0]
     mask = _default_mask(a, mask)
     rank, _ = world()
@@ -143,7 +147,8 @@ def nt_xent_loss(a: torch.Tensor, b: torch.Tensor, temperature: float | torch.Te
         drop = keep.clone()
         drop[torch.arange(B), self_col] = False  # an anchor is not its own negative
         per_side.append(F.cross_entropy(logits.masked_fill(~drop, NEG_INF), pos_col, reduction="none"))
-    return global_mean(0.5 * (per_side[0] + per_side[1]), mask.float(), all_mask.float())
+    scale = 1.0 if reduction == "sum" else 0.5
+    return global_mean(scale * (per_side[0] + per_side[1]), mask.float(), all_mask.float())
 
 
 def mil_nce_loss(video: torch.Tensor, text: torch.Tensor, temperature: float | torch.Tensor = 0.07,

@@ -8,8 +8,11 @@ One module, two papers, told apart by their configs (configs/methods/):
   (objective.py `add_contrastive_loss`: each view against the other view's and its own side's other
   clips, the two directions summed there and averaged here, a factor 2 of scale).
 - CVRL (Qian et al. 2021): two clips of one video at a gap drawn from a linearly decreasing
-  distribution (`data.sampler: cvrl`), temporally consistent strong augmentation
-  (`data.augment`), a 3-layer MLP head, InfoNCE at temperature 0.1.
+  distribution (`data.sampler: cvrl`), temporally consistent strong augmentation (`data.augment`:
+  crop, flip, jitter, greyscale; blur with p 1.0 on the first clip and 0.1 on the second,
+  `blur_per_view`; solarisation with p 0.2 on the second, `solarize_per_view`), a 4-layer MLP head
+  (three hidden Linear-BN-ReLU, then Linear(128): `heads.layers: 4`), InfoNCE at temperature 0.1
+  with its two directions summed (`method.options.reduction: sum`), as configs/methods/cvrl.yaml.
 
 The model returns `video_<space>` (B, V, D), normalised, for V >= 2 views; every pair of views
 (v, w) with v < w is one NT-Xent term (averaged), so SimCLR's two views give exactly NT-Xent.
@@ -23,10 +26,14 @@ References (docs/methods.md lists what still differs, with reasons):
 - CVRL: tensorflow/models official/projects/video_ssl: ops/video_ssl_preprocess_ops.py
   `sample_ssl_sequence` (the gap's CDF 2k/m - k^2/m^2, earlier start uniform, order shuffled: the
   `cvrl` sampler, tests/test_methods_mechanisms.py) and `random_color_jitter_3d` / `random_blur` /
-  `random_solarization`, dataloaders/video_ssl_input.py `_process_image` (crop area 0.3-1, aspect
-  0.5-2; blur p 1.0 on the first clip and 0.1 on the second, solarisation p 0.2 on the second),
-  losses/losses.py `contrastive_loss` (loss_a + loss_b, as SimCLR's), modeling/video_ssl_model.py and
-  configs/video_ssl.py (3 hidden Dense-BN-ReLU layers of 2048, then Dense(128); temperature 0.1).
+  `random_solarization` (p=0.2; x >= 0.5 -> 1 - x), `random_blur` (kernel height // 10, sigma U(0.1, 2)),
+  dataloaders/video_ssl_input.py `_process_image` (crop area 0.3-1, aspect 0.5-2; jitter, then
+  `random_blur(image_1, ..., 1.0)`, `random_blur(image_2, ..., 0.1)`, `random_solarization(image_2)`),
+  losses/losses.py `contrastive_loss` (`loss = loss_a + loss_b`, as SimCLR's: reduction "sum"),
+  modeling/video_ssl_model.py `VideoSSLModel` (`hidden_layer_num` x Dense-BN-activation, then
+  Dense(projection_dim)) with configs/video_ssl.py `VideoSSLModel` (hidden_dim 2048, hidden_layer_num 3,
+  projection_dim 128) and `SSLLosses` (temperature 0.1). configs/methods/cvrl.yaml follows each of these
+  (the head's hidden width is the preset's, 512 in video-tiny).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from .contrastive import build_student
 @dataclass
 class SimCLROptions:
     temperature: float = 0.1  # SimCLR's best at batch 4096 is 0.1 (table 5); CVRL uses 0.1
+    reduction: str = "mean"  # of NT-Xent's two directions: mean, or sum (CVRL's losses.py loss_a + loss_b)
     space: str = "ssl"  # the embedding `video_<space>` (a projection head's output)
 
 
@@ -55,7 +63,10 @@ class SimCLR(Method):
 
     def __init__(self, options: SimCLROptions):
         super().__init__()
-        self.temperature, self.key = options.temperature, f"video_{options.space}"
+        if options.reduction not in ("mean", "sum"):
+            raise ConfigError(f"method '{self.name}': method.options.reduction must be 'mean' or 'sum', "
+                              f"got '{options.reduction}'")
+        self.temperature, self.key, self.reduction = options.temperature, f"video_{options.space}", options.reduction
         self.modalities = {"video"}
 
     @classmethod
@@ -72,5 +83,6 @@ class SimCLR(Method):
                               f"{', '.join(sorted(embeddings))} (method.options.space)")
         views = embeddings[self.key].float()  # (B, V, D), normalised
         pairs = list(combinations(range(views.shape[1]), 2))
-        loss = sum(nt_xent_loss(views[:, v], views[:, w], self.temperature) for v, w in pairs) / len(pairs)
+        loss = sum(nt_xent_loss(views[:, v], views[:, w], self.temperature, reduction=self.reduction)
+                   for v, w in pairs) / len(pairs)
         return loss, {"nt_xent": loss.detach()}

@@ -112,7 +112,7 @@ class DisjointHeads(_Heads):
 class ProjectionHeads(_Heads):
     """Single-modality self-supervision (SimCLR, CVRL, SVT, ...): one space `ssl`, reached by an MLP
     projection head per modality present: Linear-BN-ReLU, `layers - 1` times, then Linear
-    (SimCLR's g: 2 layers; CVRL's: 3). The methods read `video_ssl` (B, V, D) per view; a motion
+    (SimCLR's g: 2 layers; CVRL's: 4). The methods read `video_ssl` (B, V, D) per view; a motion
     stream has its own head: `flow_ssl`, `tgrad_ssl`."""
 
     spaces = {"video": ("ssl",), "audio": ("ssl",), "text": ("ssl",), "flow": ("ssl",), "tgrad": ("ssl",)}
