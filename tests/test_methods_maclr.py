@@ -5,6 +5,8 @@ and absent from the saved model. (The falling loss on the demo shards: tests/tes
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -117,3 +119,77 @@ def test_flow_motion_without_cached_flow_in_the_data_is_refused(demo_shards, tmp
         with pytest.raises(ConfigError, match=f"method '{name}': method.options.motion=flow .* set data.flow=true"):
             pretrain(tiny_config(data_path("configs", "methods", f"{name}.yaml"), demo_shards["train"], tmp_path,
                                  "method.options.motion=flow"))
+
+
+def test_flow_edges_are_the_magnitude_of_the_flows_spatial_gradient_by_hand():
+    """Sobel / 8 derivatives, borders replicated. Frame 0: u = 0.5 x, v = -0.25 y (ramps): inside,
+    |du/dx| = 0.5 and |dv/dy| = 0.25, so the edge is sqrt(0.5^2 + 0.25^2); on the left column the
+    replicated border halves du/dx (u(1) - u(0) over the 2-pixel Sobel span): sqrt(0.25^2 + 0.25^2).
+    Frame 1: u a step of 1 px between columns 1 and 2, v = 0: columns 1 and 2 see a difference of 1
+    across the 3 Sobel rows (1 + 2 + 1) / 8 = 0.5, every other column 0. Frame 2: a constant flow (a
+    camera pan): no edges."""
+    from mmvssl.methods.maclr import flow_edges
+    H, W = 4, 5
+    y, x = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    flow = torch.zeros(2, 3, H, W)  # (2, T, H, W)
+    flow[0, 0], flow[1, 0] = 0.5 * x, -0.25 * y
+    flow[0, 1] = (x >= 2).float()
+    flow[0, 2], flow[1, 2] = 3.0, -1.5
+    edges = flow_edges(flow[None, None].expand(2, 2, 2, 3, H, W))  # (B, V, 2, T, H, W) -> (B, V, 1, T, H, W)
+    assert edges.shape == (2, 2, 1, 3, H, W)
+    frame = edges[1, 1, 0]  # (T, H, W)
+    inside = math.sqrt(0.5 ** 2 + 0.25 ** 2)
+    # three products and sums of exact binary fractions, then one float32 square root: within 1e-6
+    torch.testing.assert_close(frame[0, 1:-1, 1:-1], torch.full((H - 2, W - 2), inside), atol=1e-6, rtol=0)
+    torch.testing.assert_close(frame[0, 1:-1, 0], torch.full((H - 2,), math.sqrt(0.25 ** 2 + 0.25 ** 2)),
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(frame[1], torch.tensor([0.0, 0.5, 0.5, 0.0, 0.0]).expand(H, W), atol=1e-6, rtol=0)
+    assert torch.equal(frame[2], torch.zeros(H, W))
+    assert torch.equal(edges[0, 0], edges[1, 1])  # each view and sample on its own, the same here
+    with pytest.raises(ValueError, match=r"flow_edges expects flow \(\.\.\., 2, T, H, W\), got \(3, 4, 5\)"):
+        flow_edges(torch.zeros(3, 4, 5))
+
+
+def test_flow_edges_need_flow_and_feed_a_one_channel_motion_pathway():
+    with pytest.raises(ConfigError, match="method.options.flow_edges takes the edges of the cached optical flow"):
+        _maclr(motion="tgrad", flow_edges=True)
+    import mmvssl
+    from mmvssl.methods.maclr import MaCLR, MaCLROptions, flow_edges
+    from mmvssl.models.multimodal import MultimodalModel
+    torch.manual_seed(0)
+    student = mmvssl.create_model("video-tiny", video={"num_frames": 4, "image_size": 32})
+    config = {**student.config, "video": {**student.config["video"], "in_channels": 1}}
+    method = MaCLR(MultimodalModel(config), MaCLROptions(motion="flow", flow_edges=True))
+    seen, real = [], method.motion.network.forward
+    method.motion.network.forward = lambda batch: (seen.append(batch["video"]), real(batch))[1]
+    flow = torch.randn(2, 2, 2, 4, 32, 32)
+    out = method.embed(student, {"video": torch.randn(2, 2, 3, 4, 32, 32), "flow": flow})
+    assert out["motion"].shape == (2, 2, 128)
+    assert torch.equal(seen[0], flow_edges(flow))  # the edges of each view's flow, one channel
+
+
+def test_maclr_flow_config_ships_the_edges_of_cached_flow_and_trains(demo_shards, tmp_path):
+    """configs/methods/maclr_flow.yaml: flow edges of the cached flow; 2 steps through the engine on the
+    demo shards through `shards add-flow`, the motion pathway's first convolution taking 1 channel."""
+    from safetensors.torch import load_file
+
+    from mmvssl.config import load_config
+    from mmvssl.data.add_flow import add_flow
+    from mmvssl.train.engine import pretrain
+    from tests.conftest import read_jsonl
+    from tests.test_methods import tiny_config
+    path = data_path("configs", "methods", "maclr_flow.yaml")
+    cfg = load_config(path)
+    assert cfg.method.name == "maclr" and cfg.method.options.motion == "flow" and cfg.method.options.flow_edges
+    assert cfg.data.flow and cfg.data.sampler == "cvrl"
+    shards = tmp_path / "flow-shards"
+    add_flow(str(demo_shards["train"]), shards, fps=4.0, size=32, progress=False)
+    pretrain(tiny_config(path, shards, tmp_path / "run", "train.max_steps=2", "train.save_every=1",
+                         "train.keep_last=2"))
+    log = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
+    first, second = (load_file(str(tmp_path / "run" / "checkpoints" / f"step_0000000{s}" / "method.safetensors"))
+                     for s in (1, 2))
+    stem = "motion.network.encoders.video.stem.layers.0.weight"  # the conv stem's first (per-frame) convolution
+    assert second[stem].shape[1] == 1  # the edges' one channel
+    assert not torch.equal(first[stem], second[stem])  # the motion pathway trains

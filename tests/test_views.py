@@ -14,13 +14,14 @@ from mmvssl.resources import data_path
 FAST = ["data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=8"]
 
 
-def _views(name, shards, out, *extra, batches=1, step=0) -> dict:
+def _views(name, shards, out, *extra, batches=1, step=0, batch_size=8) -> dict:
     config = data_path("configs", "methods", f"{name}.yaml")
-    assert main(["views", str(config), *FAST, *extra, "--data", str(shards), "--out", str(out),
-                 "--batches", str(batches), "--step", str(step)]) == 0
+    assert main(["views", str(config), *FAST, f"data.batch_size={batch_size}", *extra, "--data", str(shards),
+                 "--out", str(out), "--batches", str(batches), "--step", str(step)]) == 0
     assert (out / "views.png").stat().st_size > 1000
     report = json.loads((out / "views.json").read_text())
-    assert report["method"] and report["config"]["method"]["name"] and len(report["samples"]) == 8 * batches
+    assert report["method"] and report["config"]["method"]["name"]
+    assert len(report["samples"]) == batch_size * batches
     return report
 
 
@@ -146,3 +147,125 @@ def test_a_config_with_an_online_image_teacher_shows_the_loaders_views_without_l
     for sample in report["samples"]:
         a, b = sample["views"]
         assert (a["start"], a["end"]) == (b["start"], b["end"]) and a["crop"] != b["crop"]  # iBoot: one window
+
+
+def test_fame_views_are_two_windows_of_the_same_video(demo_shards, tmp_path):
+    """FAME (official moco/loader.py): the query and key are two clips of one video, each inside it."""
+    report = _views("fame", demo_shards["train"], tmp_path)
+    apart = 0
+    for sample in report["samples"]:
+        a, b = sample["views"]
+        assert a["group"] == b["group"] == "video" and a["frames"] == b["frames"] == 8
+        for view in (a, b):
+            assert -1e-6 <= view["start"] and view["end"] <= sample["duration"] + 1e-6
+            assert _span(view) == pytest.approx(2.0)  # 8 frames at 4 fps
+        apart += abs(a["start"] - b["start"]) > 1e-3
+    assert apart >= 6  # two windows, not one decoded twice (CVRL's gap may fall near 0 now and then)
+
+
+def _rank_above(runs: list[float], chosen: float) -> int:
+    """How many candidates have strictly more motion than the chosen one (ties count for it)."""
+    return sum(r > chosen for r in runs)
+
+
+def test_mcl_draws_its_clip_among_the_most_moving_half_of_the_runs(demo_shards, tmp_path):
+    """MCL (official video_dataset.motion_focus_temporal_sampling): with the focused draw forced (the
+    shipped config focuses 70% of the time), the kept run of 8 of the 16 decoded frames is among the
+    int(0.5 R) + 1 runs of most motion; views.json carries every candidate's motion."""
+    report = _views("mcl", demo_shards["train"], tmp_path, "method.options.focus_probability=1.0")
+    assert report["device_views"]
+    for sample in report["samples"]:
+        runs, start = sample["mcl_run_motion"], sample["mcl_start"]
+        assert len(runs) == 16 - 8 + 1 and 0 <= start < len(runs)
+        assert _rank_above(runs, runs[start]) < int(0.5 * len(runs)) + 1
+        assert all(view["frames"] == 8 for view in sample["views"])  # both views keep the run
+    starts = {s["mcl_start"] for s in report["samples"]}
+    assert len(starts) > 1  # a draw, not one fixed run
+
+
+def test_mscl_draws_its_clip_above_the_median_motion(demo_shards, tmp_path):
+    """MSCL (official MDS): the kept run's motion is above the median of the window's candidate runs
+    (any run when none is)."""
+    report = _views("mscl", demo_shards["train"], tmp_path)
+    assert report["device_views"]
+    for sample in report["samples"]:
+        runs, start = sample["mscl_run_motion"], sample["mscl_start"]
+        assert len(runs) == 9 and 0 <= start < len(runs)
+        median = sorted(runs)[len(runs) // 2]  # torch.median: the middle of the 9
+        assert runs[start] > median or not any(r > median for r in runs)
+        assert all(view["frames"] == 8 for view in sample["views"])
+
+
+def _shards_of(video_folder, out):
+    from mmvssl.data.shards import build_shards
+    build_shards(video_folder, out, samples_per_shard=8)
+    return out
+
+
+@pytest.mark.parametrize("name", ["maclr", "mscl", "mcl"])
+def test_the_temporal_gradient_is_taken_between_consecutive_decoded_frames(name, tmp_path):
+    """A 20 fps video whose red level rises 255 / 60 per frame, sampled at 4 fps (maclr) or 8 fps (mcl,
+    mscl): the motion input's partner frame (`video_next`) is the next decoded frame (about 4.25 levels
+    away), not the next sampled one (5 or 2.5 source frames on)."""
+    from tests.conftest import make_video
+    (tmp_path / "videos").mkdir()
+    make_video(tmp_path / "videos" / "ramp.mp4", seconds=3.0, fps=20, audio_rate=None)
+    shards = _shards_of(tmp_path / "videos", tmp_path / "shards")
+    report = _views(name, shards, tmp_path / "views", "data.augment.video=false", batch_size=2)
+    step = 255 / 60
+    for sample in report["samples"]:
+        for view in sample["views"]:
+            following, sampled = view["next_frame_change"], view["sampled_frame_change"]
+            inside = following[:-1]  # the last frame of a window may sit at the video's end
+            # integer levels through H.264's colour conversion: a frame's change is 2..7 levels, their mean
+            # close to one step; every one far below the 5 steps between sampled frames
+            assert 0.6 * step < sum(inside) / len(inside) < 1.6 * step and max(inside) < 2.5 * step, inside
+            # sampled frames are 20 / data.fps source frames apart (maclr 4 fps: 5; mcl, mscl 8 fps: 2.5)
+            apart = 20 / report["config"]["data"]["fps"]
+            assert 0.6 * apart * step < sum(sampled) / len(sampled) < 1.6 * apart * step, sampled
+
+
+def _moving_texture_video(path, fps=20, seconds=3.0, shift=2, size=(80, 64)):
+    """A smooth random grey texture moving right by `shift` px per frame."""
+    import av
+    import cv2
+    import numpy as np
+    W, H = size
+    frames = int(fps * seconds)
+    wide = W + shift * frames
+    rng = np.random.default_rng(0)
+    texture = cv2.resize(rng.integers(0, 256, (H // 4, wide // 4)).astype(np.float32), (wide, H),
+                         interpolation=cv2.INTER_CUBIC).clip(0, 255).astype(np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        for k in range(frames):
+            x0 = shift * (frames - k)  # the window slides left: the content moves right
+            grey = texture[:, x0:x0 + W]
+            frame = av.VideoFrame.from_ndarray(np.repeat(grey[:, :, None], 3, axis=2), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("name", ["maclr_flow", "mscl_flow"])
+def test_cached_flow_is_taken_between_consecutive_decoded_frames(name, tmp_path):
+    """A texture moving 2 px per frame at 20 fps, flow cached by `shards add-flow` at 4 fps: the flow
+    each sampled frame gets moves about 2 px to the right (consecutive source frames), not 10 (the
+    next sampled frame, 5 source frames on). Unaugmented views: the clip's pixels are the source's."""
+    from mmvssl.data.add_flow import add_flow
+    (tmp_path / "videos").mkdir()
+    _moving_texture_video(tmp_path / "videos" / "texture.mp4")
+    shards = _shards_of(tmp_path / "videos", tmp_path / "shards")
+    add_flow(str(shards), tmp_path / "flow", fps=4.0, size=64, progress=False)
+    report = _views(name, tmp_path / "flow", tmp_path / "views", "data.augment.video=false", batch_size=2)
+    for sample in report["samples"]:
+        for view in sample["views"]:
+            dx = [f[0] for f in view["flow_mean"]]
+            dy = [f[1] for f in view["flow_mean"]]
+            inside = dx[:-1]  # the last frame of a window may sit at the video's end (no successor: 0)
+            # DIS on a smooth texture, edges included: within a pixel of the true 2 px
+            assert all(1.0 < x < 3.0 for x in inside), dx
+            assert all(abs(y) < 0.75 for y in dy), dy

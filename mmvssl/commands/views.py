@@ -7,9 +7,14 @@ rotation, ConST-CL's boxes, ConCur's distance labels), the method's `prepare`, t
 
 - DIR/views.json: `{"config", "method", "step", "samples": [{"key", "duration", "views": [{"group",
   "index", "start", "end", "frames", "fps", "crop": [x0, y0, x1, y1] (shares of the decoded frame),
-  "flip", ...method-specific flags}]}]}`; the flags are the per-sample entries `prepare` adds to the
-  batch under the method's name (`cstp_rate`, `constcl_boxes`, ...), per view where they have one
-  value per view;
+  "flip", ...motion-input spacing, ...method-specific flags}]}]}`; the flags are the per-sample entries
+  `prepare` adds to the batch under the method's name (`cstp_rate`, `constcl_boxes`, `mcl_run_motion`,
+  ...), per view where they have one value per view. Where the batch carries a motion input's source,
+  each view also says how far apart its frames are: `next_frame_change` (with `video_next`, the frames
+  the temporal gradient is taken against) and `sampled_frame_change`, per frame the mean over pixels
+  of the summed |change| of the 3 channels in 0-255 levels to the frame after it (the next decoded
+  frame, resp. the next sampled one); `flow_mean` (with `flow`), per frame the mean (dx, dy) of the
+  flow in pixels of the clip;
 - DIR/views.png: per sample, every view as a bar on one timeline (seconds of the video) with a dot
   per frame, coloured by group.
 
@@ -76,6 +81,7 @@ def _describe_batch(batch: dict, method: str) -> list[dict]:
     layout = [(name, i, int(x.shape[3])) for name, x in groups for i in range(x.shape[1])]  # (group, index, T)
     times, crops = batch["view_times"], batch.get("view_crops")
     flags = {k: v for k, v in batch.items() if k.startswith(f"{method}_") and isinstance(v, torch.Tensor)}
+    flags.update(_motion_spacing(batch))  # per view, where the batch has a motion input's source
     out = []
     for s, (key, meta) in enumerate(zip(batch["key"], batch["meta"])):
         flips = meta.get("view_flips") or [False] * len(layout)
@@ -95,6 +101,31 @@ def _describe_batch(batch: dict, method: str) -> list[dict]:
             if not (value.ndim >= 2 and value.shape[1] == len(layout)):
                 sample[name] = value[s].tolist()
         out.append(sample)
+    return out
+
+
+def _motion_spacing(batch: dict) -> dict:
+    """How far apart the frames of `video`'s views (B, V, C, T, H, W) are, in the batch's own terms:
+    `next_frame_change` (B, V, T) against `video_next`, `sampled_frame_change` (B, V, T - 1) against the
+    next sampled frame (mean over pixels of the channels' summed |change|, 0-255 levels), `flow_mean`
+    (B, V, T, 2) the flow's mean (dx, dy) in pixels of the clip."""
+    from ..data.loader import VIDEO_MEAN, VIDEO_STD
+    video = batch["video"]
+    if video.ndim != 6:
+        return {}
+    out = {}
+
+    def levels(x):  # normalised frames -> 0-255 levels; channels at dim 2 of (B, V, C, T, H, W)
+        return (x.float() * VIDEO_STD.view(3, 1, 1, 1) + VIDEO_MEAN.view(3, 1, 1, 1)) * 255.0
+
+    pixels = levels(video)
+    out["sampled_frame_change"] = (pixels[:, :, :, 1:] - pixels[:, :, :, :-1]).abs().sum(2).mean(dim=(-2, -1))
+    following = batch.get("video_next")
+    if following is not None and following.shape == video.shape:
+        out["next_frame_change"] = (levels(following) - pixels).abs().sum(2).mean(dim=(-2, -1))
+    flow = batch.get("flow")
+    if flow is not None and flow.ndim == 6 and flow.shape[:2] == video.shape[:2]:
+        out["flow_mean"] = flow.float().mean(dim=(-2, -1)).transpose(2, 3)  # (B, V, T, 2)
     return out
 
 

@@ -141,11 +141,16 @@ def tgrad_motion_map(tgrad: torch.Tensor, segments: int, grid: tuple[int, int]) 
     return block_mean(summed, grid)
 
 
+def motion_runs(energy: torch.Tensor, keep: int) -> torch.Tensor:
+    """energy (B, T) -> (B, R) the motion of each run of `keep` frames (the candidates of the draw)."""
+    return energy.unfold(1, keep, 1).sum(-1)
+
+
 def motion_focused_start(energy: torch.Tensor, keep: int, probability: float, rng: random.Random) -> torch.Tensor:
     """energy (B, T), frame t's motion -> (B,) the start of a run of `keep` frames: with
     `probability` drawn among the int(0.5 R) + 1 runs of most motion (R runs), else among all
     (video_dataset.motion_focus_temporal_sampling with threshold 0.5)."""
-    runs = energy.unfold(1, keep, 1).sum(-1)  # (B, R)
+    runs = motion_runs(energy, keep)  # (B, R)
     count = min(runs.shape[1], int(runs.shape[1] * 0.5) + 1)
     order = runs.argsort(dim=1, descending=True).tolist()
     return torch.tensor([rng.choice(o[:count] if rng.random() < probability else o) for o in order],
@@ -207,6 +212,7 @@ def motion_magnitude(batch: dict, kind: str) -> torch.Tensor:
 
 class MCL(Method):
     name = "mcl"
+    views_on_device = True  # `mmvssl views` runs prepare: the motion-focused draws are made there
     paper = "MCL (Li et al. 2021): motion-focused sampling and Grad-CAM of l_pos aligned with the ST-motion map"
     Options = MCLOptions
 
@@ -253,8 +259,9 @@ class MCL(Method):
         names = [n for n in ("video", "video_next", "flow") if n in out]
         moving = motion_magnitude(batch, self.o.motion)  # (B, 2, T, H, W)
         if self.keep < T:
-            start = motion_focused_start(moving[:, 0].mean(dim=(-2, -1)), self.keep, self.o.focus_probability,
-                                         self.rng)
+            energy = moving[:, 0].mean(dim=(-2, -1))  # (B, T)
+            start = motion_focused_start(energy, self.keep, self.o.focus_probability, self.rng)
+            out["mcl_run_motion"] = motion_runs(energy, self.keep)  # (B, R): the candidates (`mmvssl views`)
             index = start[:, None] + torch.arange(self.keep, device=video.device)  # (B, keep)
             for name in names:
                 x = out[name]

@@ -67,10 +67,11 @@ def build_same_window_student(cls, cfg: DictConfig, ctx, options, purpose: str) 
     return net
 
 
-def build_motion_network(cfg: DictConfig, kind: str, method: str) -> MultimodalModel:
+def build_motion_network(cfg: DictConfig, kind: str, method: str, channels: int | None = None) -> MultimodalModel:
     """The motion pathway: `model.preset` + `model.overrides` with `video.in_channels` set for
-    `kind` (the student's architecture, as CoCLR's two S3Ds and MaCLR's two pathways)."""
-    channels = check_motion(kind, method)
+    `kind` (the student's architecture, as CoCLR's two S3Ds and MaCLR's two pathways), or to
+    `channels` when the method derives its own input from `kind` (MaCLR's flow edges: 1)."""
+    channels = channels or check_motion(kind, method)
     preset = apply_overrides(load_preset(cfg.model.preset), to_dict(cfg.model.overrides))
     if "video" not in preset:
         raise ConfigError(f"method '{method}': model.preset '{cfg.model.preset}' has no video encoder")

@@ -129,12 +129,17 @@ def directed_nce(query: torch.Tensor, key: torch.Tensor, temperature: float) -> 
     return F.cross_entropy(query @ gather_with_grad(key).T / temperature, labels)
 
 
+def run_motion(energy: torch.Tensor, keep: int) -> torch.Tensor:
+    """energy (B, T) -> (B, R) the motion of each run of `keep` frames (its steps inside the run)."""
+    steps = energy[:, :-1] if keep > 1 else energy
+    return steps.unfold(1, max(keep - 1, 1), 1).sum(-1)
+
+
 def median_motion_start(energy: torch.Tensor, keep: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """energy (B, T), frame t's motion towards frame t + 1 -> (B,) the start of a run of `keep`
     frames drawn uniformly among the runs whose motion (steps inside the run) is above the median of
     the window's runs (every run when none is): MSCL's motion differential sampling."""
-    steps = energy[:, :-1] if keep > 1 else energy
-    runs = steps.unfold(1, max(keep - 1, 1), 1).sum(-1)  # (B, R)
+    runs = run_motion(energy, keep)  # (B, R)
     above = runs > runs.median(dim=1, keepdim=True).values
     above = torch.where(above.any(dim=1, keepdim=True), above, torch.ones_like(above))
     draw = torch.rand(runs.shape, generator=generator, device=runs.device)
@@ -150,6 +155,7 @@ def motion_energy(batch: dict, kind: str) -> torch.Tensor:
 
 class MSCL(Method):
     name = "mscl"
+    views_on_device = True  # `mmvssl views` runs prepare: motion differential sampling draws there
     paper = "MSCL (Ni et al. 2022): RGB-flow contrast at clip and frame level, rotated flow, motion sampling"
     Options = MSCLOptions
 
@@ -198,7 +204,9 @@ class MSCL(Method):
         out = dict(batch)
         keep = self.keep
         if keep < self.num_frames:
-            start = median_motion_start(motion_energy(batch, self.o.motion), keep)  # (B,)
+            energy = motion_energy(batch, self.o.motion)  # (B, T)
+            start = median_motion_start(energy, keep)  # (B,)
+            out["mscl_run_motion"] = run_motion(energy, keep)  # (B, R): the candidates (`mmvssl views`)
             index = start[:, None] + torch.arange(keep, device=video.device)  # (B, keep)
             for name in ("video", "video_next", "flow"):
                 if name in batch:
