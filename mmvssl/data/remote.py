@@ -21,6 +21,8 @@ import posixpath
 import sys
 import tempfile
 import time
+import urllib.parse
+from http import HTTPStatus
 from pathlib import Path
 
 from ..errors import MmvsslError
@@ -46,8 +48,14 @@ def filesystem(url: str):
     return fsspec.core.url_to_fs(url)
 
 
-def _access_error(url: str, exn: Exception) -> MmvsslError:
+S3_REFUSALS = {"InvalidAccessKeyId": "no such access key", "SignatureDoesNotMatch": "the secret key is wrong",
+               "AccessDenied": "these credentials may not read it"}
+
+
+def _access_error(url: str, exn: Exception | str) -> MmvsslError:
     reason = " ".join(str(exn).split())[:200] or type(exn).__name__
+    if reason in S3_REFUSALS:
+        reason = f"{reason} ({S3_REFUSALS[reason]})"
     return MmvsslError(f"cannot access {url}: {reason}; check the credentials and endpoint "
                        f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, AWS_ENDPOINT_URL)")
 
@@ -92,12 +100,62 @@ def _with_retries(what: str, call):
         except Exception as exn:  # noqa: BLE001 - sorted by _transient
             if delay is None or not _transient(exn):
                 raise
-            _retry_note(what, exn, attempt + 1, delay)
+            _retry_note(redact(what), exn, attempt + 1, delay)
             time.sleep(delay)
 
 
+def redact(url: str) -> str:
+    """`url` without the parts that may hold a credential: `user:password@` and the query (a
+    presigned URL's signature, a token), for messages; a URL without them is returned as it is."""
+    parts = urllib.parse.urlsplit(str(url))
+    if "@" not in parts.netloc and not parts.query:
+        return str(url)
+    netloc = ("…@" if "@" in parts.netloc else "") + parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "…" if parts.query else "", ""))
+
+
+def http_status(exn: BaseException | None) -> int | None:
+    """The HTTP status of a refused request (fsspec's HTTP filesystem raises FileNotFoundError for
+    every answer that is not 2xx, the aiohttp error with the status as its cause); None otherwise."""
+    import aiohttp
+    while exn is not None:
+        if isinstance(exn, aiohttp.ClientResponseError):
+            return exn.status
+        exn = exn.__cause__
+    return None
+
+
+def describe_http_status(status: int) -> str:
+    try:
+        return f"HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"HTTP {status}"
+
+
+def _check_http(url: str) -> None:
+    """One request for the first shard of an http(s) list: a refusal (401 / 403) or a server that
+    cannot be reached stops the command at the start; a missing shard (404) is left to the reader,
+    which reports and skips it."""
+    fs, path = filesystem(url)
+    try:
+        _with_retries(url, lambda: fs.info(path))
+    except Exception as exn:  # noqa: BLE001 - sorted by status below
+        status = http_status(exn)
+        if status == 404:
+            return
+        if status in (401, 403):
+            raise MmvsslError(f"cannot access {redact(url)}: {describe_http_status(status)}: the server refused the "
+                              f"request; give the URL the server expects (its token or signature) or ask its owner for "
+                              f"read access") from None
+        cause = describe_http_status(status) if status else " ".join(str(exn.__cause__ or exn).split())[:200]
+        raise MmvsslError(f"cannot access {redact(url)}: {cause or type(exn).__name__}") from None
+
+
 def check_access(url: str) -> None:
-    """Stop at the start, with one line, when the store refuses the credentials (S3)."""
+    """Stop at the start, with one line naming the URL and the cause (never a credential), when the
+    store refuses the credentials (S3) or the request (HTTP 401 / 403)."""
+    if url.startswith(("http://", "https://")):
+        return _check_http(url)
     if not url.startswith("s3://"):
         return
     fs, path = filesystem(url)
@@ -106,7 +164,22 @@ def check_access(url: str) -> None:
     except FileNotFoundError:
         return  # a missing prefix: its shards are reported one by one when read
     except Exception as exn:  # noqa: BLE001 - botocore's errors have no common base worth naming
-        raise _access_error(url, exn) from None
+        code = _s3_refusal_code(fs, path) if _is_access_failure(exn) else None
+        raise _access_error(url, code or exn) from None
+
+
+def _s3_refusal_code(fs, path: str) -> str | None:
+    """The S3 error code (InvalidAccessKeyId, SignatureDoesNotMatch, AccessDenied) of a refused
+    request. A HEAD's answer has no body, so a refused HEAD says only 'Forbidden': one listing of
+    the bucket, whose answer names the code, is asked for once the HEAD has been refused."""
+    from botocore.exceptions import ClientError
+    try:
+        fs.call_s3("list_objects_v2", Bucket=path.split("/", 1)[0], MaxKeys=1)
+    except Exception as exn:  # noqa: BLE001 - only a better message is at stake
+        while exn is not None and not isinstance(exn, ClientError):
+            exn = exn.__cause__ or exn.__context__  # s3fs raises an OSError from botocore's ClientError
+        return exn.response.get("Error", {}).get("Code") if exn is not None else None
+    return None
 
 
 def list_prefix(url: str) -> list[str]:
@@ -184,7 +257,7 @@ class _Resuming(io.RawIOBase):
             except Exception as exn:  # noqa: BLE001 - sorted by _transient
                 if delay is None or not _transient(exn):
                     raise
-                _retry_note(f"{self.url} at byte {self.pos}", exn, attempt + 1, delay)
+                _retry_note(f"{redact(self.url)} at byte {self.pos}", exn, attempt + 1, delay)
                 self._drop()
                 time.sleep(delay)
         buffer[:len(data)] = data

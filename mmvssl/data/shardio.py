@@ -18,6 +18,7 @@ import random
 import re
 import sys
 import tarfile
+import urllib.parse
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -224,11 +225,50 @@ def skipped_shards() -> list[str]:
     return sorted(_reported_shards)
 
 
+# a folder where every process records the shards it skips (one file per process), named by this
+# environment variable so that DataLoader workers, forked or spawned, inherit it: a worker that
+# skips shards may yield no sample at all, so its batches cannot be the messenger
+SKIPPED_LOG_ENV = "MMVSSL_SKIPPED_SHARDS_LOG"
+
+
+@contextlib.contextmanager
+def skipped_shards_log():
+    """Within it, the processes started from this one (DataLoader workers) record the shards they
+    skip; yields a function giving every shard skipped so far by this process and those."""
+    import tempfile
+    previous = os.environ.get(SKIPPED_LOG_ENV)
+    with tempfile.TemporaryDirectory(prefix="mmvssl-skipped-") as folder:
+        os.environ[SKIPPED_LOG_ENV] = folder
+
+        def read() -> list[str]:
+            urls = set(_reported_shards)
+            for name in os.listdir(folder):
+                with contextlib.suppress(OSError):
+                    urls.update(line for line in open(os.path.join(folder, name)).read().splitlines() if line)
+            return sorted(urls)
+        try:
+            yield read
+        finally:
+            if previous is None:
+                os.environ.pop(SKIPPED_LOG_ENV, None)
+            else:
+                os.environ[SKIPPED_LOG_ENV] = previous
+
+
+def _record_skipped(url: str) -> None:
+    folder = os.environ.get(SKIPPED_LOG_ENV)
+    if folder:
+        with contextlib.suppress(OSError), open(os.path.join(folder, f"{os.getpid()}.txt"), "a") as f:
+            f.write(url + "\n")
+
+
 def report_unreadable_shard(url: str, reason: str) -> None:
     """One line on stderr, once per shard and process; the stream goes on without the rest of it."""
     if url not in _reported_shards:
         _reported_shards.add(url)
-        print(f"mmvssl: warning: skipped unreadable shard {url}: {' '.join(reason.split())}", file=sys.stderr)
+        print(f"mmvssl: warning: skipped unreadable shard {remote.redact(url)}: {' '.join(reason.split())}",
+              file=sys.stderr)
+        _record_skipped(url)
 
 
 def skip_unreadable_shard(exn: Exception) -> bool:
@@ -238,30 +278,35 @@ def skip_unreadable_shard(exn: Exception) -> bool:
     args = exn.args
     url = args[-1] if len(args) > 1 and isinstance(args[-1], str) else "?"  # webdataset appends the url
     reason = str(args[0]).split(" @ ")[0] if args else ""
-    if isinstance(exn, FileNotFoundError):
-        reason = "not found"
+    if isinstance(exn, FileNotFoundError):  # fsspec's HTTP says FileNotFoundError for every refusal
+        status = remote.http_status(exn)
+        reason = remote.describe_http_status(status) if status not in (None, 404) else "not found"
     report_unreadable_shard(url, f"{type(exn).__name__}: {reason}" if reason else type(exn).__name__)
     return True
 
 
 def _list_remote(part: str) -> list[str]:
-    """`pipe:` commands and http(s) brace patterns as they are; s3 brace patterns as they are, after
-    one listing that checks the credentials (a missing shard is reported when read, and skipped);
-    an s3 glob or bucket prefix (one without `.tar`): its *.tar objects."""
+    """`pipe:` commands and http(s) brace patterns (a query such as `?token=…` kept) as they are; s3
+    brace patterns as they are; an s3 glob or bucket prefix (one without `.tar`): its *.tar objects.
+    The first s3 and the first http(s) URL are asked for once, so that refused credentials stop the
+    command here with one line (a missing shard is reported when read, and skipped)."""
     urls: list[str] = []
     for item in braceexpand(part):
+        # an http(s) URL's query is no glob: only its path is looked at
+        path = urllib.parse.urlsplit(item).path if item.startswith(("http://", "https://")) else item
         if remote.is_pipe(item):
             urls.append(item)
-        elif any(c in item for c in "*?[") or item.endswith("/") or "." not in item.rpartition("/")[2]:
+        elif any(c in path for c in "*?[") or path.endswith("/") or "." not in path.rpartition("/")[2]:
             found = remote.list_prefix(item)
             if not found:
                 raise MmvsslError(f"no .tar shards under {item}")
             urls.extend(found)
         else:
             urls.append(item)
-    s3 = [u for u in urls if u.startswith("s3://")]
-    if s3:
-        remote.check_access(s3[0])
+    for scheme in (("s3://",), ("http://", "https://")):  # a refused credential stops here, not per shard
+        first = next((u for u in urls if u.startswith(scheme)), None)
+        if first is not None:
+            remote.check_access(first)
     return urls
 
 

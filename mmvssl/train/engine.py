@@ -210,7 +210,7 @@ def pretrain(cfg: DictConfig) -> Path:
 
     step = batches_consumed = failed_total = bad_total = left_out = 0
     data_state = None
-    resume_rng = None
+    resume_rng, skipped_before = None, []
     resume_from = resolve_resume(t.resume, ckpt_dir)
     if resume_from is not None:
         # under FSDP / ZeRO the optimizer state is sharded per process: not in our checkpoints yet
@@ -228,6 +228,7 @@ def pretrain(cfg: DictConfig) -> Path:
         data_state = state.get("data")  # data.mode=epoch: the epoch and what of it was consumed
         if accelerator.is_main_process:
             keep_metrics_until(out / "metrics.jsonl", step)
+        skipped_before = list(state.get("skipped_shards", []))  # their URLs, counted into metrics.jsonl
         accelerator.print(f"resumed from {resume_from} at step {step}")
     if t.compile:
         model = torch.compile(model)
@@ -251,7 +252,9 @@ def pretrain(cfg: DictConfig) -> Path:
                 states["scaler"] = accelerator.scaler.state_dict()
             path = save_checkpoint(ckpt_dir, step, weights, optimizer, scheduler,
                                    {**data_fields, "failed_samples": failed_total, "batches_consumed": batches_consumed,
-                                    "bad_steps": bad_total}, keep_last=t.keep_last, modules=modules, states=states)
+        skipped = log.skipped_shard_urls()  # collective, as the gather above
+                                    "bad_steps": bad_total, "skipped_shards": skipped},
+                                   keep_last=t.keep_last, modules=modules, states=states)
         accelerator.wait_for_everyone()
         return path or ckpt_dir / f"step_{step:08d}"
 
@@ -279,7 +282,7 @@ def pretrain(cfg: DictConfig) -> Path:
         return made
     loader = make_loader(batches_consumed)
     params = list(net.parameters()) + [p for p in method.parameters() if p.requires_grad]
-    log = RunLog(accelerator, out, t.max_steps, step, use_trackers=bool(trackers))
+    log = RunLog(accelerator, out, t.max_steps, step, use_trackers=bool(trackers), skipped=skipped_before)
 
     if tracker_note and accelerator.is_main_process:
         print(tracker_note, file=sys.stderr)

@@ -4,6 +4,7 @@ only; nothing here runs per step except the progress bar's counter."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.shardio import skipped_shards_log
 from ..fsio import atomic_write_text
 
 
@@ -92,10 +94,19 @@ def keep_metrics_until(path: Path, step: int) -> None:
 
 
 class RunLog:
-    """metrics.jsonl + trackers + progress bar of the main process (a no-op elsewhere)."""
+    """metrics.jsonl + trackers + progress bar of the main process (a no-op elsewhere).
 
-    def __init__(self, accelerator, out: Path, max_steps: int, start_step: int, use_trackers: bool):
+    Every record also carries `skipped_shards`: how many distinct shards (by URL) any process or
+    DataLoader worker reported unreadable (missing, truncated, refused) and skipped since the run
+    began, resumes included (`skipped`: the URLs a checkpoint saved). Workers started while the log
+    is open record theirs through shardio.skipped_shards_log."""
+
+    def __init__(self, accelerator, out: Path, max_steps: int, start_step: int, use_trackers: bool,
+                 skipped: list[str] | tuple = ()):
         self.accelerator, self.use_trackers = accelerator, use_trackers
+        self.skipped: set[str] = set(skipped)
+        self._skip_log = contextlib.ExitStack()
+        self._read_skipped = self._skip_log.enter_context(skipped_shards_log())
         self.main = accelerator.is_main_process
         self.file = open(out / "metrics.jsonl", "a") if self.main else None
         self.progress, self.closed = None, False
@@ -104,11 +115,22 @@ class RunLog:
             self.progress = tqdm(total=max_steps, initial=start_step, desc="pretrain", unit="step",
                                  dynamic_ncols=True)
 
+    def skipped_shard_urls(self) -> list[str]:
+        """The distinct shards skipped so far by every process and its DataLoader workers. Collective
+        with several processes: every process calls it."""
+        self.skipped.update(self._read_skipped())
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+            self.skipped.update(u for urls in gather_object([sorted(self.skipped)]) for u in urls)
+        return sorted(self.skipped)
+
     def advance(self) -> None:
         if self.progress is not None:
             self.progress.update(1)
 
     def write(self, record: dict) -> None:
+        """Append `record` (and `skipped_shards`); every process calls it at the same step."""
+        record = {**record, "skipped_shards": len(self.skipped_shard_urls())}
         if not self.main:
             return
         self.file.write(json.dumps(record) + "\n")
@@ -122,6 +144,7 @@ class RunLog:
         if self.closed:
             return
         self.closed = True
+        self._skip_log.close()
         if self.main:
             self.progress.close()
             self.file.close()
