@@ -96,21 +96,28 @@ def test_constcl_views_differ_in_time_and_crop_and_carry_their_own_boxes(demo_sh
     assert differ_in_time >= 6
 
 
-def test_cstp_clip_overlaps_spread_over_zero_one_and_the_pretext_copies_are_apart(demo_shards, tmp_path):
-    # a 1 s window (16 frames at 16 fps) in the 3 s videos leaves room for every overlap in (0, 1]
-    report = _views("cstp", demo_shards["train"], tmp_path, "data.fps=16.0", batches=2)
-    ious = []
+def test_cstp_clip_overlaps_spread_over_upstreams_shares_at_one_playback_rate(demo_shards, tmp_path):
+    """CSTP (KT27-A/CSTP datasets.py, preprocess_data.py): both clips at one rate (8 frames over 0.8 s x
+    1, 2 or 4 at 10 fps in the 3 s videos), the second shifted so that it covers a share 1.0 ... 0.2 of
+    the first in time, its crop the first's size covering such a share of it; each clip rotated."""
+    report = _views("cstp", demo_shards["train"], tmp_path, batches=3)
+    shares = (1.0, 0.8, 0.6, 0.4, 0.2)
+    temporal, rates = set(), set()
     for sample in report["samples"]:
-        groups = _groups(sample)
-        (a, b), copies = groups["video"], groups["video/pretext"]
-        inter = max(0.0, min(a["end"], b["end"]) - max(a["start"], b["start"]))
-        ious.append(inter / (_span(a) + _span(b) - inter))
-        assert a["frames"] == b["frames"] == 8 and len(copies) == 2  # BYOL views: 16 frames at stride 2
-        for copy, clip, stride in zip(copies, (a, b), sample["cstp_stride"]):
-            assert clip["start"] - 1e-6 <= copy["start"] and copy["end"] <= clip["end"] + 1e-6
-            assert _span(copy) == pytest.approx(_span(clip) * stride / 2)  # stride 1: half the window
-        assert sample["cstp_overlap"] <= ious[-1] + 1e-6
-    assert min(ious) > 0 and min(ious) < 0.35 and max(ious) > 0.65
+        a, b = sample["views"]
+        assert a["frames"] == b["frames"] == 8 and _span(a) == pytest.approx(_span(b))
+        rate = _span(a) / 0.8
+        assert rate == pytest.approx(2 ** sample["cstp_rate"], rel=1e-6)
+        share = max(0.0, min(a["end"], b["end"]) - max(a["start"], b["start"])) / _span(a)
+        assert share == pytest.approx(shares[sample["cstp_temporal"]], abs=1e-6)
+        (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a["crop"], b["crop"]
+        assert bx1 - bx0 == pytest.approx(ax1 - ax0, abs=1e-6) and by1 - by0 == pytest.approx(ay1 - ay0, abs=1e-6)
+        covered = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
+        # the overlap's height is rounded down to a pixel of the decoded frame (short side 74 px)
+        assert covered / ((ax1 - ax0) * (ay1 - ay0)) == pytest.approx(shares[sample["cstp_spatial"]], abs=0.06)
+        assert a["cstp_rotation"] in range(4) and b["cstp_rotation"] in range(4)
+        temporal.add(sample["cstp_temporal"]), rates.add(sample["cstp_rate"])
+    assert len(temporal) >= 3 and rates == {0, 1}
 
 
 def test_concur_span_grows_with_the_step_and_is_bounded_by_the_video(demo_shards, tmp_path):
