@@ -154,6 +154,15 @@ def make_accelerator(t: DictConfig, trackers: list[str], out: Path) -> Accelerat
                               log_with=trackers or None, project_dir=str(out),
                               kwargs_handlers=[DistributedDataParallelKwargs(
                                   find_unused_parameters=t.find_unused_parameters)])
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_asked and accelerator.distributed_type.value != "FSDP":
+        # accelerate turns a FSDP launch into FSDP only on a GPU-like device; on the CPU it sets up
+        # MULTI_CPU and wraps the model in DDP, silently (docs/distributed.md, "FSDP and DeepSpeed on CPU")
+        import accelerate
+        raise MmvsslError(f"the launcher asked for FSDP, but accelerate {accelerate.__version__} set up "
+                          f"{accelerator.distributed_type.value} on {accelerator.device.type} (it selects FSDP only "
+                          f"on a GPU or another accelerator device, and would train with DDP instead): on CPUs "
+                          f"launch with configs/accelerate/cpu.yaml (DDP); FSDP needs GPUs")
     if world_size > 1 and (accelerator.num_processes != world_size or not dist.is_initialized()):
         raise MmvsslError(f"the launcher started {world_size} processes (WORLD_SIZE) but accelerate set up "
                           f"{accelerator.num_processes} (distributed type {accelerator.distributed_type.value}, "
@@ -220,6 +229,7 @@ def pretrain(cfg: DictConfig) -> Path:
                               "the optimizer moments start afresh")
         step, batches_consumed = int(state["step"]), int(state.get("batches_consumed", state["step"]))
         failed_total, bad_total = int(state.get("failed_samples", 0)), int(state.get("bad_steps", 0))
+        skipped_before = list(state.get("skipped_shards", []))  # their URLs, counted into metrics.jsonl
         extra = state["states"]
         if accelerator.scaler is not None and "scaler" in extra:
             accelerator.scaler.load_state_dict(extra["scaler"])
@@ -228,7 +238,6 @@ def pretrain(cfg: DictConfig) -> Path:
         data_state = state.get("data")  # data.mode=epoch: the epoch and what of it was consumed
         if accelerator.is_main_process:
             keep_metrics_until(out / "metrics.jsonl", step)
-        skipped_before = list(state.get("skipped_shards", []))  # their URLs, counted into metrics.jsonl
         accelerator.print(f"resumed from {resume_from} at step {step}")
     if t.compile:
         model = torch.compile(model)
@@ -244,6 +253,7 @@ def pretrain(cfg: DictConfig) -> Path:
                 merged.merge(EpochRecord.from_state(state))
             data = merged.state()
         data_fields = {"left_out_samples": left_out, **({"data": data} if data is not None else {})}
+        skipped = log.skipped_shard_urls()  # collective, as the gather above
         weights = accelerator.get_state_dict(model) if sharded else net  # gathering is collective under FSDP
         path = None
         if accelerator.is_main_process:
@@ -252,7 +262,6 @@ def pretrain(cfg: DictConfig) -> Path:
                 states["scaler"] = accelerator.scaler.state_dict()
             path = save_checkpoint(ckpt_dir, step, weights, optimizer, scheduler,
                                    {**data_fields, "failed_samples": failed_total, "batches_consumed": batches_consumed,
-        skipped = log.skipped_shard_urls()  # collective, as the gather above
                                     "bad_steps": bad_total, "skipped_shards": skipped},
                                    keep_last=t.keep_last, modules=modules, states=states)
         accelerator.wait_for_everyone()
