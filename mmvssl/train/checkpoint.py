@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import MmvsslError
 from ..fsio import replace_folder
+from .fsdp import is_sharded, load_full_model_state
 
 PREFIX = "step_"
 TMP_PREFIX = ".tmp_"
@@ -45,8 +46,12 @@ def _tensors(module: torch.nn.Module | dict) -> dict[str, torch.Tensor]:
 def _load_weights(model: torch.nn.Module, file: Path) -> None:
     """Load a file written by _tensors: names left out as aliases must be tied in `model` too."""
     state = load_file(str(file))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(model.state_dict()) - set(_tensors(model))
+    if is_sharded(model):  # FSDP on CPUs (fsdp.py): the full weights spread into each process's shards
+        missing, unexpected = load_full_model_state(model, state)
+        tied = set()
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = set(model.state_dict()) - set(_tensors(model))
     if unexpected or set(missing) - tied:
         raise MmvsslError(f"{file}: does not match the model (missing {sorted(set(missing) - tied)[:3]}, "
                           f"unexpected {unexpected[:3]})")
@@ -55,7 +60,8 @@ def _load_weights(model: torch.nn.Module, file: Path) -> None:
 def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module | dict, optimizer, scheduler,
                     extra: dict | None = None, keep_last: int = 2, modules: dict[str, torch.nn.Module] | None = None,
                     states: dict | None = None) -> Path:
-    """Write `folder/step_XXXXXXXX` atomically; `model` is a module or its (gathered) state dict; `modules` go to <name>.safetensors, `states` (plain
+    """Write `folder/step_XXXXXXXX` atomically; `model` is a module or its (gathered) state dict, `optimizer`
+    one or its (gathered) state dict; `modules` go to <name>.safetensors, `states` (plain
     tensors, numbers, lists, dicts) into optimizer.pt. Keeps the last `keep_last` checkpoints."""
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
@@ -67,7 +73,8 @@ def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module
         save_file(_tensors(model), str(tmp / "model.safetensors"))
         for name, module in (modules or {}).items():
             save_file(_tensors(module), str(tmp / f"{name}.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **(states or {})},
+        optimizer_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), **(states or {})},
                    tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
         replace_folder(tmp, final)  # content fsynced, renamed (swapped with an older save of this step), folder fsynced

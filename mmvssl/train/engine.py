@@ -39,6 +39,7 @@ from ..data.options import sample_spec as data_sample_spec
 from ..errors import ConfigError, MmvsslError
 from ..methods import BuildContext, build_method
 from ..modalities import MODALITIES
+from . import fsdp
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .monitor import RunLog, available_trackers, environment, flat_scalars, keep_metrics_until
 from .optim import build_optimizer, warmup_cosine
@@ -154,15 +155,16 @@ def make_accelerator(t: DictConfig, trackers: list[str], out: Path) -> Accelerat
                               log_with=trackers or None, project_dir=str(out),
                               kwargs_handlers=[DistributedDataParallelKwargs(
                                   find_unused_parameters=t.find_unused_parameters)])
-    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if fsdp_asked and accelerator.distributed_type.value != "FSDP":
-        # accelerate turns a FSDP launch into FSDP only on a GPU-like device; on the CPU it sets up
-        # MULTI_CPU and wraps the model in DDP, silently (docs/distributed.md, "FSDP and DeepSpeed on CPU")
+    if fsdp.requested() and accelerator.distributed_type.value == "MULTI_CPU":
+        fsdp.check_settings(t)  # accelerate would wrap the model in DDP: mmvssl shards it itself (fsdp.py)
+    elif fsdp.requested() and accelerator.distributed_type.value != "FSDP":
+        # accelerate turns a FSDP launch into FSDP only on a GPU-like device (docs/distributed.md,
+        # "FSDP and DeepSpeed on CPU"); on CPUs mmvssl's own FSDP needs a process group (MULTI_CPU)
         import accelerate
         raise MmvsslError(f"the launcher asked for FSDP, but accelerate {accelerate.__version__} set up "
-                          f"{accelerator.distributed_type.value} on {accelerator.device.type} (it selects FSDP only "
-                          f"on a GPU or another accelerator device, and would train with DDP instead): on CPUs "
-                          f"launch with configs/accelerate/cpu.yaml (DDP); FSDP needs GPUs")
+                          f"{accelerator.distributed_type.value} on {accelerator.device.type} with "
+                          f"{accelerator.num_processes} process(es): FSDP on CPUs needs several processes "
+                          f"(configs/accelerate/fsdp_cpu.yaml); one process trains without it")
     if world_size > 1 and (accelerator.num_processes != world_size or not dist.is_initialized()):
         raise MmvsslError(f"the launcher started {world_size} processes (WORLD_SIZE) but accelerate set up "
                           f"{accelerator.num_processes} (distributed type {accelerator.distributed_type.value}, "
@@ -202,6 +204,9 @@ def pretrain(cfg: DictConfig) -> Path:
         if hasattr(module, "grad_checkpointing"):
             module.grad_checkpointing = t.grad_checkpointing
     method.to(accelerator.device)
+    cpu_fsdp = fsdp.requested() and accelerator.distributed_type.value == "MULTI_CPU"  # accelerate cannot: fsdp.py
+    if cpu_fsdp:
+        accelerator.print(fsdp.shard(net))  # before the optimizer, which then holds the sharded parameters
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(t.betas)}")
     # a method may scale the lr per parameter (fine-tuning's layer-wise decay: methods/supervised.py)
@@ -209,7 +214,11 @@ def pretrain(cfg: DictConfig) -> Path:
     optimizer = build_optimizer(net, t.lr, t.weight_decay, method=method, betas=tuple(t.betas), eps=t.eps,
                                 lr_scale=lr_scale)
     scheduler = warmup_cosine(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
-    model, optimizer = accelerator.prepare(net, optimizer)
+    if cpu_fsdp:  # the model is sharded already; accelerate's prepare would wrap it in DDP
+        model, optimizer = net, accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(net, optimizer)
+    full_optimizer = fsdp.FullOptimizerState(net, method, optimizer) if cpu_fsdp else None
     ema = None
     if t.ema_decay > 0:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -222,8 +231,10 @@ def pretrain(cfg: DictConfig) -> Path:
     resume_rng, skipped_before = None, []
     resume_from = resolve_resume(t.resume, ckpt_dir)
     if resume_from is not None:
-        # under FSDP / ZeRO the optimizer state is sharded per process: not in our checkpoints yet
-        state = load_checkpoint(resume_from, net, None if sharded else optimizer, scheduler, modules)
+        # under accelerate's FSDP / ZeRO the optimizer state is sharded per process: not in our checkpoints
+        # yet; mmvssl's FSDP on CPUs saves it gathered (fsdp.FullOptimizerState)
+        state = load_checkpoint(resume_from, net, full_optimizer or (None if sharded else optimizer), scheduler,
+                                modules)
         if sharded:
             accelerator.print("note: FSDP / DeepSpeed resume restores weights, schedule and data position; "
                               "the optimizer moments start afresh")
@@ -255,12 +266,14 @@ def pretrain(cfg: DictConfig) -> Path:
         data_fields = {"left_out_samples": left_out, **({"data": data} if data is not None else {})}
         skipped = log.skipped_shard_urls()  # collective, as the gather above
         weights = accelerator.get_state_dict(model) if sharded else net  # gathering is collective under FSDP
+        if cpu_fsdp:  # gathered (collective) onto rank 0
+            weights, optimizer_state = fsdp.full_model_state(net), full_optimizer.state_dict()
         path = None
         if accelerator.is_main_process:
             states = {"rng": rng}
             if accelerator.scaler is not None:
                 states["scaler"] = accelerator.scaler.state_dict()
-            path = save_checkpoint(ckpt_dir, step, weights, optimizer, scheduler,
+            path = save_checkpoint(ckpt_dir, step, weights, optimizer_state if cpu_fsdp else optimizer, scheduler,
                                    {**data_fields, "failed_samples": failed_total, "batches_consumed": batches_consumed,
                                     "bad_steps": bad_total, "skipped_shards": skipped},
                                    keep_last=t.keep_last, modules=modules, states=states)
@@ -337,7 +350,8 @@ def pretrain(cfg: DictConfig) -> Path:
                 failed_total += int(batch["failed"])
                 batch = method.prepare(_to_device(batch, accelerator.device, method.modalities))
                 loss, terms = forward_backward(model, method, batch, accelerator, t.accum_steps)
-                norm = grad_norm(accelerator, params, t.grad_clip)
+                norm = (fsdp.clip_grad_norm(params, t.grad_clip) if cpu_fsdp
+                        else grad_norm(accelerator, params, t.grad_clip))
                 # one flag for all processes, so that they all skip (or stop) together
                 flags = torch.stack([~torch.isfinite(loss), ~torch.isfinite(norm), torch.tensor(bool(stop.received))
                                      .to(loss.device)]).float()
@@ -399,8 +413,11 @@ def pretrain(cfg: DictConfig) -> Path:
         return path
     path = checkpoint()
     final = out / "model"
+    if cpu_fsdp:
+        fsdp.save_pretrained(net, final, accelerator.is_main_process)  # the weights gathered (collective)
     if accelerator.is_main_process:
-        net.save_pretrained(final)
+        if not cpu_fsdp:
+            net.save_pretrained(final)
         if ema is not None:
             ema.module.save_pretrained(out / "model_ema")
         accelerator.print(f"saved the model to {final}")
