@@ -8,14 +8,17 @@ wraps the model in DDP, ignoring the FSDP plugin; with `fsdp_sync_module_states:
 must be one of 'XPU', 'CUDA', ...". torch's own FSDP2 runs on CPU over gloo, so here mmvssl does
 what accelerate's FSDP2 path does on GPUs (accelerate/utils/fsdp_utils.py `fsdp2_prepare_model`):
 `fully_shard` on every module of the classes `fsdp_transformer_layer_cls_to_wrap` names (`Block`:
-the GPU config's TRANSFORMER_BASED_WRAP), then on the root; the optimizer is built on the sharded
-(DTensor) parameters. What this adds beside torch:
+the GPU config's TRANSFORMER_BASED_WRAP), children before parents, then on the root (accelerate also
+carves a Hugging Face model's input embeddings and output head into units: mmvssl's models have no
+`get_input_embeddings`); the optimizer is built on the sharded (DTensor) parameters. What this adds
+beside torch:
 
 - `clip_grad_norm`: the norm over DTensor gradients (the model's shards) and plain ones (the
   method's heads and temperatures, outside FSDP) in one number, the same as DDP's;
-- `full_model_state` / `full_optimizer_state`: the full state gathered onto rank 0's CPU with
-  torch.distributed.checkpoint.state_dict, so checkpoints and the final model are the files a DDP run
-  writes; `load_full_model_state` / `FullOptimizerState.load_state_dict` spread them back on resume.
+- `full_model_state` / `FullOptimizerState.state_dict`: the full state gathered onto rank 0's CPU with
+  torch.distributed.checkpoint.state_dict, so checkpoints and the final model (`save_pretrained`) are
+  the files a DDP run writes; `load_full_model_state` / `FullOptimizerState.load_state_dict` spread
+  them back on resume.
 
 Settings accelerate's launcher passes (FSDP_* variables) that this path cannot honour stop the run
 at the start with one line (`check_settings`).
@@ -82,13 +85,15 @@ def shard(net: nn.Module, env: dict[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     names = {n.strip() for n in env.get("FSDP_TRANSFORMER_CLS_TO_WRAP", DEFAULT_UNITS).split(",") if n.strip()}
     reshard = _reshard_after_forward(env)
-    units = [m for m in net.modules() if type(m).__name__ in names]
+    # children before their parents (reversed pre-order), as accelerate's get_module_children_bottom_up:
+    # a unit's parameters leave the group of any unit around it
+    units = [m for m in reversed(list(net.modules())) if type(m).__name__ in names and m is not net]
     if not units:
         raise ConfigError(f"fsdp_transformer_layer_cls_to_wrap {sorted(names)}: no module of the model "
                           f"({type(net).__name__}) has that class; mmvssl's transformer layers are 'Block'")
-    for module in units:  # the innermost first is not needed: a unit's parameters leave the root's group
+    for module in units:
         fully_shard(module, reshard_after_forward=reshard)
-    fully_shard(net, reshard_after_forward=reshard)
+    fully_shard(net)  # the root with torch's default (kept unsharded after forward), as accelerate's FSDP2 does
     held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in net.parameters())
     total = sum(p.numel() for p in net.parameters())
     return (f"FSDP on CPUs (torch fully_shard): {len(units)} {'/'.join(sorted(names))} units and the root; "
