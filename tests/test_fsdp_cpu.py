@@ -1,7 +1,8 @@
 """FSDP on CPUs (issue 26): `accelerate launch --config_file configs/accelerate/fsdp_cpu.yaml` trains
 with the model sharded by torch's fully_shard (mmvssl/train/fsdp.py: accelerate 1.15 would wrap it in
 DDP), equal to the DDP launch of configs/accelerate/cpu.yaml: the first 3 logged losses, the saved
-model, the gathered optimizer state, and a resume from a FSDP checkpoint. What still cannot run (one
+model, the gathered optimizer state, and a resume from a FSDP checkpoint; the gradient norm over sharded
+and plain gradients by hand. What still cannot run (one
 process, settings the CPU path cannot honour) is refused in one line. DeepSpeed is not installed
 here: documented as GPU-only."""
 
@@ -101,6 +102,49 @@ def test_fsdp_on_cpu_equals_ddp_and_resumes(run_config, tmp_path):
     assert again[0]["loss"] == pytest.approx(want[-1]["loss"], abs=1e-4)
     _assert_weights_close(mmvssl.load_model(resumed / "model").state_dict(),
                           mmvssl.load_model(ddp / "model").state_dict(), tol)
+
+
+# two gloo processes: a model of two Blocks sharded by fsdp.shard and a plain parameter (as a method's
+# temperature, outside FSDP; its gradient averaged by hand as step.py does); clip_grad_norm's total
+# against the norm of the full gradients, and the clipped gradients against the full ones scaled
+CLIP_SCRIPT = """
+import torch, torch.distributed as dist
+from torch import nn
+from mmvssl.models.transformer import Block
+from mmvssl.train import fsdp
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+net = nn.Sequential(Block(8, 2), Block(8, 2))
+temperature = nn.Parameter(torch.tensor(0.5))
+fsdp.shard(net, {"FSDP_VERSION": "2"})
+torch.manual_seed(1 + rank)  # each process its own batch
+(net(torch.randn(2, 3, 8)).pow(2).mean() * temperature).backward()
+dist.all_reduce(temperature.grad); temperature.grad /= 2
+params = list(net.parameters()) + [temperature]
+full = [p.grad.full_tensor() for p in net.parameters()] + [temperature.grad.clone()]
+want = torch.cat([g.flatten() for g in full]).double().norm()
+got = fsdp.clip_grad_norm(params, 0.5 * float(want))
+assert type(got) is torch.Tensor and abs(float(got) - float(want)) <= 1e-5 * float(want), (float(got), float(want))
+after = [p.grad.full_tensor() for p in net.parameters()] + [temperature.grad]
+for a, b in zip(after, full):
+    assert torch.allclose(a, 0.5 * b, rtol=1e-5, atol=1e-9), (a, b)
+assert any(isinstance(p.grad, torch.distributed.tensor.DTensor) for p in net.parameters())
+print("clip ok", rank, float(got))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="2-process gloo launches on linux")
+def test_clip_grad_norm_over_sharded_and_plain_gradients(tmp_path):
+    script = tmp_path / "clip.py"
+    script.write_text(CLIP_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                             str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("clip ok") == 2
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="subprocess launch on linux")
