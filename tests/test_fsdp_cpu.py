@@ -1,10 +1,9 @@
 """FSDP on CPUs (issue 26): `accelerate launch --config_file configs/accelerate/fsdp_cpu.yaml` trains
 with the model sharded by torch's fully_shard (mmvssl/train/fsdp.py: accelerate 1.15 would wrap it in
 DDP), equal to the DDP launch of configs/accelerate/cpu.yaml: the first 3 logged losses, the saved
-model, the gathered optimizer state, and a resume from a FSDP checkpoint; the gradient norm over sharded
-and plain gradients by hand. What still cannot run (one
-process, settings the CPU path cannot honour) is refused in one line. DeepSpeed is not installed
-here: documented as GPU-only."""
+model, the gathered optimizer state, and a resume from a FSDP checkpoint; the gradient norm over
+sharded and plain gradients by hand. What still cannot run (one process, settings the CPU path cannot
+honour) is refused in one line. DeepSpeed is not installed here: documented as GPU-only."""
 
 from __future__ import annotations
 
