@@ -11,6 +11,12 @@ eval/compare_random_init.py on `video_pooled`, the encoder's output before any h
 metadata key of `--label` (default `label`; the demo samples also carry `shape`, `color` and
 `motion`), every label probed on the same trained model. Prints one table and writes
 OUT/methods_evidence.json and .md (docs/methods.md quotes it).
+
+    .venv/bin/python eval/methods_evidence.py --collect runs/ev/a runs/ev/b ... --out runs/ev/table
+
+joins the rows of earlier runs of this script (each DIR/methods_evidence.json) into one table, a
+method's rows from a later folder replacing an earlier one's, each row naming its folder; the runs
+must share train and test shards and the step budget (checked).
 """
 
 from __future__ import annotations
@@ -100,23 +106,49 @@ def run(method: str, train: str, test: str, out: Path, steps: int, overrides: li
 
 
 def table(rows: list[dict]) -> str:
+    run = any("run" in r for r in rows)  # a collected table names each row's run folder
     lines = ["| method (config) | label | steps | linear top-1 | random init | kNN top-1 | random init | chance | "
-             "beats random init |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "beats random init |" + (" run |" if run else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if run else "")]
     for r in rows:
         beats = "yes" if r["linear"] > r["linear_random"] and r["knn"] > r["knn_random"] else (
             "linear only" if r["linear"] > r["linear_random"] else "kNN only" if r["knn"] > r["knn_random"] else "no")
         lines.append(f"| {r['method']} ({r['name']}) | {r['label']} | {r['steps']} | {r['linear']:.1f} | "
-                     f"{r['linear_random']:.1f} | {r['knn']:.1f} | {r['knn_random']:.1f} | {r['chance']:.1f} | {beats} |")
+                     f"{r['linear_random']:.1f} | {r['knn']:.1f} | {r['knn_random']:.1f} | {r['chance']:.1f} | {beats} |"
+                     + (f" {r.get('run', '')} |" if run else ""))
     if rows:
         lines.append(f"\nFeature: `{FEATURE}`.")
     return "\n".join(lines)
 
 
+def collect(folders: list[str]) -> tuple[dict, list[dict]]:
+    """The rows of earlier runs, one per (method, label), later folders first; with their folder."""
+    header, rows = None, {}
+    for folder in folders:
+        path = Path(folder) / "methods_evidence.json"
+        if not path.is_file():
+            raise MmvsslError(f"{path}: not found (a run of this script writes it when every method is done)")
+        run = json.loads(path.read_text())
+        for key in ("train", "test"):
+            if header and run[key] != header[key]:
+                raise MmvsslError(f"{path}: {key} is {run[key]}, not {header[key]} as in {header['from']}: "
+                                  f"rows of other data do not belong in one table")
+        header = header or {"train": run["train"], "test": run["test"], "from": str(path)}
+        for row in run["rows"]:
+            rows[(row["method"], row["label"])] = {**row, "run": folder}
+    steps = {r["steps"] for r in rows.values()}
+    if len(steps) > 1:
+        raise MmvsslError(f"the runs have different step budgets {sorted(steps)}: one table needs one budget")
+    order = sorted(rows.values(), key=lambda r: (r["label"], r["method"]))
+    return {"train": header["train"], "test": header["test"], "collected": folders}, order
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train", required=True)
-    p.add_argument("--test", required=True)
+    p.add_argument("--train")
+    p.add_argument("--test")
+    p.add_argument("--collect", nargs="+", metavar="DIR",
+                   help="join the rows of earlier runs (DIR/methods_evidence.json) into one table in --out")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--methods", nargs="+", help="config names under configs/methods/ (default: every RGB one)")
@@ -129,6 +161,20 @@ def main(argv=None) -> int:
                         "instead of training again")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.collect:
+        try:
+            header, rows = collect(args.collect)
+        except MmvsslError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "methods_evidence.json").write_text(json.dumps({**header, "rows": rows}, indent=2))
+        text = table(rows)
+        (out / "methods_evidence.md").write_text(text + "\n")
+        print(text)
+        return 0
+    if not (args.train and args.test):
+        p.error("--train and --test are required (or --collect)")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
