@@ -134,6 +134,29 @@ def test_torchrun_two_processes_equal_one_process(run_config, one_process, tmp_p
     _assert_same_run(out, result, one_process)
 
 
+def test_torchrun_on_two_nodes_equals_one_process(run_config, one_process, tmp_path):
+    """docs/distributed.md's several-nodes command, one agent per node (here both on 127.0.0.1, one
+    process each): the two nodes train as the single-node launch does."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    port = str(_free_port())
+    nodes = [subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+                               "--master_addr", "127.0.0.1", "--master_port", port, "-m", "mmvssl.cli", "pretrain",
+                               str(run_config), f"train.output_dir={out}"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
+    both = subprocess.CompletedProcess([], 0, "".join(o for o, _ in outputs), "".join(e for _, e in outputs))
+    _assert_same_run(out, both, one_process)
+
+
 def test_accelerate_launch_cpu_config_equals_one_process(run_config, one_process, tmp_path):
     out = tmp_path / "run"
     result = _launch([str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu.yaml"),
