@@ -58,6 +58,20 @@ def rgb_model_folder(path: Path, out: Path) -> Path:
     return folder
 
 
+def pseudo_label_shares(metrics: Path) -> dict:
+    """TG's and CMPL's `pseudo_label_share` (and CMPL's `pseudo_label_share_aux`: the other direction)
+    in the run's log: the mean over the logged steps and at how many of them any pseudo-label passed
+    the threshold. Nothing for a run that logs none (supervised, fine-tuning)."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    shares = {}
+    for key in ("pseudo_label_share", "pseudo_label_share_aux"):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if values:
+            shares[key] = {"mean": sum(values) / len(values), "max": max(values),
+                           "steps_above_0": sum(v > 0 for v in values), "logged_steps": len(values)}
+    return shares
+
+
 def run_one(name: str, fraction: float, args, models: dict, common: list[str]) -> dict:
     from mmvssl.commands.finetune import finetune_config
     from mmvssl.evaluation.classifier import evaluate_classifier
@@ -80,7 +94,8 @@ def run_one(name: str, fraction: float, args, models: dict, common: list[str]) -
                                  ExtractOptions(num_clips=args.clips, num_crops=args.crops))
     row = {"run": name, "fraction": fraction, "init": models.get(name, "random"), "steps": cfg.train.max_steps,
            "top1": report["top1"], "top5": report["top5"], "mean_class_acc": report["mean_class_acc"],
-           "chance_top1": report["chance_top1"], "train_seconds": round(seconds, 1), "model": str(final)}
+           "chance_top1": report["chance_top1"], "train_seconds": round(seconds, 1), "model": str(final),
+           **pseudo_label_shares(out / "metrics.jsonl")}
     print(f"{name} @ {fraction:g}: top1 {row['top1']:.1f}  mean class {row['mean_class_acc']:.1f}  "
           f"({seconds:.0f} s)", flush=True)
     return row
@@ -108,6 +123,12 @@ def markdown(rows: list[dict], args) -> str:
     lines += ["", f"Val top-1 (%) on {args.test}, {args.clips} clip(s) x {args.crops} crop(s) per video; chance "
               f"{chance:.1f}. {steps} steps per run; train seconds: "
               + ", ".join(f"{r['run']}@{r['fraction']:g} {r['train_seconds']:.0f}" for r in rows) + "."]
+    passed = [f"{r['run']}@{r['fraction']:g} {key.replace('pseudo_label_share', 'share')} mean {v['mean']:.3f}, "
+              f"max {v['max']:.3f}, above 0 at {v['steps_above_0']} of {v['logged_steps']} logged steps"
+              for r in rows for key, v in r.items() if key.startswith("pseudo_label_share")]
+    if passed:
+        lines += ["", "Unlabelled samples whose pseudo-label passed the threshold (`pseudo_label_share` in "
+                  "metrics.jsonl): " + "; ".join(passed) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -134,7 +155,8 @@ def main(argv=None) -> int:
     if "finetune-rgb" in args.runs:
         models["finetune-rgb"] = str(rgb_model_folder(Path(args.rgb_model), out))
     common = [f"train.max_steps={args.steps}", f"train.warmup_steps={max(1, args.steps // 10)}",
-              f"train.save_every={args.steps}", "train.keep_last=1", "train.log_with=none", *args.overrides]
+              f"train.save_every={args.steps}", "train.keep_last=1", "train.log_with=none", "train.log_every=1",
+              *args.overrides]
     rows = []
     for fraction in args.fractions:
         for name in args.runs:
