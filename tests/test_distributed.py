@@ -109,7 +109,7 @@ def test_split_batch_rejects_uneven_micro_batches():
 def test_accelerate_config_files_load(path):
     from accelerate.commands.config.config_args import load_config_from_file
     config = load_config_from_file(str(path))
-    processes, precision = (2, "no") if path.name == "cpu.yaml" else (8, "bf16")
+    processes, precision = (2, "no") if path.name in ("cpu.yaml", "fsdp_cpu.yaml") else (8, "bf16")
     assert config.num_processes == processes and config.mixed_precision == precision
     assert config.distributed_type.value in {"ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP", "cpu.yaml": "MULTI_GPU",
-                                             "deepspeed_zero2.yaml": "DEEPSPEED"}[path.name]
+                                             "fsdp_cpu.yaml": "FSDP", "deepspeed_zero2.yaml": "DEEPSPEED"}[path.name]

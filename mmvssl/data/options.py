@@ -76,9 +76,9 @@ def augment_options(cfg):
     """AugmentConfig (or a DictConfig of it) -> mmvssl.data.augment.AugmentOptions."""
     from .augment import AugmentOptions
     for key, low in (("blur_per_view", 0.0), ("solarize_per_view", 0.0), ("crop_overlap", 1e-9)):
-        if any(not low <= float(p) <= 1.0 for p in cfg[key]):
+        if any(not low <= float(p) <= 1.0 for p in getattr(cfg, key)):
             raise ConfigError(f"data.augment.{key}: every entry must lie in {'(0' if low else '[0'}, 1], "
-                              f"got {list(cfg[key])}")
+                              f"got {list(getattr(cfg, key))}")
     return AugmentOptions(video=bool(cfg.video), crop_scale=tuple(cfg.crop_area), crop_ratio=tuple(cfg.crop_aspect),
                           local_crop_scale=tuple(cfg.local_crop_area),
                           flip=float(cfg.flip), jitter=tuple(cfg.jitter), jitter_p=float(cfg.jitter_p),

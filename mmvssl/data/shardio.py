@@ -241,7 +241,9 @@ def skipped_shards_log():
         os.environ[SKIPPED_LOG_ENV] = folder
 
         def read() -> list[str]:
-            urls = set(_reported_shards)
+            # only what was recorded while this log was open: _reported_shards holds every shard this
+            # process ever reported (an earlier run in the same process: a notebook, the tests)
+            urls = set()
             for name in os.listdir(folder):
                 with contextlib.suppress(OSError):
                     urls.update(line for line in open(os.path.join(folder, name)).read().splitlines() if line)
@@ -268,7 +270,7 @@ def report_unreadable_shard(url: str, reason: str) -> None:
         _reported_shards.add(url)
         print(f"mmvssl: warning: skipped unreadable shard {remote.redact(url)}: {' '.join(reason.split())}",
               file=sys.stderr)
-        _record_skipped(url)
+    _record_skipped(url)  # every time: a later run in this process counts it again (printed once)
 
 
 def skip_unreadable_shard(exn: Exception) -> bool:
