@@ -311,3 +311,5 @@ def test_methods_command_lists_every_method(capsys):
     for name in MODULES:
         assert name in out
     assert "SimCLR (Chen et al. 2020)" in out and "configs/methods/cvrl.yaml" in out
+    # every method with a shipped config shows it: supervised fine-tuning's is configs/finetune/base.yaml
+    assert "configs: -" not in out and "configs/finetune/base.yaml" in out

@@ -90,8 +90,9 @@ def _methods(args) -> None:
     from ..methods import MODULES, get_method, method_configs
     from ..resources import data_path
     configs = method_configs()
-    for path in sorted(data_path("configs", "lavila").glob("*.yaml")):  # LaViLa's narrator and dual encoder
-        configs.setdefault(load_config(path).method.name, []).append(f"configs/lavila/{path.name}")
+    for folder in ("lavila", "finetune"):  # LaViLa's narrator and dual encoder; supervised fine-tuning
+        for path in sorted(data_path("configs", folder).glob("*.yaml")):
+            configs.setdefault(load_config(path).method.name, []).append(f"configs/{folder}/{path.name}")
     for name in MODULES:
         method = get_method(name)
         print(f"{name:<14}{method.paper}")
