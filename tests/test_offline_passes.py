@@ -129,17 +129,16 @@ def _commands(inp: Path, out: Path, models: dict) -> list[list[str]]:
 
 
 def _one_process(commands: list[list[str]], monkeypatch) -> None:
-    """The reference: the same command lines in this process, one thread (as each torchrun process)."""
-    from mmvssl.cli import main
-    for name in TORCHRUN_VARS:
-        monkeypatch.delenv(name, raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for argv in commands:
-            assert main(argv) == 0, argv
-    finally:
-        torch.set_num_threads(threads)
+    """The reference: the same command lines in one process with one thread (as each torchrun
+    process). A subprocess: torch.set_num_threads(1) and back in the test process does not return
+    MKL / OpenMP to their first state, and every later test's floats move."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    script = "import json, sys\nfrom mmvssl.cli import main\nfor argv in json.loads(sys.argv[1]):\n" \
+             "    assert main(argv) == 0, argv\n"
+    result = subprocess.run([sys.executable, "-c", script, json.dumps([[str(a) for a in c] for c in commands])],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -237,17 +236,14 @@ def test_narrate_reads_back_and_merges_the_lines_of_a_killed_run(three_shards, m
     for name in TORCHRUN_VARS:
         monkeypatch.delenv(name, raising=False)
     args = ["--input", str(three_shards), "--num-candidates", "2", "--max-length", "5"]
-    torch.set_num_threads(1)  # both runs on the same kernels
-    try:
-        assert main(["narrate", models["narrator"], "--out", str(tmp_path / "ref.jsonl"), *args]) == 0
-        lines = (tmp_path / "ref.jsonl").read_text().splitlines()
-        parts = tmp_path / ".n.jsonl.parts"
-        parts.mkdir()
-        (parts / "rank-00000.jsonl").write_text("\n".join(lines[:3]) + "\n")
-        (parts / "rank-00001.jsonl").write_text(lines[5] + "\n" + lines[6][:20])  # killed mid-line
-        assert main(["narrate", models["narrator"], "--out", str(tmp_path / "n.jsonl"), *args]) == 0
-    finally:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()))
+    # both runs in this process, on the same kernels (never change the thread count here: see _one_process)
+    assert main(["narrate", models["narrator"], "--out", str(tmp_path / "ref.jsonl"), *args]) == 0
+    lines = (tmp_path / "ref.jsonl").read_text().splitlines()
+    parts = tmp_path / ".n.jsonl.parts"
+    parts.mkdir()
+    (parts / "rank-00000.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    (parts / "rank-00001.jsonl").write_text(lines[5] + "\n" + lines[6][:20])  # killed mid-line
+    assert main(["narrate", models["narrator"], "--out", str(tmp_path / "n.jsonl"), *args]) == 0
     assert sorted((tmp_path / "n.jsonl").read_text().splitlines()) == sorted(lines)
     assert not parts.exists()
 
