@@ -13,6 +13,9 @@
     .venv/bin/python eval/distill_evidence.py --train runs/demo/shards/train --test runs/demo/shards/val \
         --out runs/demo/distill-evidence            # 400 teacher + 3 x 600 student steps (~25 min, 2 cores)
 
+`--teacher-only` trains and saves the teacher alone and prints the `--set` overrides that hand it to
+another config (docs/methods.md's iBoot evidence uses them with eval/methods_evidence.py).
+
 Prints the table and writes OUT/report.json / report.md / report.html.
 """
 
@@ -135,6 +138,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="teacher and students")
     p.add_argument("--features", nargs="+", default=["video_pooled", "video_vat"])
     p.add_argument("--reuse", action="store_true", help="keep the teacher and students already under --out")
+    p.add_argument("--teacher-only", action="store_true",
+                   help="train and save the teacher only, and print the overrides that give it to a config "
+                        "(e.g. configs/methods/iboot.yaml through eval/methods_evidence.py --set)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,6 +150,9 @@ def main(argv=None) -> int:
         if not (args.reuse and weights.is_file()):
             arch, weights, teacher_accuracy = train_teacher(args.train, args.test, out, args.teacher_steps, args.seed)
             print(f"teacher per-frame shape accuracy on {args.test}: {100 * teacher_accuracy:.1f}%")
+        if args.teacher_only:
+            print(f"teacher: --set teacher.arch={arch} --set teacher.pretrained={weights} --set teacher.image_size=0")
+            return 0
         student = [f"model.overrides.video.patch=[2,{args.patch},{args.patch}]",
                    f"model.overrides.video.stem={args.stem}", f"train.seed={args.seed}"]
         with_teacher = [*student, f"teacher.arch={arch}", f"teacher.pretrained={weights}"]
