@@ -91,6 +91,27 @@ def load_eval_script(name: str):
     return module
 
 
+def two_local_nodes(argv: list[str], env: dict, cwd, port: int, timeout: float = 300) -> list[tuple[str, str]]:
+    """docs/distributed.md's several-nodes form on this machine: two torchrun agents, `--nnodes 2
+    --node_rank 0|1 --nproc_per_node 1`, meeting at 127.0.0.1:port, each running `-m mmvssl.cli ARGV`;
+    asserts both exit 0 and returns each node's (stdout, stderr)."""
+    import subprocess
+    import sys
+    nodes = [subprocess.Popen([str(Path(sys.executable).parent / "torchrun"), "--nnodes", "2", "--node_rank", str(rank),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               "-m", "mmvssl.cli", *map(str, argv)],
+                              cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=timeout) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
+    return outputs
+
+
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

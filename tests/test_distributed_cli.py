@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_jsonl
+from tests.conftest import read_jsonl, two_local_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -140,19 +140,7 @@ def test_torchrun_on_two_nodes_equals_one_process(run_config, one_process, tmp_p
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    port = str(_free_port())
-    nodes = [subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
-                               "--master_addr", "127.0.0.1", "--master_port", port, "-m", "mmvssl.cli", "pretrain",
-                               str(run_config), f"train.output_dir={out}"],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank in (0, 1)]
-    try:
-        outputs = [node.communicate(timeout=300) for node in nodes]
-    finally:
-        for node in nodes:
-            if node.poll() is None:
-                node.kill()
-    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
+    outputs = two_local_nodes(["pretrain", run_config, f"train.output_dir={out}"], env, ROOT, _free_port())
     both = subprocess.CompletedProcess([], 0, "".join(o for o, _ in outputs), "".join(e for _, e in outputs))
     _assert_same_run(out, both, one_process)
 

@@ -258,18 +258,8 @@ def test_the_several_nodes_command_on_two_local_nodes(three_shards, tmp_path, mo
     assert main(["shards", "add-flow", "--shards", str(three_shards), "--out", str(ref)]) == 0
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    port = str(_free_port())
-    nodes = [subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
-                               "--master_addr", "127.0.0.1", "--master_port", port, "-m", "mmvssl.cli", "shards",
-                               "add-flow", "--shards", str(three_shards), "--out", str(out)],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank in (0, 1)]
-    try:
-        outputs = [node.communicate(timeout=400) for node in nodes]
-    finally:
-        for node in nodes:
-            if node.poll() is None:
-                node.kill()
-    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
+    from tests.conftest import two_local_nodes
+    outputs = two_local_nodes(["shards", "add-flow", "--shards", three_shards, "--out", out], env, ROOT,
+                              _free_port(), timeout=400)
     assert "3 shards (0 finished before), 12 samples" in outputs[0][0] and not outputs[1][0]  # node 0 tells it
     assert _files(out) == _files(ref)
