@@ -129,8 +129,14 @@ after = [p.grad.full_tensor() for p in net.parameters()] + [temperature.grad]
 for a, b in zip(after, full):
     assert torch.allclose(a, 0.5 * b, rtol=1e-5, atol=1e-9), (a, b)
 assert any(isinstance(p.grad, torch.distributed.tensor.DTensor) for p in net.parameters())
-print("clip ok", rank, float(got))
+print("clip ok", rank, float(got), flush=True)
+dist.barrier()
 dist.destroy_process_group()
+# leave without the interpreter's teardown: a gloo thread destroyed at exit aborted one run in the full
+# suite ("terminate called without an active exception", exit -6) after both ranks printed "clip ok";
+# what this script checks is above, not how the C++ runtime unwinds
+import os
+os._exit(0)
 """
 
 
