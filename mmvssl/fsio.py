@@ -19,6 +19,7 @@ import ctypes
 import json
 import os
 import shutil
+import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -144,3 +145,16 @@ def outside_reason(root: str | os.PathLike, path: str | os.PathLike) -> str:
     if ".." in Path(text).parts:
         return f"path {text!r} leaves {root} ('..')"
     return f"path {text!r} leads outside {root} (a symlink out)"
+
+
+def stable_safetensors(data: bytes) -> bytes:
+    """safetensors bytes with the header's keys sorted. safetensors (Rust) writes `__metadata__`
+    from a hash map whose order changes from process to process, so the same tensors and metadata
+    give other bytes in another run; no option of the library fixes it, hence this. The header is
+    an 8-byte length and JSON padded with spaces: sorting keeps its length, the tensor data is untouched."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > length:
+        raise ValueError(f"safetensors header of {length} bytes re-encodes to {len(text)}")
+    return data[:8] + text.ljust(length, b" ") + data[8 + length:]

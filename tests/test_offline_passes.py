@@ -176,7 +176,7 @@ def test_rewritten_bytes_do_not_depend_on_the_run():
     sorted (safetensors writes `__metadata__` from a hash map whose order varies between runs)."""
     import struct
     from safetensors.torch import save
-    from mmvssl.data.rewrite import stable_safetensors
+    from mmvssl.fsio import stable_safetensors
     metadata = {f"key{i}": str(i) for i in range(12)}
     tensors = {"b": torch.arange(6, dtype=torch.uint8), "a": torch.ones(2, dtype=torch.float16)}
     made = [save(tensors, metadata=metadata) for _ in range(8)]

@@ -28,7 +28,7 @@ from .cachetimes import cached_times
 from .decode import DecodeError, decode_window, probe
 from .flow import FORMAT, MEMBER, OLD_FORMATS, REPORT, FlowComputer, encode_member, quantise
 from .rawsample import is_failed_download, metadata, video_bytes
-from .rewrite import OutputShard, ShardRewriter, shard_parts, stable_safetensors
+from .rewrite import OutputShard, ShardRewriter, shard_parts
 from .shardio import list_shards, shard_size
 
 CHUNK_FRAMES = 128  # frames decoded per call: bounds the memory a long video takes
@@ -59,7 +59,7 @@ def _add_one(raw: dict, shard: OutputShard, settings: dict) -> None:
     q, scale = quantise(flow, settings["clip"])
     member = encode_member(q, scale, times, settings["algorithm"], settings["fps"], settings["size"],
                            settings["clip"], duration)
-    shard.write(raw, {MEMBER: stable_safetensors(member)})  # the same bytes in every run
+    shard.write(raw, {MEMBER: member})
     shard.count("frames", len(times))
 
 

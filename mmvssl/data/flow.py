@@ -117,13 +117,16 @@ def dequantise(q: torch.Tensor, scale: float) -> torch.Tensor:
 def encode_member(q: np.ndarray, scale: float, times: torch.Tensor, algorithm: str, fps: float, size: int,
                   clip: float, duration: float) -> bytes:
     from safetensors.torch import save
+
+    from ..fsio import stable_safetensors
     if q.dtype != np.uint8 or q.ndim != 4 or q.shape[-1] != 2 or times.shape != (q.shape[0],):
         raise ValueError(f"flow (N, H, W, 2) uint8 and times (N,) expected, got {q.shape} {q.dtype} and "
                          f"{tuple(times.shape)}")
     metadata = {"format": FORMAT, "algorithm": algorithm, "fps": repr(float(fps)), "size": str(int(size)),
                 "clip": repr(float(clip)), "duration": repr(float(duration))}
-    return save({"flow": torch.from_numpy(np.ascontiguousarray(q)), "times": times.float().contiguous(),
-                 "scale": torch.tensor([scale], dtype=torch.float32)}, metadata=metadata)
+    tensors = {"flow": torch.from_numpy(np.ascontiguousarray(q)), "times": times.float().contiguous(),
+               "scale": torch.tensor([scale], dtype=torch.float32)}
+    return stable_safetensors(save(tensors, metadata=metadata))  # the same bytes in every run
 
 
 def decode_member(data: bytes) -> tuple[torch.Tensor, float, torch.Tensor, dict]:

@@ -17,7 +17,8 @@ Conventions, the same for every rewriter:
   `overwrite`, which removes this rewriter's own files only;
 - the bytes of a shard depend only on its input and the pass: every tar header has the same
   mtime (TAR_MTIME; webdataset's default is the clock) and safetensors members are written with
-  sorted metadata (`stable_safetensors`), so a re-run, or another process, writes the same bytes.
+  sorted metadata (`fsio.stable_safetensors`, in the members' encoders), so a re-run, or another
+  process, writes the same bytes.
 
 Several processes (torchrun; mmvssl/data/workshare.py): the parts not finished before are dealt
 out, the j-th to rank j % world (parts cut from a stream are drained by the others, not decoded).
@@ -35,7 +36,6 @@ import itertools
 import json
 import os
 import shutil
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -50,19 +50,6 @@ from .shardio import absolute_url
 from .workshare import Share
 
 TAR_MTIME = 946684800  # 2000-01-01: the fixed mtime of every member written (reproducible bytes)
-
-
-def stable_safetensors(data: bytes) -> bytes:
-    """safetensors bytes with the header's keys sorted. safetensors (Rust) writes `__metadata__`
-    from a hash map whose order changes from process to process, so the same tensors and metadata
-    give other bytes in another run; no option of the library fixes it, hence this. The header is
-    an 8-byte length and JSON padded with spaces: sorting keeps its length, the tensor data is untouched."""
-    (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + length])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    if len(text) > length:
-        raise ValueError(f"safetensors header of {length} bytes re-encodes to {len(text)}")
-    return data[:8] + text.ljust(length, b" ") + data[8 + length:]
 
 
 @dataclass

@@ -51,14 +51,16 @@ def encode_member(features: torch.Tensor, times: torch.Tensor, identity: dict, f
                   duration: float) -> bytes:
     """(N, D) features and (N,) times -> the bytes of a .teacher.safetensors member."""
     from safetensors.torch import save
+
+    from ..fsio import stable_safetensors
     if features.ndim != 2 or times.shape != (features.shape[0],):
         raise ValueError(f"teacher features (N, D) and times (N,) expected, got {tuple(features.shape)} "
                          f"and {tuple(times.shape)}")
     metadata = {k: str(v) for k, v in identity.items()}
     metadata.update({"format": FORMAT, "fps": repr(float(fps)), "size": str(int(size)),
                      "duration": repr(float(duration))})
-    return save({"features": features.to(torch.float16).contiguous(), "times": times.float().contiguous()},
-                metadata=metadata)
+    tensors = {"features": features.to(torch.float16).contiguous(), "times": times.float().contiguous()}
+    return stable_safetensors(save(tensors, metadata=metadata))  # the same bytes in every run
 
 
 def _metadata(data: bytes) -> dict:

@@ -30,7 +30,7 @@ import torch
 from ..data.decode import DecodeError, decode_window, probe
 from ..data.loader import frames_to_tensor
 from ..data.rawsample import is_failed_download, metadata, video_member
-from ..data.rewrite import OutputShard, ShardRewriter, shard_parts, stable_safetensors
+from ..data.rewrite import OutputShard, ShardRewriter, shard_parts
 from ..data.workshare import Share
 from ..data.shardio import list_shards, shard_size
 from ..errors import MmvsslError
@@ -158,8 +158,8 @@ class _FeatureWriter:
             return
         added = {}
         if item.times is not None:
-            added[MEMBER] = stable_safetensors(encode_member(torch.cat(item.features), item.times, self.identity,
-                                                             self.fps, self.size, item.duration))
+            added[MEMBER] = encode_member(torch.cat(item.features), item.times, self.identity, self.fps, self.size,
+                                          item.duration)
             self.shard.count("frames", len(item.times))
         self.shard.write(raw, added)
 
